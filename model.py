@@ -145,7 +145,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "attention_bias": False,
             "mlp_bias": False,
-            **rope.rope_to_hf(self.rope_theta, self.rope_scaling),
+            **rope.rope_to_hf(self.rope_theta, self.rope_scaling, head_dim=self.head_dim),
         }
 
 
@@ -194,6 +194,34 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # mask (T, S)
+
+
+def _chunk_nll(h: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (N, V) for one chunk only
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """sum_t -log softmax(head(h_t))[labels_t] over supervised t, never forming a (T, V) tensor.
+
+    h (B, T, C), labels (B, T). Each chunk of `chunk` tokens is projected to float32 logits, reduced to
+    its NLL sum, and (when gradients are on) checkpointed, so backward recomputes that chunk's logits
+    instead of keeping all of them.
+
+    Note: at T = 80K and V = 128K the full float32 logits alone would take 41 GB; one 4096-token chunk
+    takes 2 GB, at the cost of one extra head matmul per chunk in backward.
+    """
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (B*T, C), (B*T,)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        hs, ls = h[s:s + chunk], labels[s:s + chunk]
+        if not (ls != -100).any():
+            continue
+        if torch.is_grad_enabled() and hs.requires_grad:
+            total = total + checkpoint(_chunk_nll, hs, head, ls, use_reentrant=False)
+        else:
+            total = total + _chunk_nll(hs, head, ls)
+    return total
 
 
 # ----------------------------------------------------------------------------- modules
@@ -336,9 +364,16 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, attn_fn, cache, start)
         return self.model.norm(x)
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, attn_fn: AttnFn | None = None) -> torch.Tensor:
-        """Logits (B, T, V) in the model dtype."""
-        return self.lm_head(self.hidden(tokens, start, attn_fn))
+    def forward(self, tokens: torch.Tensor, start: int = 0, attn_fn: AttnFn | None = None,
+                labels: torch.Tensor | None = None, loss_chunk: int = 4096) -> torch.Tensor:
+        """Logits (B, T, V) in the model dtype; with `labels` (B, T), the summed NLL (float32 scalar).
+
+        labels[b, t] is the target of position t (already shifted), -100 where unsupervised.
+        """
+        h = self.hidden(tokens, start, attn_fn)
+        if labels is None:
+            return self.lm_head(h)
+        return chunked_cross_entropy(h, self.lm_head, labels, loss_chunk)
 
     # -- generation state
 
