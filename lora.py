@@ -46,6 +46,8 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from model import read_json
+
 # ----------------------------------------------------------------------------- constants
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -360,12 +362,7 @@ def read_adapter_config(dir: str | os.PathLike) -> dict:
     path = Path(dir) / ADAPTER_CONFIG
     if not Path(dir).is_dir():
         raise FileNotFoundError(f"{dir}: no such adapter directory")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; pass a directory written by save_adapter or PEFT save_pretrained")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path, "pass a directory written by save_adapter or PEFT save_pretrained")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     if cfg.get("bias", "none") != "none":

@@ -90,13 +90,7 @@ class ModelConfig:
         else:
             p = Path(path_or_dict)
             p = p / "config.json" if p.is_dir() else p
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: no config.json here; pass a Hugging Face model directory")
-            try:
-                cfg = json.loads(p.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{p}: not valid JSON ({e})") from None
-            where = str(p)
+            cfg, where = read_json(p, "pass a Hugging Face model directory"), str(p)
         arch = cfg.get("model_type", "llama")
         if arch not in ("llama", "mistral") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise ValueError(f"{where}: model_type {arch!r} (or attention/MLP biases) is not a Llama model this project loads")
@@ -147,6 +141,16 @@ class ModelConfig:
             "mlp_bias": False,
             **rope.rope_to_hf(self.rope_theta, self.rope_scaling, head_dim=self.head_dim),
         }
+
+
+def read_json(path: Path, hint: str) -> dict:
+    """A JSON file's object, or one clear error naming the file (`hint` says what to pass instead)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _original_len(cfg: dict, scaling: dict | None) -> int:
