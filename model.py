@@ -27,7 +27,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import rope
-
-AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from shift_attn import AttnFn, causal_attention
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -177,11 +176,6 @@ PRESETS: dict[str, dict] = {
 }
 
 # ----------------------------------------------------------------------------- pure functions
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full causal attention with GQA. q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, H, T, D)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

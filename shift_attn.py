@@ -1,0 +1,229 @@
+"""Shifted sparse attention (S2-Attn) for training at long context, and the plain causal attention.
+
+S2-Attn (Chen et al., 2023, "LongLoRA", Sec. 3.2) splits the sequence into windows of G tokens and
+lets each query attend causally only inside its own window. Half of the heads use windows shifted by
+G/2, so information flows across window borders from one layer to the next. Cost is O(T G) instead
+of O(T^2). It is a training-time approximation: inference uses full causal attention (LongLoRA's
+models are evaluated with standard attention).
+
+Semantics, for query head h of H (kv head h // (H / Hkv), grouped-query attention):
+
+    window(h, t) = t // G                for h <  H // 2   (windows [0, G), [G, 2G), ...)
+    window(h, t) = (t + G/2) // G        for h >= H // 2   (windows [0, G/2), [G/2, 3G/2), ...)
+    query t attends key s  <=>  s <= t  and  window(h, s) == window(h, t)
+    out[h, t] = softmax_s(q[h, t] . k[s] / sqrt(D)) v[s]   over the attended keys
+
+    T = 10, G = 4:  positions 0 1 2 3 4 5 6 7 8 9
+    h <  H//2       windows  [0 0 0 0|1 1 1 1|2 2]       last window may be shorter than G
+    h >= H//2       windows  [0 0|1 1 1 1|2 2 2 2]       first window is G/2 long
+                                                          (no wrap-around: the tail is not mixed
+                                                           with the head)
+
+For odd H the rule "h < H // 2" holds as written (9 heads: 4 plain, 5 shifted). LongLoRA's eager
+path rolls the shifted heads' sequence by G/2, so its last window mixes the tail with the head; its
+flash-attention path does not. We follow the flash path. When G >= 2T every window covers the whole
+sequence and S2-Attn equals full causal attention.
+
+Notation: B batch, T tokens, H query heads, Hkv kv heads, D head dim, G group (window) size,
+N number of full windows in a piece of the sequence.
+
+Note: why the windows are cut, not masked.
+    A boolean (T, T) mask would cost O(T^2) memory and make SDPA fall back to its math kernel. Instead
+    each run of full windows is reshaped into the batch dimension, (B, H, N G, D) -> (B N, H, G, D),
+    and handed to `scaled_dot_product_attention(is_causal=True)`, whose CPU/GPU flash kernels skip
+    the masked half and never build a score matrix. The ragged pieces (the shifted heads' first
+    half-window, any last window shorter than G) are separate causal calls of their own length rather
+    than zero padding, which would spend work on padded queries (about 20% more at G = T/4). The
+    reshape is a strided view for B = 1 (one copy of q, k, v otherwise), and inputs are cut with
+    `split`, whose backward is one concatenation rather than a zero-filled full-size gradient per
+    slice (that cost 8% of the step at T = 8192).
+
+Note: why heads are cut into up to four pieces.
+    SDPA's `enable_gqa` needs every query head of a call to map to kv heads uniformly. When the
+    border H // 2 falls inside a kv group (SmolLM2: H = 9, Hkv = 3, border at 4), that group's query
+    heads are split into a plain and a shifted piece, each using the one kv head. kv heads are never
+    copied per query head.
+
+Note: one kv head is expanded, not passed with `enable_gqa`.
+    On CPU (torch 2.13, 2 threads) the SDPA backward with `enable_gqa` and a single kv head runs
+    ~17x slower than with the kv head broadcast by a stride-0 `expand` (1.37 s vs 0.08 s CPU time
+    at B = 1, H = 4, L = 1024, D = 64; equal at 1 thread). Such calls are common here: each half of
+    the heads when Hkv = 2 (the benchmark's H = 8, Hkv = 2), every piece of an MQA model, SmolLM2's
+    border pieces. The expand costs one (B, H, L, D) gradient
+    buffer for k and v inside SDPA's backward, the size of q's gradient.
+
+Note: no compiled path, no FlexAttention (measured on CPU, torch 2.13, T = 4096, G = 1024, H = 8,
+    Hkv = 2, D = 64, one thread, forward + backward).
+    `torch.compile(shifted_sparse_attention)` runs in 0.29 s like eager (SDPA stays the same ATen
+    kernel; only reshapes are left to fuse), full causal takes 0.88 s. FlexAttention has no backward
+    on CPU ("FlexAttention does not support backward on CPU"), so it cannot serve training here.
+
+Precision: the flash kernels keep the softmax statistics in float32 for bf16/fp16 inputs and work
+in float64 for float64 inputs; the output is in q's dtype.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- constants
+
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # attn_fn(q, k, v) -> out
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def group_size_for(seq_len: int, group_ratio: float) -> int:
+    """G = the even number nearest T * ratio (ties as Python's round), at least 2."""
+    return max(2, 2 * round(seq_len * group_ratio / 2))
+
+
+def window_ids(seq_len: int, group_size: int, shifted: bool) -> torch.Tensor:
+    """Window index of each position, (T,) int64: t // G, or (t + G/2) // G for shifted heads."""
+    positions = torch.arange(seq_len)
+    return (positions + (group_size // 2 if shifted else 0)) // group_size
+
+
+def s2_mask(n_heads: int, seq_len: int, group_size: int) -> torch.Tensor:
+    """The S2-Attn pattern as an explicit boolean mask, (H, T, T), True where query t sees key s.
+
+    This is the definition in the module docstring written out; it costs O(H T^2) and exists for
+    tests and pictures, never for the fast path.
+    """
+    _check_group_size(group_size)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()  # (T, T)
+    masks = []
+    for h in range(n_heads):
+        ids = window_ids(seq_len, group_size, shifted=h >= n_heads // 2)  # (T,)
+        masks.append(causal & (ids[:, None] == ids[None, :]))
+    return torch.stack(masks)  # (H, T, T)
+
+
+def head_pieces(n_heads: int, n_kv_heads: int) -> list[tuple[int, int, bool]]:
+    """Cut heads [0, H) into runs (start, end, shifted) that each map uniformly onto kv heads.
+
+    Cuts are at H // 2 (plain | shifted) and at the kv-group borders either side of it, so every run
+    is either a whole number of kv groups or lies inside one kv group (see the module note).
+    """
+    rep = n_heads // n_kv_heads
+    border = n_heads // 2
+    cuts = sorted({0, n_heads, border, border // rep * rep, -(-border // rep) * rep})
+    return [(a, b, a >= border) for a, b in zip(cuts, cuts[1:])]
+
+
+def _check_group_size(group_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 2 \
+            or group_size % 2:
+        raise ValueError(f"group_size must be an even integer >= 2 (the shifted heads move by G/2), "
+                         f"got {group_size!r}")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"attention expects q (B, H, T, D) and k, v (B, Hkv, T, D), got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (b, h, t, d), (bk, hkv, tk, dk) = q.shape, k.shape
+    if (b, t, d) != (bk, tk, dk) or h % hkv:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must share B, T, D "
+                         f"and query heads must be a multiple of kv heads")
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA with grouped-query heads; q (B, H, L, D), k, v (B, Hkv, L, D).
+
+    One kv head is broadcast with a stride-0 `expand` instead of `enable_gqa` (see the module note).
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv == 1 and H > 1:
+        k, v = k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1)  # (B, H, L, D), a view
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != H)
+
+
+def _windows_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int,
+                    offset: int) -> torch.Tensor:
+    """Causal attention inside windows [0, offset), [offset, offset + G), ..., the last one ragged.
+
+    q (B, H, T, D), k, v (B, Hkv, T, D) with a uniform GQA map; returns (B, H, T, D).
+    """
+    B, _, T, _ = q.shape
+    G = group_size
+    head_len = min(offset, T)
+    n_full = (T - head_len) // G
+    sizes = [head_len, n_full * G, T - head_len - n_full * G]  # half-window, full windows, ragged tail
+    (q0, q1, q2), (k0, k1, k2), (v0, v1, v2) = (x.split(sizes, dim=2) for x in (q, k, v))
+    outs = []
+    if sizes[0]:
+        outs.append(_causal(q0, k0, v0))
+    if sizes[1]:
+
+        def to_windows(x: torch.Tensor) -> torch.Tensor:  # (B, h, N G, D) -> (B N, h, G, D)
+            x = x.unflatten(2, (n_full, G))  # (B, h, N, G, D)
+            return x.transpose(1, 2).flatten(0, 1)  # (B N, h, G, D)
+
+        out = _causal(to_windows(q1), to_windows(k1), to_windows(v1))  # (B N, H, G, D)
+        outs.append(out.unflatten(0, (B, n_full)).transpose(1, 2).flatten(2, 3))  # (B, H, N G, D)
+    if sizes[2]:
+        outs.append(_causal(q2, k2, v2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, T, D)
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full causal attention, the model's default `attn_fn(q, k, v)`.
+
+    q (B, H, T, D), k, v (B, Hkv, T, D); query head h uses kv head h // (H / Hkv). Scale 1/sqrt(D).
+    """
+    _check_qkv(q, k, v)
+    return _causal(q, k, v)
+
+
+def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             group_size: int) -> torch.Tensor:
+    """S2-Attn (module docstring) with window size G = group_size; q (B, H, T, D), k, v (B, Hkv, T, D).
+
+    RoPE must already be applied with the true positions. Returns (B, H, T, D) in q's dtype.
+    """
+    _check_qkv(q, k, v)
+    _check_group_size(group_size)
+    H, Hkv = q.shape[1], k.shape[1]
+    rep = H // Hkv
+    pieces = head_pieces(H, Hkv)
+    outs = []
+    q_pieces = q.split([end - start for start, end, _ in pieces], dim=1)  # (B, end - start, T, D) each
+    for (start, end, shifted), q_piece in zip(pieces, q_pieces):
+        kv = slice(start // rep, (end - 1) // rep + 1)
+        outs.append(_windows_causal(q_piece, k[:, kv], v[:, kv], group_size,
+                                    offset=group_size // 2 if shifted else 0))  # (B, end - start, T, D)
+    return torch.cat(outs, dim=1)  # (B, H, T, D)
+
+
+def _ratio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ratio: float) -> torch.Tensor:
+    """S2-Attn with G = group_size_for(T, group_ratio), T read from q at call time."""
+    return shifted_sparse_attention(q, k, v, group_size_for(q.shape[2], group_ratio))
+
+
+def make_attention(group_size: int | None = None, group_ratio: float | None = None) -> AttnFn:
+    """An `attn_fn(q, k, v) -> out` for the model's attention seam.
+
+    group_size: S2-Attn with a fixed window G (even, >= 2).
+    group_ratio: S2-Attn with G = group_size_for(T, ratio), the even number nearest T * ratio, at least 2,
+        from T at call time
+        (LongLoRA trains with ratio 1/4); ratio in (0, 1].
+    Neither: full causal attention. Both: ValueError.
+    """
+    if group_size is not None and group_ratio is not None:
+        raise ValueError("make_attention: give group_size or group_ratio, not both")
+    if group_size is not None:
+        _check_group_size(group_size)
+        return functools.partial(shifted_sparse_attention, group_size=int(group_size))
+    if group_ratio is not None:
+        if not 0.0 < group_ratio <= 1.0:
+            raise ValueError(f"group_ratio must be in (0, 1] (LongLoRA uses 0.25), got {group_ratio!r}")
+        return functools.partial(_ratio_attention, group_ratio=group_ratio)
+    return causal_attention

@@ -1,0 +1,230 @@
+"""Tests for shift_attn.py: S2-Attn against a float64 naive reference, causality, window isolation,
+argument errors and the O(T G) memory claim.
+
+The reference is written from the brief's window lists (plain heads [0, G), [G, 2G), ...; shifted heads
+[0, G/2), [G/2, 3G/2), ...), not from shift_attn's own helpers, and applied as an explicit (T, T) mask.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
+
+from shift_attn import (causal_attention, group_size_for, head_pieces, make_attention, s2_mask,
+                        shifted_sparse_attention)
+
+# (B, H, Hkv, T, G)
+CASES = [
+    (2, 4, 2, 32, 8),  # T divisible by G
+    (1, 9, 3, 37, 8),  # SmolLM2 heads (odd H, border inside a kv group), ragged tail
+    (2, 9, 3, 5, 8),  # G/2 < T < G
+    (1, 4, 4, 3, 8),  # T < G/2
+    (1, 6, 2, 20, 40),  # G >= 2T: full causal attention
+    (1, 4, 1, 30, 6),  # MQA
+    (2, 8, 8, 33, 2),  # MHA, smallest window
+    (1, 1, 1, 17, 4),  # one head: it is a shifted head (0 >= 1 // 2)
+    (1, 5, 5, 24, 12),  # odd MHA
+]
+
+
+def reference_mask(n_heads: int, seq_len: int, group_size: int) -> torch.Tensor:
+    """(H, T, T) bool from the window lists in the brief."""
+    half = group_size // 2
+    plain = [(s, min(s + group_size, seq_len)) for s in range(0, seq_len, group_size)]
+    shifted = [(0, min(half, seq_len))]
+    shifted += [(s, min(s + group_size, seq_len)) for s in range(half, seq_len, group_size)]
+    mask = torch.zeros(n_heads, seq_len, seq_len, dtype=torch.bool)
+    for h in range(n_heads):
+        for a, b in plain if h < n_heads // 2 else shifted:
+            mask[h, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    return mask
+
+
+def naive_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(D) masked) v over the full (T, T) score matrix; GQA by repeating kv heads."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, D)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+
+def random_qkv(B, H, Hkv, T, D=8, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=gen, dtype=dtype)
+    k = torch.randn(B, Hkv, T, D, generator=gen, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, generator=gen, dtype=dtype)
+    return [x.requires_grad_() for x in (q, k, v)]
+
+
+def out_and_grads(fn, q, k, v, weight):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))
+
+
+def check_against_reference(B, H, Hkv, T, G, seed=0):
+    q, k, v = random_qkv(B, H, Hkv, T, seed=seed)
+    weight = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(seed + 1))
+    mask = reference_mask(H, T, G)
+    got = out_and_grads(lambda *x: shifted_sparse_attention(*x, group_size=G), q, k, v, weight)
+    want = out_and_grads(lambda *x: naive_attention(*x, mask), q, k, v, weight)
+    # Reference: naive float64 softmax attention. Tolerance 1e-10: both sides are float64 (unit roundoff
+    # 1.1e-16) on O(1) values; only the summation order differs (online vs. one-shot softmax).
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- semantics
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mask_matches_window_lists(case):
+    _, H, _, T, G = case
+    assert torch.equal(s2_mask(H, T, G), reference_mask(H, T, G))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_naive_reference(case):
+    check_against_reference(*case)
+
+
+@settings(max_examples=40, deadline=None, database=None)  # no .hypothesis writes
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), rep=st.integers(1, 4), T=st.integers(1, 40),
+       half_g=st.integers(1, 24), seed=st.integers(0, 2**16))
+def test_matches_naive_reference_property(B, Hkv, rep, T, half_g, seed):
+    """Property: for any shapes, output and gradients equal the float64 masked reference."""
+    check_against_reference(B, Hkv * rep, Hkv, T, 2 * half_g, seed=seed)
+
+
+def test_large_group_is_full_causal():
+    q, k, v = random_qkv(1, 6, 2, 20)
+    full = naive_attention(q, k, v, torch.ones(20, 20, dtype=torch.bool).tril())
+    # Reference: naive float64 causal attention; 1e-10 as in check_against_reference.
+    torch.testing.assert_close(shifted_sparse_attention(q, k, v, 40), full, rtol=0, atol=1e-10)
+    torch.testing.assert_close(causal_attention(q, k, v), full, rtol=0, atol=1e-10)
+    torch.testing.assert_close(make_attention()(q, k, v), full, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_low_precision_keeps_dtype(dtype, atol):
+    q, k, v = random_qkv(1, 9, 3, 37, seed=3)
+    want = naive_attention(q, k, v, reference_mask(9, 37, 8))
+    got = shifted_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), 8)
+    assert got.dtype == dtype
+    # Reference: float64 naive attention on the same (rounded-from-float64) inputs. Tolerance: float32 eps
+    # 1.2e-7 times score magnitudes ~10 and accumulation over <= 8 keys -> 1e-5; bf16 eps 7.8e-3 on inputs
+    # and output of magnitude <= ~2 -> 3e-2.
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+
+
+def test_head_pieces_cover_heads_with_uniform_kv_map():
+    for H, Hkv in [(9, 3), (8, 2), (4, 1), (1, 1), (3, 3), (12, 4), (10, 5), (6, 2)]:
+        rep = H // Hkv
+        pieces = head_pieces(H, Hkv)
+        assert [h for a, b, _ in pieces for h in range(a, b)] == list(range(H))
+        for a, b, shifted in pieces:
+            assert all((h >= H // 2) == shifted for h in range(a, b))
+            kv = [h // rep for h in range(a, b)]
+            n_kv = kv[-1] - kv[0] + 1
+            assert (b - a) % n_kv == 0 and kv == [kv[0] + i // ((b - a) // n_kv) for i in range(b - a)]
+
+
+# ----------------------------------------------------------------------------- gradient structure
+
+
+@pytest.mark.parametrize("attn_fn, mask", [
+    (make_attention(group_size=4), reference_mask(9, 13, 4)),
+    (make_attention(group_ratio=0.5), reference_mask(9, 13, group_size_for(13, 0.5))),
+    (causal_attention, torch.ones(9, 13, 13, dtype=torch.bool).tril()),
+])
+def test_gradient_support_is_the_mask(attn_fn, mask):
+    """Causality and window isolation: d out[h, t] / d x[s] is exactly zero unless query t of head h sees s.
+
+    Checked for every head and every position with autograd. d out / d v[s] = p(t, s) > 0 for every
+    key seen, so for v the support must equal the mask, not just lie inside it.
+    """
+    H, T, _ = mask.shape
+    Hkv, rep = 3, 3
+    q, k, v = random_qkv(1, H, Hkv, T, D=4, seed=7)
+    out = attn_fn(q, k, v)
+    weight = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for h in range(H):
+        for t in range(T):
+            dq, dk, dv = torch.autograd.grad((out[0, h, t] * weight).sum(), (q, k, v), retain_graph=True)
+            own_q = torch.zeros(H, T, dtype=torch.bool)
+            own_q[h, t] = True
+            assert (dq[0].abs().sum(-1)[~own_q] == 0).all(), f"head {h} pos {t}: dq leaks"
+            seen = torch.zeros(Hkv, T, dtype=torch.bool)
+            seen[h // rep] = mask[h, t]
+            assert (dk[0].abs().sum(-1)[~seen] == 0).all(), f"head {h} pos {t}: dk outside its window"
+            assert torch.equal(dv[0].abs().sum(-1) != 0, seen), f"head {h} pos {t}: dv support"
+
+
+# ----------------------------------------------------------------------------- make_attention, errors
+
+
+def test_group_ratio_reads_t_at_call_time():
+    cases = [(4096, 0.25), (100, 0.25), (10, 0.25), (4, 0.1), (64, 1.0)]
+    assert [group_size_for(T, r) for T, r in cases] == [1024, 24, 2, 2, 64]
+    attn = make_attention(group_ratio=0.25)
+    for T in (24, 50):
+        q, k, v = random_qkv(1, 4, 2, T, seed=T)
+        G = group_size_for(T, 0.25)
+        # Same code path with the G it should pick: equal to the last bit.
+        assert torch.equal(attn(q, k, v), shifted_sparse_attention(q, k, v, G))
+        # Reference: float64 naive attention, 1e-10 as in check_against_reference.
+        want = naive_attention(q, k, v, reference_mask(4, T, G))
+        torch.testing.assert_close(attn(q, k, v), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("group_size", [3, 1, 0, -2, 2.0, 7])
+def test_bad_group_size(group_size):
+    q, k, v = random_qkv(1, 2, 1, 8)
+    with pytest.raises(ValueError, match="group_size"):
+        shifted_sparse_attention(q, k, v, group_size)
+    with pytest.raises(ValueError, match="group_size"):
+        make_attention(group_size=group_size)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.25, 1.5, float("nan")])
+def test_bad_group_ratio(ratio):
+    with pytest.raises(ValueError, match="group_ratio"):
+        make_attention(group_ratio=ratio)
+
+
+def test_both_group_size_and_ratio():
+    with pytest.raises(ValueError, match="not both"):
+        make_attention(group_size=8, group_ratio=0.25)
+
+
+@pytest.mark.parametrize("shapes", [
+    ((1, 4, 8, 8), (1, 3, 8, 8)),  # H not a multiple of Hkv
+    ((1, 4, 8, 8), (1, 2, 9, 8)),  # T differs
+    ((4, 8, 8), (2, 8, 8)),  # not 4-D
+])
+def test_bad_shapes(shapes):
+    q, kv = torch.randn(*shapes[0]), torch.randn(*shapes[1])
+    for fn in (causal_attention, make_attention(group_size=4)):
+        with pytest.raises(ValueError, match="attention"):
+            fn(q, kv, kv)
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def test_no_quadratic_allocation():
+    """At T = 8192 + 300, G = 512 no allocation exceeds 4x the size of q (forward and backward).
+
+    Every tensor the fast path needs is (B, H, T, D)-sized (outputs, gradients, the concatenations); one
+    window's score block for all windows would be G / D = 32x q, the (T, T) mask 4000x. The bound 4x
+    leaves room for the SDPA kernel's per-thread scratch.
+    """
+    B, H, Hkv, T, D, G = 1, 2, 1, 8192 + 300, 16, 512
+    q, k, v = random_qkv(B, H, Hkv, T, D=D, dtype=torch.float32)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        shifted_sparse_attention(q, k, v, G).sum().backward()
+    biggest = max(event.self_cpu_memory_usage for event in prof.events())
+    assert 0 < biggest <= 4 * q.nbytes, f"largest allocation {biggest} bytes, q is {q.nbytes}"
