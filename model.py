@@ -199,15 +199,16 @@ def _chunk_nll(h: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
-def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """sum_t -log softmax(head(h_t))[labels_t] over supervised t, never forming a (T, V) tensor.
 
     h (B, T, C), labels (B, T). Each chunk of `chunk` tokens is projected to float32 logits, reduced to
     its NLL sum, and (when gradients are on) checkpointed, so backward recomputes that chunk's logits
     instead of keeping all of them.
 
-    Note: at T = 80K and V = 128K the full float32 logits alone would take 41 GB; one 4096-token chunk
-    takes 2 GB, at the cost of one extra head matmul per chunk in backward.
+    Note: at T = 80K and V = 128K the full float32 logits alone would take 41 GB; a 1024-token chunk's
+    logits, log-probabilities and their gradients take 2 GB, at the cost of one extra head matmul per
+    chunk in backward.
     """
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (B*T, C), (B*T,)
     total = h.new_zeros((), dtype=torch.float32)
@@ -363,7 +364,7 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, tokens: torch.Tensor, start: int = 0, attn_fn: AttnFn | None = None,
-                labels: torch.Tensor | None = None, loss_chunk: int = 4096) -> torch.Tensor:
+                labels: torch.Tensor | None = None, loss_chunk: int = 1024) -> torch.Tensor:
         """Logits (B, T, V) in the model dtype; with `labels` (B, T), the summed NLL (float32 scalar).
 
         labels[b, t] is the target of position t (already shifted), -100 where unsupervised.

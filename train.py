@@ -57,7 +57,7 @@ DEFAULTS = dict(model=None, data=None, ctx=None, quant="none", dtype=None, lora_
                 lora_targets="q_proj,k_proj,v_proj,o_proj", train="", rslora=False, rope=None, rope_theta=None,
                 attn="full", group_ratio=0.25, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
                 steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False,
-                loss_chunk=4096, out="runs/train", save_every=0, keep=2, resume=False, merge=False, tokenizer=None,
+                loss_chunk=1024, out="runs/train", save_every=0, keep=2, resume=False, merge=False, tokenizer=None,
                 chat_template=None, truncate=False, nproc=None, log_every=1)
 
 
@@ -396,31 +396,35 @@ def check_same_run(saved: dict, cfg: dict, where: Path):
 
 
 def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int) -> dict[str, float]:
-    """Bytes per device for one training step (see the README's memory model).
+    """Bytes per device for one training step (the README's memory model; bench/bench_train.py checks it).
 
-    weights: NF4 linears at 4.127 bits (quant4.bits_per_parameter), the rest (embeddings, norms, lm_head)
-    in the base dtype; trained parameters in float32 with gradients and two AdamW moments; one (T, C)
-    checkpoint per block; the recomputation of one block's activations; one float32 loss chunk.
+    Held through the step: weights (NF4 linears at 4.127 bits, see quant4.bits_per_parameter; embeddings,
+    norms and an untied head in the base dtype), trained parameters in float32 with their gradients and two
+    AdamW moments, and one (T, C) checkpoint per block. On top, the larger of two transient phases:
+    - the loss: one chunk's float32 logits, log-probabilities and gradient (3 x chunk x V), beside the
+      final hidden states and their gradient (2 x T x C);
+    - the backward of one block: its recomputed activations and their gradients, T x (4 C + (H + 2 Hkv) D
+      + 6 F) values. The coefficients were measured (bench/bench_train.py, MALLOC_MMAP_THRESHOLD_=65536 so
+      RSS follows live memory) by varying T, C and F; the MLP's gate/up/activation/product and their
+      gradients dominate.
     """
     T, C, F, L, V = cfg["ctx"], mcfg.dim, mcfg.ffn_dim, mcfg.n_layers, mcfg.vocab_size
     H, Hkv, D = mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
     linear = L * (C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F)
     embed = V * C * (1 if mcfg.tie_embeddings else 2)
     weight_bits = 4.127 if cfg["quant"] == "nf4" else dtype_bytes * 8
+    block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
     plan = {
         "weights": linear * weight_bits / 8 + (embed + L * 2 * C + C) * dtype_bytes,
         "trained params (fp32)": trainable * 4,
         "gradients (fp32)": trainable * 4,
         "AdamW moments (fp32)": trainable * 8,
-        "block checkpoints": L * T * C * dtype_bytes if cfg["checkpointing"] else 0,
-        # inside one block: normed inputs, q/k/v before and after RoPE, attention output, MLP gate/up/act/product
-        "one block's activations": T * (4 * C + 2 * (H + 2 * Hkv) * D + H * D + 4 * F) * dtype_bytes
-        * (1 if cfg["checkpointing"] else L),
-        "loss chunk (fp32 logits + grad)": min(T, cfg["loss_chunk"]) * V * 4 * 2,
+        "block checkpoints": L * T * C * dtype_bytes if cfg["checkpointing"] and not cfg["offload"] else 0,
+        "one block's backward": block if cfg["checkpointing"] else block * L,
+        "loss (3 fp32 chunk x V + 2 T x C)": min(T, cfg["loss_chunk"]) * V * 4 * 3 + 2 * T * C * dtype_bytes,
     }
-    if cfg["offload"]:
-        plan["block checkpoints"] = 0
-    plan["total"] = sum(plan.values())
+    transient = max(plan["one block's backward"], plan["loss (3 fp32 chunk x V + 2 T x C)"])
+    plan["total"] = sum(v for k, v in plan.items() if not k.startswith(("one block", "loss"))) + transient
     return plan
 
 

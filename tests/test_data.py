@@ -509,3 +509,20 @@ def test_cli_synth_success_and_bad_doc(tmp_path):
     r = run_cli("synth", "--docs", STDLIB_DOCS[0], "--tokenizer", "bytes", "--ctx", 4096, "--kinds", "poem",
                 "--out", out2)
     assert r.returncode == 1 and "poem" in r.stderr and not out2.exists()
+
+
+@pytest.mark.slow
+def test_synth_with_smollm2_generator_writes_questions_about_chunks(tmp_path, smollm2_path):
+    """The real generator path: SmolLM2-135M-Instruct, shown one chunk of textwrap.py, writes a question
+    and answer; the line records the generator, the source and the chunk it was shown."""
+    out = tmp_path / "long.jsonl"
+    tok = data.load_tokenizer(smollm2_path)
+    counts = data.synth([os.path.join(os.path.dirname(os.__file__), "textwrap.py")], tok, 4096, ["single"], out, n=1,
+                        generate_text=data.model_generate_text(smollm2_path, tok, max_new_tokens=96),
+                        generator_name=smollm2_path)
+    assert counts["written"] + counts["failed"] == 1
+    rows = [json.loads(l) for l in out.read_text().splitlines()] if out.exists() else []
+    if counts["written"]:  # the 135M model usually answers in the asked format (it did in every run here)
+        meta = rows[0]["meta"]
+        assert meta["generator"] == smollm2_path and meta["chunks"] and "textwrap.py" in meta["sources"][0]["file"]
+        assert rows[0]["messages"][-1]["role"] == "assistant" and rows[0]["messages"][-1]["content"].strip()

@@ -1,0 +1,160 @@
+"""One LoRA training step, ours vs transformers + PEFT: tokens/s and peak memory, each point a fresh process.
+
+    python bench/bench_train.py [--lengths 2048,4096,8192,16384,32768] [--speed-len 4096] [--impl ours,hf]
+                                [--quant none|nf4] [--dtype float32|bfloat16] [--results bench/RESULTS.md]
+
+Config (issue 11): Llama, hidden 512, 4 layers, 8 heads, 2 kv heads, ffn 1408, vocab 32000, untied; LoRA r=8
+on q,k,v,o; gradient checkpointing; SDPA; batch 1. Ours: chunked float32 loss (1024-token chunks). Theirs:
+LlamaForCausalLM(attn_implementation="sdpa") + PEFT, gradient_checkpointing_enable(), loss from labels.
+With --quant nf4: our NF4 base vs bitsandbytes' Linear4bit (nf4, double quant) via PEFT's QLoRA path.
+
+Peak memory is the model's own RSS growth plus the process's peak RSS growth during the step (VmHWM, reset
+after the model is built), with MALLOC_MMAP_THRESHOLD_=65536 so freed large blocks leave the RSS and it
+follows live memory; the memory plan of `train.py --dry-run` is printed beside ours (error in %).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = dict(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=4096)
+
+CHILD = r"""
+import json, sys, time, torch
+sys.path.insert(0, {root!r})
+torch.manual_seed(0)
+
+def kib(field):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))
+
+impl, T, quant, dtype, steps = {impl!r}, {T}, {quant!r}, getattr(torch, {dtype!r}), {steps}
+cfg = {cfg!r}
+base_rss = kib('VmRSS')
+if impl == 'ours':
+    import model as M, lora, quant4
+    net = M.Transformer(M.ModelConfig(**cfg)).init_weights(0).to(dtype)
+    if quant == 'nf4':
+        quant4.quantize_model(net)
+    lora.apply_lora(net, r=8, alpha=16)
+    net.checkpointing = True
+    net.train()
+    def step(x):
+        loss = net(x, labels=x, loss_chunk=1024) / x.numel()
+        loss.backward()
+else:
+    import transformers, peft
+    hc = transformers.LlamaConfig(vocab_size=cfg['vocab_size'], hidden_size=cfg['dim'], num_hidden_layers=cfg['n_layers'],
+        num_attention_heads=cfg['n_heads'], num_key_value_heads=cfg['n_kv_heads'], intermediate_size=cfg['ffn_dim'],
+        max_position_embeddings=cfg['max_seq_len'], tie_word_embeddings=False, attn_implementation='sdpa')
+    net = transformers.LlamaForCausalLM(hc).to(dtype)
+    if quant == 'nf4':
+        import bitsandbytes as bnb
+        for name, mod in list(net.named_modules()):
+            for child, lin in list(mod.named_children()):
+                if isinstance(lin, torch.nn.Linear) and child != 'lm_head':
+                    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype,
+                                          quant_type='nf4', compress_statistics=True)
+                    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type='nf4',
+                                                 compress_statistics=True)
+                    q.support_avx512bf16_for_cpu = False
+                    setattr(mod, child, q)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net = peft.prepare_model_for_kbit_training(net, use_gradient_checkpointing=True)
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    net.enable_input_require_grads()
+    net = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']))
+    net.train()
+    def step(x):
+        net(input_ids=x, labels=x).loss.backward()
+model_rss = kib('VmRSS') - base_rss
+x = torch.randint(0, cfg['vocab_size'], (1, T))
+open('/proc/self/clear_refs', 'w').write('5')
+before = kib('VmRSS')
+times = []
+for _ in range(steps):
+    t = time.perf_counter()
+    step(x)
+    times.append(time.perf_counter() - t)
+    net.zero_grad(set_to_none=True)
+peak_step = kib('VmHWM') - before
+print(json.dumps(dict(model_mib=model_rss / 1024, step_peak_mib=peak_step / 1024,
+                      total_mib=(model_rss + peak_step) / 1024, step_s=min(times))))
+"""
+
+
+def run_point(impl: str, T: int, quant: str, dtype: str, steps: int) -> dict:
+    code = CHILD.format(root=str(ROOT), impl=impl, T=T, quant=quant, dtype=dtype, steps=steps, cfg=CONFIG)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks via mmap: RSS follows live memory
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def planned_mib(T: int, quant: str, dtype: str) -> float:
+    """train.py's memory plan for the same config, in MiB."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import model as M
+    import train
+
+    import lora
+
+    cfg = {**train.DEFAULTS, "ctx": T, "quant": quant, "loss_chunk": 1024, "checkpointing": True}
+    mcfg = M.ModelConfig(**CONFIG)
+    with torch.device("meta"):
+        net = M.Transformer(mcfg)
+    trainable = lora.apply_lora(net, r=8, alpha=16)["trainable"]
+    return train.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable)["total"] / 2**20
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default="2048,4096,8192,16384,32768")
+    ap.add_argument("--speed-len", type=int, default=4096, help="also timed at this length (2 steps, best)")
+    ap.add_argument("--impl", default="ours,hf")
+    ap.add_argument("--quant", default="none", choices=["none", "nf4"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--results", default=None, help="append the table to this markdown file")
+    args = ap.parse_args()
+    impls = args.impl.split(",")
+    lines = [f"### Training step, {args.dtype}, quant={args.quant} ({datetime.date.today()}, {platform.machine()}, "
+             f"`python bench/bench_train.py --quant {args.quant} --dtype {args.dtype}`)", "",
+             "| T | " + " | ".join(f"{i} peak MiB" for i in impls) + " | plan MiB (ours) | plan error | "
+             + " | ".join(f"{i} s/step" for i in impls) + " |",
+             "| --- |" + " --- |" * (2 * len(impls) + 2)]
+    print("\n".join(lines), flush=True)
+    rows = {}
+    for T in (int(s) for s in args.lengths.split(",")):
+        pts = {i: run_point(i, T, args.quant, args.dtype, 2 if T == args.speed_len else 1) for i in impls}
+        rows[T] = pts
+        plan = planned_mib(T, args.quant, args.dtype)
+        ours = pts.get("ours", {}).get("total_mib")
+        err = f"{100 * (plan - ours) / ours:+.0f}%" if ours else "-"
+        cell = lambda p, k, f: (f.format(p[k]) if k in p else p.get("error", "-")[:40])
+        line = (f"| {T} | " + " | ".join(cell(pts[i], "total_mib", "{:.0f}") for i in impls) + f" | {plan:.0f} | {err} | "
+                + " | ".join(cell(pts[i], "step_s", "{:.2f}") for i in impls) + " |")
+        print(line, flush=True)
+        lines.append(line)
+    if "ours" in impls and "hf" in impls and args.speed_len in rows:
+        o, h = rows[args.speed_len]["ours"], rows[args.speed_len]["hf"]
+        if "step_s" in o and "step_s" in h:
+            lines.append(f"\nAt T={args.speed_len}: ours {args.speed_len / o['step_s']:.0f} tokens/s, theirs "
+                         f"{args.speed_len / h['step_s']:.0f} tokens/s, ratio {h['step_s'] / o['step_s']:.2f}x.")
+            print(lines[-1])
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()

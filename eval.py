@@ -1,0 +1,607 @@
+"""Long-context evaluation: perplexity by length and three recall probes (passkey, needle, JSON key-value).
+
+Perplexity alone does not show whether a model *uses* a long context: a model can predict the next token
+from the last few hundred tokens and still reach a low perplexity at 16K (Gao et al. 2024, "How to Train
+Long-Context Language Models (Effectively)"; the long-context lecture). So perplexity goes with synthetic
+recall, where the answer is only in the distant context:
+
+    ppl      PPL(L) = exp( (1 / N) sum_t -log p(x_t | x_<t) ) over N scored positions of windows of length L
+             cut from one EOS-joined token stream (Chen et al. 2023, "Position Interpolation", sec. 3.2;
+             with --stride S each window scores only its last S tokens, as in the sliding evaluation there).
+    passkey  a 5-digit key hidden in repeated filler at a depth (Mohtashami & Jaggi 2023, "Landmark
+             Attention"; PI sec. 3.3); exact match of the digits after greedy decoding.
+    needle   a sentence hidden at a sentence boundary of real text ("needle in a haystack", Kamradt 2023);
+             exact substring match and ROUGE-L recall R = LCS(pred, ref) / |ref| on lowercase words
+             (Lin 2004, sec. 3.1).
+    kv       a JSON object of random UUID pairs; ask for one key's value at each depth (Liu et al. 2023,
+             "Lost in the Middle", sec. 4); exact match.
+
+Depth d in [0, 1] is the fraction of the context tokens that come before the probe.
+
+Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
+    python eval.py ppl --model $SMOL --lengths 2048,8192,16384 --rope default --rope yarn:2 --rope dynamic:2
+    python eval.py passkey --model $SMOL --lengths 2048,4096,8192 --depths 0,0.5,1 --trials 2
+    python eval.py needle --model $SMOL --lengths 2048,4096 --out /tmp/evalruns/needle
+    python eval.py kv --model tiny --model out/merged --adapter none --adapter none --lengths 512
+
+Notation: T tokens of a window or prompt, L requested length, L0 the model's original context, s RoPE
+factor, C model dim, V vocab.
+
+Note: dynamic NTK rescales RoPE for the current length, so chunked prefill would rotate early chunks'
+    keys with a different base from later ones. Every sequence here has a known final length L, so a
+    `dynamic:s` setting is evaluated as the fixed NTK base change it equals for one pass over L tokens
+    (s_eff = s L / L0 - (s - 1); plain RoPE when L <= L0). Results record the settings actually used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as llama
+import rope
+
+# ----------------------------------------------------------------------------- constants
+
+TASKS = ("ppl", "passkey", "needle", "kv")
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+                 "them. I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+QUESTION = "What is the best thing to do in San Francisco?"
+NEEDLE_INSTRUCTION = "Answer the question using the document above. Answer in one sentence."
+KV_INTRO = "Extract the value corresponding to the specified key in the JSON object below."
+KV_QUESTION = 'Key: "{key}"\nCorresponding value:'
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+CONTEXT_MARK = "\x00CONTEXT\x00"  # placeholder split out of a rendered chat turn
+SENTENCE_ENDS = ".!?\n"
+PLOT_DPI = 80
+
+# ----------------------------------------------------------------------------- pure functions: parsing
+
+
+def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """'2048,8192' -> [2048, 8192]; ValueError naming `flag` on a bad or too-small value."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2048,8192") from None
+    if not out or min(out) < minimum:
+        raise ValueError(f"{flag} {text!r}: every value must be an integer >= {minimum}")
+    return out
+
+
+def parse_depths(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--depths {text!r}: expected comma-separated fractions, e.g. 0,0.5,1") from None
+    if not out or not all(0.0 <= d <= 1.0 for d in out):
+        raise ValueError(f"--depths {text!r}: every depth must lie in [0, 1]")
+    return out
+
+
+def fixed_rope(theta: float, scaling: dict | None, length: int) -> dict | None:
+    """The scaling one pass over `length` tokens uses: dynamic:s -> ntk:s_eff (module note), else as is."""
+    if not scaling or scaling.get("rope_type") != "dynamic":
+        return scaling
+    s, original = float(scaling["factor"]), scaling["original_max_position_embeddings"]
+    if length <= original:
+        return None
+    return {"rope_type": "ntk", "factor": s * length / original - (s - 1),
+            "original_max_position_embeddings": original}
+
+
+# ----------------------------------------------------------------------------- pure functions: scoring
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Longest common subsequence length by the O(|a| |b|) dynamic programme, one row at a time."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+    """R_lcs = LCS(pred, ref) / |ref| over lowercase word tokens (Lin 2004, sec. 3.1); 0 for an empty ref."""
+    ref = words(reference)
+    return lcs_length(words(prediction), ref) / len(ref) if ref else 0.0
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """The reference's words appear contiguously in the prediction (case and punctuation ignored)."""
+    ref = " ".join(words(reference))
+    return bool(ref) and f" {ref} " in f" {' '.join(words(prediction))} "
+
+
+def passkey_correct(prediction: str, key: str) -> bool:
+    """The first number in the answer is exactly the key."""
+    found = re.findall(r"\d+", prediction)
+    return bool(found) and found[0] == key
+
+
+# ----------------------------------------------------------------------------- pure functions: prompts
+
+
+def chat_wrap(tokenizer, template: str | None, prompt: str) -> tuple[list[int], list[int]]:
+    """(prefix ids, suffix ids) around the context: a user turn `<context>prompt` rendered by the chat
+    template with the generation prompt, or (bos, prompt) without a template. The context goes between,
+    as token ids, so its length is exact."""
+    if template is None:
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        return bos, tokenizer.encode(prompt)
+    segs = data.CHAT_TEMPLATES[template]([{"role": "user", "content": CONTEXT_MARK + prompt}], True)
+    before, after = "".join(s for s, _ in segs).split(CONTEXT_MARK)
+    return tokenizer.encode(before), tokenizer.encode(after)
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], int]:
+    """(ids, index of the key sentence's first token) for a prompt of about `length` tokens.
+
+    intro + filler * n_before + needle + filler * n_after + question, each piece tokenized on its own with a
+    leading space so token counts add up; n_before = round(depth * n_total). Exact to within one filler.
+    """
+    intro = tokenizer.encode(PASSKEY_INTRO, bos=tokenizer.bos_id is not None)
+    filler = tokenizer.encode(" " + PASSKEY_FILLER)
+    needle = tokenizer.encode(" " + PASSKEY_NEEDLE.format(key=key))
+    question = tokenizer.encode(" " + PASSKEY_QUESTION)
+    n_total = max(0, round((length - len(intro) - len(needle) - len(question)) / len(filler)))
+    n_before = round(depth * n_total)
+    ids = intro + filler * n_before
+    pos = len(ids)
+    return ids + needle + filler * (n_total - n_before) + question, pos
+
+
+def sentence_starts(text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """Token indices k where a sentence or line begins (the previous character ends one), plus 0."""
+    return [k for k, (a, _) in enumerate(spans) if k == 0 or (a > 0 and text[a - 1] in SENTENCE_ENDS)]
+
+
+def place(context: list[int], starts: list[int], probe: list[int], depth: float) -> tuple[list[int], int]:
+    """Insert `probe` ids into `context` at the sentence start nearest depth * len(context) (or the end)."""
+    target = depth * len(context)
+    at = min(starts + [len(context)], key=lambda k: (abs(k - target), k))
+    return context[:at] + probe + context[at:], at
+
+
+def needle_prompt(tokenizer, hay_ids: list[int], hay_starts: list[int], length: int, depth: float,
+                  needle: str, question: str, template: str | None) -> tuple[list[int], int]:
+    """(ids, needle's first token index): the haystack's first tokens, the needle at a sentence start at
+    `depth`, then the question, chat-wrapped; `length` tokens in all (fewer only if the haystack runs out)."""
+    prefix, suffix = chat_wrap(tokenizer, template, f"\n\n{question} {NEEDLE_INSTRUCTION}")
+    probe = tokenizer.encode(" " + needle + " ")
+    budget = length - len(prefix) - len(suffix) - len(probe)
+    if budget < 1:
+        raise ValueError(f"--lengths {length}: too short for the needle and question ({length - budget} tokens)")
+    context = hay_ids[:budget]
+    ids, at = place(context, [k for k in hay_starts if k < len(context)], probe, depth)
+    return prefix + ids + suffix, len(prefix) + at
+
+
+def kv_prompt(tokenizer, length: int, depth: float, rng: random.Random, template: str | None
+              ) -> tuple[list[int], str, str, int]:
+    """(ids, key, value, index of the asked pair's first token): a JSON object of UUID pairs filling
+    `length` tokens, the asked pair at `depth` of the pairs."""
+    def new_uuid():
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    prefix, suffix = chat_wrap(tokenizer, template, "")
+    head = prefix + tokenizer.encode(KV_INTRO + "\n\n{")
+    tail_len = len(tokenizer.encode("}\n\n" + KV_QUESTION.format(key=new_uuid()))) + len(suffix)
+    pairs, used = [], len(head) + tail_len
+    while True:
+        k, v = new_uuid(), new_uuid()
+        ids = tokenizer.encode(f'{", " if pairs else ""}"{k}": "{v}"')
+        if used + len(ids) > length and pairs:
+            break
+        pairs.append((k, v, ids))
+        used += len(ids)
+    target = min(len(pairs) - 1, round(depth * (len(pairs) - 1)))
+    key, value = pairs[target][:2]
+    ids, at = list(head), 0
+    for i, (_, _, p) in enumerate(pairs):
+        at = len(ids) if i == target else at
+        ids += p
+    return ids + tokenizer.encode("}\n\n" + KV_QUESTION.format(key=key)) + suffix, key, value, at
+
+
+def token_stream(tokenizer, files: list[Path], needed: int) -> list[int]:
+    """Documents encoded in order, each followed by EOS, until `needed` tokens exist (or files run out)."""
+    eos = tokenizer.eos_id
+    out = []
+    for f in files:
+        out += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) + ([eos] if eos is not None else [])
+        if len(out) >= needed:
+            break
+    return out
+
+
+def windows(stream: list[int], length: int, count: int, stride: int | None) -> list[tuple[int, int]]:
+    """(start, first scored offset) of `count` windows of `length`: back to back, or every `stride`
+    tokens scoring only each window's last `stride` positions (the first window scores all)."""
+    step = stride or length
+    out = [(i * step, 0 if i == 0 or stride is None else length - stride) for i in range(count)]
+    if out[-1][0] + length > len(stream):
+        raise ValueError(f"--docs: {len(stream)} tokens are not enough for {count} windows of {length}"
+                         f"{f' at stride {stride}' if stride else ''}; add documents or lower --windows")
+    return out
+
+
+# ----------------------------------------------------------------------------- model runners
+
+
+@torch.no_grad()
+def window_hidden(model: llama.Transformer, tokens: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Final hidden states (T, C) of one window tokens (T,): one forward (chunk=None), or the KV cache
+    filled `chunk` tokens at a time so activation memory is bounded by the chunk."""
+    if chunk is None:
+        return model.hidden(tokens[None])[0]
+    model.setup_caches(1, tokens.shape[0])
+    try:
+        return torch.cat([model.hidden(tokens[None, s:s + chunk], start=s)[0] for s in range(0, tokens.shape[0], chunk)])
+    finally:
+        model.clear_caches()
+
+
+@torch.no_grad()
+def prefix_nll(model: llama.Transformer, h: torch.Tensor, tokens: torch.Tensor, length: int, first: int = 0
+               ) -> tuple[float, int]:
+    """(sum of -log p(x_t | x_<t) over t in [first + 1, length), count) from a window's hidden states.
+
+    Causal attention makes the first `length` rows of a longer window's h those of the window cut at
+    `length` (same RoPE), so one pass serves every shorter window with the same start. The loss is the
+    model's chunked cross-entropy: no (T, V) tensor.
+    """
+    labels = torch.cat((tokens[1:length], tokens.new_full((1,), -100)))  # (length,) target of each position
+    labels[:first] = -100
+    nll = llama.chunked_cross_entropy(h[None, :length], model.lm_head, labels[None])
+    return float(nll), int((labels != -100).sum())
+
+
+def window_nll(model, tokens: torch.Tensor, first: int = 0, chunk: int | None = None) -> tuple[float, int]:
+    """prefix_nll over the whole window tokens (T,)."""
+    return prefix_nll(model, window_hidden(model, tokens, chunk), tokens, tokens.shape[0], first)
+
+
+def stop_ids_for(tokenizer) -> list[int]:
+    ids = [tokenizer.special_tokens.get(n) for n in END_OF_TURN] + [tokenizer.eos_id]
+    return sorted({i for i in ids if i is not None})
+
+
+def set_rope(model, theta: float, scaling: dict | None):
+    model.config.rope_theta, model.config.rope_scaling = theta, scaling
+
+
+# ----------------------------------------------------------------------------- task runners
+# Each runner scores one model at one (theta, scaling) and returns {"by_length": {L: {...}}, "items": [...]}.
+
+
+def memo_key(model, *rest) -> str:
+    """Key of a computation that depends only on the RoPE settings in effect and `rest`."""
+    return json.dumps([model.config.rope_theta, model.config.rope_scaling, *rest], sort_keys=True)
+
+
+def run_ppl(model, tokenizer, args, theta, scaling, stream, memo: dict) -> dict:
+    """Longest lengths first: a window whose start and RoPE match the longer one just run is scored from
+    that pass's hidden states (prefix_nll). memo keeps scores across rows (dynamic:s at L <= L0 is the
+    plain-RoPE row's score); only one window's hidden states are kept."""
+    out, items, hidden = {}, [], {}
+    for L in sorted(args.lengths, reverse=True):
+        set_rope(model, theta, fixed_rope(theta, scaling, L))
+        nll = n = 0
+        for start, first in tqdm(windows(stream, L, args.windows, args.stride), desc=f"ppl L={L}", leave=False):
+            tokens = torch.tensor(stream[start:start + L])
+            key = memo_key(model, start, L, first)
+            if key not in memo:
+                h = hidden.get(memo_key(model, start))
+                if h is None or h.shape[0] < L:
+                    hidden.clear()
+                    h = hidden[memo_key(model, start)] = window_hidden(model, tokens, args.prefill_chunk)
+                memo[key] = prefix_nll(model, h, tokens, L, first)
+            s, c = memo[key]
+            nll, n = nll + s, n + c
+            items.append({"length": L, "start": start, "nll": s, "tokens": c})
+        out[L] = {"ppl": math.exp(nll / n), "nll_per_token": nll / n, "tokens": n,
+                  "rope_used": model.config.rope_scaling}
+    return {"by_length": {L: out[L] for L in args.lengths}, "items": items}
+
+
+def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -> dict:
+    """Shared loop of passkey/needle/kv: make_prompt(L, depth, trial) -> (ids, reference, max_new, at)."""
+    stop = stop_ids_for(tokenizer)
+    items = []
+    grid = [(L, d, t) for L in args.lengths for d in args.depths for t in range(args.trials)]
+    for L, d, t in tqdm(grid, desc=args.task, leave=False):
+        ids, ref, max_new, at = make_prompt(L, d, t)
+        set_rope(model, theta, fixed_rope(theta, scaling, len(ids) + max_new))
+        key = memo_key(model, L, d, t)
+        if key not in memo:
+            new = llama.generate(model, ids, max_new, stop_ids=stop, prefill_chunk=args.prefill_chunk)
+            memo[key] = tokenizer.decode(new)
+        answer = memo[key]
+        item = {"length": L, "depth": d, "trial": t, "prompt_tokens": len(ids), "probe_index": at,
+                "reference": ref, "answer": answer, "rope_used": model.config.rope_scaling}
+        if args.task == "passkey":
+            item["correct"] = passkey_correct(answer, ref)
+        else:
+            item["correct"] = exact_match(answer, ref)
+            item["rouge_l_recall"] = rouge_l_recall(answer, ref)
+        items.append(item)
+    by_length = {}
+    for L in args.lengths:
+        sel = [i for i in items if i["length"] == L]
+        by_length[L] = {"accuracy": sum(i["correct"] for i in sel) / len(sel)}
+        if args.task == "needle":
+            by_length[L]["rouge_l_recall"] = sum(i["rouge_l_recall"] for i in sel) / len(sel)
+    return {"by_length": by_length, "items": items}
+
+
+def prompt_maker(task: str, tokenizer, args, hay):
+    """The task's make_prompt(L, depth, trial); keys and UUIDs depend only on (seed, L, depth, trial)."""
+    template = None
+    if task != "passkey" and not args.no_chat and args.chat_template != "none":
+        try:
+            template = data.chat_template_for(tokenizer, args.chat_template)
+        except ValueError:
+            if args.chat_template is not None:
+                raise  # a named template that does not exist
+            template = None  # no chat special tokens (a base model): plain prompt
+
+    def rng(L, d, t):
+        return random.Random(f"{args.seed}:{L}:{d}:{t}")
+
+    def make(L, d, t):
+        if task == "passkey":
+            key = str(rng(L, d, t).randint(10000, 99999))
+            ids, at = passkey_prompt(tokenizer, L, d, key)
+            return ids, key, len(tokenizer.encode(" " + key)) + 2, at
+        if task == "needle":
+            ids, at = needle_prompt(tokenizer, hay[0], hay[1], L, d, args.needle, args.question, template)
+            return ids, args.needle, len(tokenizer.encode(args.needle)) + 16, at
+        ids, _, value, at = kv_prompt(tokenizer, L, d, rng(L, d, t), template)
+        return ids, value, len(tokenizer.encode(" " + value)) + 4, at
+
+    return make, template
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def stdlib_files() -> list[Path]:
+    """The Python standard library's .py files (no site-packages), sorted: deterministic."""
+    root = Path(os.path.dirname(os.__file__))
+    return sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
+
+
+def haystack_text(paths: list[str] | None) -> str:
+    """--haystack files' text, or by default the English prose of Python's own reference manual
+    (pydoc_data.topics, ~460K characters, shipped with every CPython)."""
+    if paths:
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in data.list_files(paths))
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def label(row: dict) -> str:
+    name = Path(row["model"]).name if os.sep in row["model"] else row["model"]
+    ad = f"+{Path(row['adapter']).name}" if row["adapter"] else ""
+    return f"{name}{ad} rope={row['rope']}"
+
+
+def markdown_table(task: str, rows: list[dict], lengths: list[int]) -> str:
+    metric = "ppl" if task == "ppl" else "accuracy"
+    lines = ["| model | " + " | ".join(str(L) for L in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for L in lengths:
+            m = r["by_length"][L]
+            cells.append(f"{m[metric]:.3f}" + (f" (R {m['rouge_l_recall']:.2f})" if "rouge_l_recall" in m else ""))
+        lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
+    """PNG of the results; returns a note instead when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed; no plot written"
+    if task == "ppl":
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in rows:
+            ax.plot(args.lengths, [r["by_length"][L]["ppl"] for L in args.lengths], marker="o", label=label(r))
+        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
+        ax.set_xticks(args.lengths, [str(L) for L in args.lengths])
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+    else:
+        fig, axes = plt.subplots(1, len(rows), figsize=(3 + 2.5 * len(rows), 3), squeeze=False)
+        for ax, r in zip(axes[0], rows):
+            grid = torch.zeros(len(args.depths), len(args.lengths))
+            for it in r["items"]:
+                grid[args.depths.index(it["depth"]), args.lengths.index(it["length"])] += it["correct"] / args.trials
+            im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            ax.set_xticks(range(len(args.lengths)), [str(L) for L in args.lengths])
+            ax.set_yticks(range(len(args.depths)), [f"{d:.0%}" for d in args.depths])
+            ax.set(xlabel="context length (tokens)", ylabel="depth", title=label(r))
+            ax.title.set_fontsize(7)
+        fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
+    fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return None
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Perplexity by length and long-context recall probes.")
+    ap.add_argument("task", choices=TASKS)
+    ap.add_argument("--model", action="append", required=True, help="preset, HF directory or .gguf (repeatable)")
+    ap.add_argument("--adapter", action="append", default=None,
+                    help="LoRA adapter directory per --model, in order, or 'none' (repeatable)")
+    ap.add_argument("--tokenizer", default=None, help="default: the model's own; 'bytes' for presets")
+    ap.add_argument("--rope", action="append", default=None,
+                    help="RoPE setting per row (repeatable): default, linear:4, dynamic:2, yarn:2, ...; "
+                         "default: the checkpoint's own")
+    ap.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base")
+    ap.add_argument("--quant", choices=("nf4",), default=None, help="quantize the base weights to NF4")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--out", default="runs/eval", help="output directory (JSON and PNG)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step; 0 = one pass")
+    ap.add_argument("--lengths", default="2048,8192,16384")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--trials", type=int, default=1,
+                    help="passkey/kv: random keys per cell (the needle prompt is deterministic)")
+    ap.add_argument("--windows", type=int, default=4, help="ppl: windows per length")
+    ap.add_argument("--stride", type=int, default=None, help="ppl: sliding windows scoring their last STRIDE tokens")
+    ap.add_argument("--docs", action="append", default=None, help="ppl: files/dirs (default: Python's stdlib .py)")
+    ap.add_argument("--haystack", action="append", default=None,
+                    help="needle: files/dirs (default: Python's reference manual text, pydoc_data.topics)")
+    ap.add_argument("--needle", default=NEEDLE)
+    ap.add_argument("--question", default=QUESTION)
+    ap.add_argument("--no-chat", action="store_true", help="needle/kv: plain prompt even for chat models")
+    ap.add_argument("--chat-template", default=None,
+                    help="needle/kv: template name instead of the detected one (none = plain prompt)")
+    return ap
+
+
+def check_args(args) -> None:
+    args.lengths = parse_ints(args.lengths, "--lengths", minimum=2)
+    args.depths = parse_depths(args.depths)
+    args.adapter = args.adapter or ["none"] * len(args.model)
+    if len(args.adapter) != len(args.model):
+        raise ValueError(f"--adapter given {len(args.adapter)} times for {len(args.model)} --model; give one per "
+                         "model, 'none' for no adapter")
+    args.adapter = [None if a == "none" else a for a in args.adapter]
+    for a in args.adapter:
+        if a is not None and not Path(a).is_dir():
+            raise FileNotFoundError(f"--adapter {a}: no such adapter directory")
+    for name in ("trials", "windows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.stride is not None and not 0 < args.stride <= min(args.lengths):
+        raise ValueError(f"--stride {args.stride}: must be in [1, smallest length {min(args.lengths)}]")
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
+    args.prefill_chunk = args.prefill_chunk or None
+    args.rope = args.rope or [None]
+
+
+def load(spec: str, adapter: str | None, args):
+    """(model, tokenizer): the base (NF4 if asked), then the LoRA adapter on top."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    tok = data.load_tokenizer(args.tokenizer or ("bytes" if spec in llama.PRESETS else spec))
+    # A preset is random weights for tests and dry runs: its vocabulary is sized to the tokenizer's.
+    overrides = {"vocab_size": tok.vocab_size} if spec in llama.PRESETS else {}
+    model = llama.load_model(spec, dtype=dtype, seed=args.seed, **overrides).eval()
+    if args.quant == "nf4":
+        import quant4
+
+        quant4.quantize_model(model)
+    if adapter is not None:
+        import lora
+
+        lora.load_adapter(model, adapter)
+    return model, tok
+
+
+def evaluate(args) -> list[dict]:
+    """Every (model, adapter) x RoPE row; identical effective settings are computed once and reused."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"task": args.task, "git_revision": git_revision(), "dtype": args.dtype, "quant": args.quant,
+            "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
+            "trials": args.trials, "windows": args.windows, "stride": args.stride,
+            "docs": args.docs or "python stdlib *.py (sorted)"}
+    hay = None
+    rows, t0 = [], time.time()
+    for spec, adapter in zip(args.model, args.adapter):
+        model, tok = load(spec, adapter, args)
+        cfg = model.config
+        base_theta, base_scaling = cfg.rope_theta, cfg.rope_scaling
+        if args.task == "ppl":
+            files = data.list_files(args.docs) if args.docs else stdlib_files()
+            need = (args.windows - 1) * (args.stride or max(args.lengths)) + max(args.lengths)
+            stream = token_stream(tok, files, need)
+        elif args.task == "needle":
+            text = haystack_text(args.haystack)
+            ids, spans = tok.encode_offsets(text)
+            hay = (ids, sentence_starts(text, spans))
+        if args.task != "ppl":
+            make, template = prompt_maker(args.task, tok, args, hay)
+        memo = {}  # (RoPE in effect, item) -> score: e.g. dynamic:s at L <= L0 is plain RoPE
+        for spec_rope in args.rope:
+            ns = argparse.Namespace(rope=spec_rope, rope_theta=args.rope_theta)
+            theta, scaling = rope.resolve_rope(ns, base_theta, base_scaling, cfg.max_seq_len)
+            if args.task == "ppl":
+                res = run_ppl(model, tok, args, theta, scaling, stream, memo)
+            else:
+                res = run_probe(model, tok, args, theta, scaling, make, memo)
+            set_rope(model, base_theta, base_scaling)
+            rows.append({"model": spec, "adapter": adapter, "rope": spec_rope or "checkpoint",
+                         "rope_theta": theta, "rope_scaling": scaling, "tokenizer": tok.name,
+                         "chat_template": None if args.task == "ppl" else template, **res})
+            print(f"{label(rows[-1])}: done at {time.time() - t0:.0f}s", file=sys.stderr)
+            write_json(out / f"{args.task}.json", {**meta, "seconds": time.time() - t0, "rows": rows})  # so far
+    note = plot(args.task, rows, args, out / f"{args.task}.png")
+    print(markdown_table(args.task, rows, args.lengths))
+    print(note or f"wrote {out / (args.task + '.json')} and {out / (args.task + '.png')}")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        evaluate(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
