@@ -395,14 +395,18 @@ def check_same_run(saved: dict, cfg: dict, where: Path):
 # ----------------------------------------------------------------------------- memory plan
 
 
-def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int) -> dict[str, float]:
+WORKSPACE = {"cpu": 90 * 2**20,  # measured: a step at T = 16 of the bench config grows RSS by 88 MiB
+             "cuda": 2**30}  # estimate, not measured here: CUDA context, cuBLAS and allocator slack
+
+
+def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int, device: str = "cuda") -> dict[str, float]:
     """Bytes per device for one training step (the README's memory model; bench/bench_train.py checks it).
 
     Held through the step: weights (NF4 linears at 4.127 bits, see quant4.bits_per_parameter; embeddings,
     norms and an untied head in the base dtype), trained parameters in float32 with their gradients and two
     AdamW moments, and one (T, C) checkpoint per block. On top, the larger of two transient phases:
-    - the loss: one chunk's float32 logits, log-probabilities and gradient (3 x chunk x V), beside the
-      final hidden states and their gradient (2 x T x C);
+    - the loss: one chunk's float32 logits and their softmax-gradient (2 x chunk x V, model.py's
+      `_FrozenHeadNLL`), beside the final hidden states and their stored gradient (2 x T x C);
     - the backward of one block: its recomputed activations and their gradients, T x (4 C + (H + 2 Hkv) D
       + 6 F) values. The coefficients were measured (bench/bench_train.py, MALLOC_MMAP_THRESHOLD_=65536 so
       RSS follows live memory) by varying T, C and F; the MLP's gate/up/activation/product and their
@@ -421,9 +425,10 @@ def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int) -> dict[str, 
         "AdamW moments (fp32)": trainable * 8,
         "block checkpoints": L * T * C * dtype_bytes if cfg["checkpointing"] and not cfg["offload"] else 0,
         "one block's backward": block if cfg["checkpointing"] else block * L,
-        "loss (3 fp32 chunk x V + 2 T x C)": min(T, cfg["loss_chunk"]) * V * 4 * 3 + 2 * T * C * dtype_bytes,
+        "loss (2 fp32 chunk x V + 2 T x C)": min(T, cfg["loss_chunk"]) * V * 4 * 2 + 2 * T * C * dtype_bytes,
+        f"runtime workspace ({device})": WORKSPACE[device],
     }
-    transient = max(plan["one block's backward"], plan["loss (3 fp32 chunk x V + 2 T x C)"])
+    transient = max(plan["one block's backward"], plan["loss (2 fp32 chunk x V + 2 T x C)"])
     plan["total"] = sum(v for k, v in plan.items() if not k.startswith(("one block", "loss"))) + transient
     return plan
 

@@ -114,7 +114,7 @@ def planned_mib(T: int, quant: str, dtype: str) -> float:
     with torch.device("meta"):
         net = M.Transformer(mcfg)
     trainable = lora.apply_lora(net, r=8, alpha=16)["trainable"]
-    return train.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable)["total"] / 2**20
+    return train.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")["total"] / 2**20
 
 
 def main():
