@@ -627,6 +627,10 @@ def main(argv=None):
             dry_run(resolve_config(args, 1))
             return
         d = init_distributed()
+        if getattr(args, "model", None) is None:  # no model given: the built-in demo (demo.py)
+            import demo
+            demo.run(d, {k: v for k, v in vars(args).items() if k not in ("dry_run", "suggest_base", "recipe")})
+            return
         cfg = resolve_config(args, d.world)
         train(cfg, d)
     except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
