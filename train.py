@@ -628,6 +628,8 @@ def main(argv=None):
             return
         d = init_distributed()
         if getattr(args, "model", None) is None:  # no model given: the built-in demo (demo.py)
+            if getattr(args, "data", None) is not None:
+                raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
             import demo
             demo.run(d, {k: v for k, v in vars(args).items() if k not in ("dry_run", "suggest_base", "recipe")})
             return

@@ -48,7 +48,7 @@ def losses(out):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--ctx", "64", "--data", "x"], "--model is required"),
+    (["--ctx", "64", "--data", "x"], "--data needs --model"),
     (["--model", "nope/nowhere", "--ctx", "64", "--data", "{corpus}"], "nope/nowhere"),
     ([*TINY, "--ctx", "0", "--data", "{corpus}"], "--ctx must be"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--steps", "2", "--epochs", "1"], "conflict"),
