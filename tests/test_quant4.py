@@ -151,6 +151,16 @@ def _linear(out_f, in_f, bias=True, seed=0):
     return nn.Linear(in_f, out_f, bias=bias)
 
 
+def _assert_same_forward_backward(layer, ref, x):
+    """Output and input gradient of `layer` and `ref` on x are bit-identical."""
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = layer(x), ref(x_ref)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+
+
 @pytest.mark.parametrize("bias", (True, False))
 def test_linear4bit_equals_linear_with_dequantized_weight(bias):
     # Reference: nn.Linear holding dequantize(); tolerance 0: same F.linear / mm calls on the same
@@ -162,12 +172,7 @@ def test_linear4bit_equals_linear_with_dequantized_weight(bias):
     if bias:
         ref.bias.data = lin.bias.data.clone()
     x = torch.randn(3, 5, 96, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = layer(x), ref(x_ref)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    y_ref.backward(grad)
-    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    _assert_same_forward_backward(layer, ref, x)
 
 
 @pytest.mark.parametrize("train", (True, False))
@@ -187,12 +192,7 @@ def test_linear4bit_equals_bitsandbytes_linear4bit(train):
     layer.train(train)
     assert torch.equal(layer.weight_packed, ref.weight.data.view(-1))
     x = torch.randn(3, 128, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = layer(x), ref(x_ref)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    y_ref.backward(grad)
-    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    _assert_same_forward_backward(layer, ref, x)
 
 
 def test_backward_saves_no_dequantized_weight():
