@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep", type=int, default=S, help="checkpoints to keep")
     ap.add_argument("--resume", action="store_true", default=S, help="continue from the newest checkpoint in --out")
     ap.add_argument("--merge", action="store_true", default=S, help="also write a merged HF model to OUT/merged")
-    ap.add_argument("--log-every", type=int, default=S)
+    ap.add_argument("--log-every", type=int, default=S, help="refresh the progress line every N steps (metrics.jsonl gets every step)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and memory plan; load nothing")
     ap.add_argument("--nproc", type=int, default=S, help="world size assumed by --dry-run")
     rope.add_rope_args(ap)
@@ -134,7 +134,7 @@ def resolve_config(args: argparse.Namespace, world_size: int) -> dict:
         cfg["steps"] = None
     if cfg["steps"] is None and cfg["epochs"] is None:
         cfg["steps"] = 100
-    for key in ("lora_r", "grad_accum", "loss_chunk", "keep"):
+    for key in ("lora_r", "grad_accum", "loss_chunk", "keep", "log_every"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["steps"] is not None and cfg["steps"] < 1:
@@ -528,7 +528,8 @@ def _loop(cfg, d: Dist, net, ddp, opt, sched, params, mixture, stream, attn_fn, 
         metrics.write(rec)
         if d.main:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rate:.0f}", mem=f"{rec['peak_mem_gb']:.2f}G")
+            if step % cfg["log_every"] == 0 or step == total:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rate:.0f}", mem=f"{rec['peak_mem_gb']:.2f}G")
         if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total:
             save_checkpoint(out, step, net, opt, sched.state_dict(), gather_cursor(mixture, d), gather_rng(d), cfg, d, cfg["keep"])
     save_checkpoint(out, step, net, opt, sched.state_dict(), gather_cursor(mixture, d), gather_rng(d), cfg, d, cfg["keep"])
