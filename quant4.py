@@ -373,27 +373,6 @@ class Linear4bit(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def empty(
-        cls,
-        out_features: int,
-        in_features: int,
-        bias: bool = False,
-        blocksize: int = 64,
-        double_quant: bool = True,
-        dq_blocksize: int = 256,
-        weight_dtype: torch.dtype = torch.bfloat16,
-        compute_dtype: Optional[torch.dtype] = None,
-        compile: bool = False,
-        device: torch.device | str = "meta",
-    ) -> "Linear4bit":
-        """An uninitialised (O, I) layer (default on the meta device) for streamed loading."""
-        return cls(
-            in_features, out_features, bias, blocksize=blocksize, double_quant=double_quant,
-            dq_blocksize=dq_blocksize, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
-            compile=compile, device=device,
-        )
-
-    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -405,10 +384,9 @@ class Linear4bit(nn.Module):
     ) -> "Linear4bit":
         """Quantize an nn.Linear (its weight must hold real values, not meta)."""
         w = linear.weight
-        layer = cls.empty(
-            linear.out_features, linear.in_features, linear.bias is not None, blocksize, double_quant,
-            dq_blocksize, w.dtype, compute_dtype, compile, device="meta",
-        )
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, blocksize=blocksize,
+                    double_quant=double_quant, dq_blocksize=dq_blocksize, weight_dtype=w.dtype,
+                    compute_dtype=compute_dtype, compile=compile, device="meta")
         layer.set_weight(quantize_nf4(w, blocksize, double_quant, dq_blocksize))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -561,10 +539,9 @@ def load_quantized(
     """
     quantized: dict[str, Linear4bit] = {}
     for parent, child_name, full, linear in list(_linear_children(model_on_meta, skip)):
-        layer = Linear4bit.empty(
-            linear.out_features, linear.in_features, linear.bias is not None, blocksize, double_quant,
-            weight_dtype=dtype, compute_dtype=compute_dtype, compile=compile, device="meta",
-        )
+        layer = Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, blocksize=blocksize,
+                           double_quant=double_quant, weight_dtype=dtype, compute_dtype=compute_dtype,
+                           compile=compile, device="meta")
         setattr(parent, child_name, layer)
         quantized[f"{full}.weight"] = layer
     slots = {

@@ -197,7 +197,6 @@ def log0(d: Dist, *msg):
 
 def build_model(cfg: dict, d: Dist, dtype: torch.dtype):
     """Load (quantizing on the fly with --quant nf4), set RoPE, apply LoRA. Returns (model, lora summary)."""
-    import lora
     import model as M
 
     spec = cfg["model"]
@@ -222,13 +221,20 @@ def build_model(cfg: dict, d: Dist, dtype: torch.dtype):
     mc = net.config
     theta, scaling = rope.resolve_rope(_rope_args(cfg, mc), mc.rope_theta, mc.rope_scaling, mc.max_seq_len)
     mc.rope_theta, mc.rope_scaling = theta, scaling
-    targets = cfg["lora_targets"] if cfg["lora_targets"] == "all-linear" else tuple(cfg["lora_targets"].split(","))
-    trainable = tuple(t for t in cfg["train"].split(",") if t)
-    summary = lora.apply_lora(net, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
-                              targets=targets, trainable=trainable, rslora=cfg["rslora"], seed=cfg["seed"])
+    summary = apply_lora(net, cfg)
     net.to(d.device)
     net.checkpointing = cfg["checkpointing"]
     return net, summary
+
+
+def apply_lora(net, cfg: dict) -> dict:
+    """LoRA and the extra trained parameters named by the resolved config (lora.apply_lora's summary)."""
+    import lora
+
+    targets = cfg["lora_targets"] if cfg["lora_targets"] == "all-linear" else tuple(cfg["lora_targets"].split(","))
+    return lora.apply_lora(net, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"], targets=targets,
+                           trainable=tuple(t for t in cfg["train"].split(",") if t), rslora=cfg["rslora"],
+                           seed=cfg["seed"])
 
 
 def _rope_args(cfg: dict, mc) -> argparse.Namespace:
@@ -440,10 +446,7 @@ def dry_run(cfg: dict):
     dtype = choose_dtype(cfg["dtype"], torch.device("cuda"))  # the plan is for a GPU run unless --dtype says
     with torch.device("meta"):
         net = M.Transformer(mcfg)
-        import lora
-        targets = cfg["lora_targets"] if cfg["lora_targets"] == "all-linear" else tuple(cfg["lora_targets"].split(","))
-        summary = lora.apply_lora(net, r=cfg["lora_r"], alpha=cfg["lora_alpha"], targets=targets,
-                                  trainable=tuple(t for t in cfg["train"].split(",") if t))
+        summary = apply_lora(net, cfg)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     plan = memory_plan(cfg, mcfg, torch.finfo(dtype).bits // 8, trainable)
     print(json.dumps(cfg, indent=2))

@@ -213,7 +213,7 @@ def test_backward_saves_no_dequantized_weight():
 
 
 def test_meta_construction_and_buffers_move_and_save():
-    layer = Q.Linear4bit.empty(40, 96, bias=True, weight_dtype=torch.float32, device="meta")
+    layer = Q.Linear4bit(96, 40, bias=True, weight_dtype=torch.float32, device="meta")
     assert layer.weight_packed.is_meta and layer.weight_packed.shape == (40 * 96 // 2,)
     real = Q.Linear4bit.from_linear(_linear(40, 96))
     layer.load_state_dict(real.state_dict(), assign=True)
@@ -227,7 +227,7 @@ def test_meta_construction_and_buffers_move_and_save():
 def test_bits_per_parameter_llama_layer():
     # 4096x4096: 4 + 8/64 + 32/(64*256) + 32/4096^2 = 4.12695; buffer sizes only depend on the shape,
     # so an empty (unquantized) layer has the same storage as a quantized one.
-    layer = Q.Linear4bit.empty(4096, 4096, device="cpu")
+    layer = Q.Linear4bit(4096, 4096, bias=False, device="cpu")
     assert abs(Q.bits_per_parameter(layer) - 4.127) < 1e-3
     small = Q.Linear4bit.from_linear(_linear(64, 256))  # 256 blocks -> one nested scale
     expected = (64 * 256 / 2 + 256 + 4 + 4) * 8 / (64 * 256)
