@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -264,18 +265,50 @@ def absmax_fp32(q: NF4Tensor) -> torch.Tensor:
     """The per-block scales of q in fp32, shape (nb,): scale_k = DYN[a_k] * s_{k // d} + c."""
     if not q.double_quant:
         return q.absmax
-    values = dynamic_map_8bit().to(q.absmax.device)[q.absmax.long()]  # (nb,)
+    values = _dynamic_map_on(q.absmax.device)[q.absmax.long()]  # (nb,)
     return _scale_blocks(values, q.absmax_scale, q.dq_blocksize, q.absmax.numel()) + q.absmax_offset
+
+
+@functools.cache
+def _dynamic_map_on(device: torch.device) -> torch.Tensor:
+    """dynamic_map_8bit() on `device`, built once per device (a constant, like NF4_CODE)."""
+    return dynamic_map_8bit().to(device)
+
+
+@functools.cache
+def nibble_quad_table(device: torch.device) -> torch.Tensor:
+    """fp32 (65536, 4): row u holds the NF4 values of the four codes in the two packed bytes whose
+    native-endian uint16 reading is u, in weight order (high nibble of the first byte first).
+
+    Note: why a 65536-row table. Dequantization is a table look-up per code; torch's CPU gather kernels
+    cost about the same per index whatever the row width, so reading two bytes (four codes) per index
+    does a quarter of the look-ups of a per-code table. The table is 1 MiB, built once per device.
+    """
+    u = torch.arange(65536)
+    first, second = (u & 0xFF, u >> 8) if sys.byteorder == "little" else (u >> 8, u & 0xFF)
+    return torch.stack([NF4_CODE[first >> 4], NF4_CODE[first & 0xF], NF4_CODE[second >> 4], NF4_CODE[second & 0xF]],
+                       dim=1).to(device)  # (65536, 4)
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """W_i = NF4[q_i] * scale_{i // b} in fp32, rounded once to `dtype` (default: the original dtype).
 
-    Equals bitsandbytes.functional.dequantize_4bit on CPU when dtype is the original dtype.
+    Equals bitsandbytes.functional.dequantize_4bit on CPU when dtype is the original dtype. When the
+    blocks tile W exactly (N % b == 0, every Llama matrix) the codes are read four at a time through
+    nibble_quad_table and the fp32 product is rounded straight into the output; otherwise one code at
+    a time, with the short last block padded.
     """
+    dtype = dtype or q.dtype
+    scales = absmax_fp32(q)  # (nb,) fp32
+    b = q.blocksize
+    if q.numel % b == 0:  # b is a multiple of 4, so the packed bytes pair up into uint16 words
+        words = q.packed.view(torch.int16).int() & 0xFFFF  # (N/4,) native-endian uint16 as int32
+        values = torch.index_select(nibble_quad_table(q.packed.device), 0, words)  # (N/4, 4) fp32
+        out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
+        torch.mul(values.view(-1, b), scales[:, None], out=out.view(-1, b))  # fp32 product, one rounding
+        return out
     values = NF4_CODE.to(q.packed.device)[unpack_nibbles(q.packed)]  # (2P,) fp32
-    w = _scale_blocks(values, absmax_fp32(q), q.blocksize, q.numel)  # (N,)
-    return w.view(q.shape).to(dtype or q.dtype)
+    return _scale_blocks(values, scales, b, q.numel).view(q.shape).to(dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):
