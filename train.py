@@ -57,7 +57,7 @@ DEFAULTS = dict(model=None, data=None, ctx=None, quant="none", dtype=None, lora_
                 lora_targets="q_proj,k_proj,v_proj,o_proj", train="", rslora=False, rope=None, rope_theta=None,
                 attn="full", group_ratio=0.25, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
                 steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False,
-                loss_chunk=1024, out="runs/train", save_every=0, keep=2, resume=False, merge=False, tokenizer=None,
+                loss_chunk=1024, mlp_chunk=0, out="runs/train", save_every=0, keep=2, resume=False, merge=False, tokenizer=None,
                 chat_template=None, truncate=False, nproc=None, log_every=1)
 
 
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep all activations instead of recomputing each block")
     ap.add_argument("--offload", action="store_true", default=S, help="offload checkpointed activations to CPU (CUDA)")
     ap.add_argument("--loss-chunk", type=int, default=S, help="tokens per float32 logits chunk in the loss")
+    ap.add_argument("--mlp-chunk", type=int, default=S,
+                    help="compute each MLP over this many tokens at a time, recomputed in backward (0: off)")
     ap.add_argument("--out", default=S, help="output directory: checkpoints, metrics.jsonl, adapter, merged model")
     ap.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (0: only at the end)")
     ap.add_argument("--keep", type=int, default=S, help="checkpoints to keep")
@@ -137,6 +139,8 @@ def resolve_config(args: argparse.Namespace, world_size: int) -> dict:
     for key in ("lora_r", "grad_accum", "loss_chunk", "keep", "log_every"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["mlp_chunk"] < 0:
+        raise UserError(f"--mlp-chunk must be >= 0 (0: off), got {cfg['mlp_chunk']}")
     if cfg["steps"] is not None and cfg["steps"] < 1:
         raise UserError(f"--steps must be >= 1, got {cfg['steps']}")
     if not 0.0 < cfg["group_ratio"] <= 1.0:
@@ -224,6 +228,7 @@ def build_model(cfg: dict, d: Dist, dtype: torch.dtype):
     summary = apply_lora(net, cfg)
     net.to(d.device)
     net.checkpointing = cfg["checkpointing"]
+    net.mlp_chunk = cfg["mlp_chunk"]
     return net, summary
 
 
@@ -412,18 +417,25 @@ def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int, device: str =
     norms and an untied head in the base dtype), trained parameters in float32 with their gradients and two
     AdamW moments, and one (T, C) checkpoint per block. On top, the larger of two transient phases:
     - the loss: one chunk's float32 logits and their softmax-gradient (2 x chunk x V, model.py's
-      `_FrozenHeadNLL`), beside the final hidden states and their stored gradient (2 x T x C);
+      `_FrozenHeadNLL`), beside the last block's output, the final hidden states and their stored
+      gradient (3 x T x C);
     - the backward of one block: its recomputed activations and their gradients, T x (4 C + (H + 2 Hkv) D
-      + 6 F) values. The coefficients were measured (bench/bench_train.py, MALLOC_MMAP_THRESHOLD_=65536 so
-      RSS follows live memory) by varying T, C and F; the MLP's gate/up/activation/product and their
-      gradients dominate.
+      + 6 F) values; with --mlp-chunk c < T the MLP keeps c x 6 F of them and T x 8 C more instead
+      (the chunks' outputs, the gradients assembled from them). The coefficients were measured
+      (bench/bench_train.py, MALLOC_MMAP_THRESHOLD_=65536 so RSS follows live memory) by varying T, C
+      and F (the chunked term at C = 512, F = 1408 only); the MLP's gate/up/activation/product and their
+      gradients dominate without chunking.
     """
     T, C, F, L, V = cfg["ctx"], mcfg.dim, mcfg.ffn_dim, mcfg.n_layers, mcfg.vocab_size
     H, Hkv, D = mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
     linear = L * (C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F)
     embed = V * C * (1 if mcfg.tie_embeddings else 2)
     weight_bits = 4.127 if cfg["quant"] == "nf4" else dtype_bytes * 8
-    block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
+    chunk = cfg.get("mlp_chunk", 0)
+    if chunk and chunk < T:
+        block = (T * (8 * C + (H + 2 * Hkv) * D) + chunk * 6 * F) * dtype_bytes
+    else:
+        block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
     plan = {
         "weights": linear * weight_bits / 8 + (embed + L * 2 * C + C) * dtype_bytes,
         "trained params (fp32)": trainable * 4,
@@ -431,10 +443,10 @@ def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int, device: str =
         "AdamW moments (fp32)": trainable * 8,
         "block checkpoints": L * T * C * dtype_bytes if cfg["checkpointing"] and not cfg["offload"] else 0,
         "one block's backward": block if cfg["checkpointing"] else block * L,
-        "loss (2 fp32 chunk x V + 2 T x C)": min(T, cfg["loss_chunk"]) * V * 4 * 2 + 2 * T * C * dtype_bytes,
+        "loss (2 fp32 chunk x V + 3 T x C)": min(T, cfg["loss_chunk"]) * V * 4 * 2 + 3 * T * C * dtype_bytes,
         f"runtime workspace ({device})": WORKSPACE[device],
     }
-    transient = max(plan["one block's backward"], plan["loss (2 fp32 chunk x V + 2 T x C)"])
+    transient = max(plan["one block's backward"], plan["loss (2 fp32 chunk x V + 3 T x C)"])
     plan["total"] = sum(v for k, v in plan.items() if not k.startswith(("one block", "loss"))) + transient
     return plan
 

@@ -143,6 +143,25 @@ def test_checkpointing_gives_same_gradients():
         assert torch.allclose(a, p.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("chunk", [5, 16, 64])
+def test_token_chunked_mlp_gives_same_loss_and_gradients(checkpointing, chunk):
+    """mlp_chunk only changes what is kept for backward. Reference: the unchunked model in float64;
+    tolerance 1e-12 (summation order of the concatenated chunks' gradients)."""
+    model = load_model("tiny").double().train()
+    x = tokens(37, vocab=512)  # 37 tokens: a ragged last chunk for every chunk size < 37
+    ref = model(x, labels=x)
+    ref.backward()
+    g0 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.checkpointing, model.mlp_chunk = checkpointing, chunk
+    loss = model(x, labels=x)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-12
+    for a, p in zip(g0, model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=0, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- GGUF
 
 
