@@ -32,7 +32,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                    noop_context_fn)
 
 import rope
 from shift_attn import AttnFn, causal_attention
@@ -274,6 +275,26 @@ def token_chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
     return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in x.split(chunk, dim=1)], dim=1)
 
 
+_ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"))
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def attention_saving_contexts():
+    """Selective checkpointing contexts that keep SDPA's outputs (out and its log-sum-exp) and recompute
+    everything else, so backward's recomputation of a block skips the O(T^2) attention forward.
+
+    Note: the trade. Per layer it keeps T x H x D values (+ T x H float32 statistics): 8 KiB per token for
+    the 4-layer benchmark model, but 21 GB at T = 80K for Llama-3-8B's 32 layers in bf16, hence opt-in
+    (`save_attention`); at long context on a GPU the attention forward is ~1/4 of a step's FLOPs.
+    """
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -371,8 +392,9 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Llama decoder with an LM head. `checkpointing` recomputes each block in backward (training);
-    `mlp_chunk` > 0 runs each MLP over that many tokens at a time under gradient (token_chunked)."""
+    """Llama decoder with an LM head. `checkpointing` recomputes each block in backward (training), except
+    the attention itself with `save_attention`; `mlp_chunk` > 0 runs each MLP over that many tokens at a
+    time under gradient (token_chunked)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -383,6 +405,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpointing = False
         self.mlp_chunk = 0  # > 0: compute the MLP in chunks of this many tokens when training (token_chunked)
+        self.save_attention = False  # with checkpointing: keep attention outputs (attention_saving_contexts)
         self.caches: list[KVCache] | None = None
 
     # -- positions
@@ -414,7 +437,9 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             cache = self.caches[i] if self.caches is not None else None
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn_fn, cache, start, self.mlp_chunk, use_reentrant=False)
+                contexts = attention_saving_contexts if self.save_attention else noop_context_fn
+                x = checkpoint(layer, x, cos, sin, attn_fn, cache, start, self.mlp_chunk, use_reentrant=False,
+                               context_fn=contexts)
             else:
                 x = layer(x, cos, sin, attn_fn, cache, start, self.mlp_chunk)
         return self.model.norm(x)

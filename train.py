@@ -57,7 +57,7 @@ DEFAULTS = dict(model=None, data=None, ctx=None, quant="none", dtype=None, lora_
                 lora_targets="q_proj,k_proj,v_proj,o_proj", train="", rslora=False, rope=None, rope_theta=None,
                 attn="full", group_ratio=0.25, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
                 steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False,
-                loss_chunk=1024, mlp_chunk=0, out="runs/train", save_every=0, keep=2, resume=False, merge=False, tokenizer=None,
+                loss_chunk=1024, mlp_chunk=0, save_attention=False, out="runs/train", save_every=0, keep=2, resume=False, merge=False, tokenizer=None,
                 chat_template=None, truncate=False, nproc=None, log_every=1)
 
 
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--loss-chunk", type=int, default=S, help="tokens per float32 logits chunk in the loss")
     ap.add_argument("--mlp-chunk", type=int, default=S,
                     help="compute each MLP over this many tokens at a time, recomputed in backward (0: off)")
+    ap.add_argument("--save-attention", action="store_true", default=S,
+                    help="keep attention outputs through checkpointing: no attention recompute, +T x H x D per layer")
     ap.add_argument("--out", default=S, help="output directory: checkpoints, metrics.jsonl, adapter, merged model")
     ap.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (0: only at the end)")
     ap.add_argument("--keep", type=int, default=S, help="checkpoints to keep")
@@ -229,6 +231,7 @@ def build_model(cfg: dict, d: Dist, dtype: torch.dtype):
     net.to(d.device)
     net.checkpointing = cfg["checkpointing"]
     net.mlp_chunk = cfg["mlp_chunk"]
+    net.save_attention = cfg["save_attention"]
     return net, summary
 
 
@@ -442,6 +445,7 @@ def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int, device: str =
         "gradients (fp32)": trainable * 4,
         "AdamW moments (fp32)": trainable * 8,
         "block checkpoints": L * T * C * dtype_bytes if cfg["checkpointing"] and not cfg["offload"] else 0,
+        "saved attention outputs": L * T * H * (D * dtype_bytes + 4) if cfg["checkpointing"] and cfg.get("save_attention") else 0,
         "one block's backward": block if cfg["checkpointing"] else block * L,
         "loss (2 fp32 chunk x V + 3 T x C)": min(T, cfg["loss_chunk"]) * V * 4 * 2 + 3 * T * C * dtype_bytes,
         f"runtime workspace ({device})": WORKSPACE[device],

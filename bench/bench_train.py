@@ -1,7 +1,7 @@
 """One LoRA training step, ours vs transformers + PEFT: tokens/s and peak memory, each point a fresh process.
 
     python bench/bench_train.py [--lengths 2048,4096,8192,16384,32768] [--speed-len 4096] [--impl ours,hf]
-                                [--quant none|nf4] [--dtype float32|bfloat16] [--mlp-chunk N]
+                                [--quant none|nf4] [--dtype float32|bfloat16] [--mlp-chunk N] [--save-attention]
                                 [--results bench/RESULTS.md]
 
 Config (issue 11): Llama, hidden 512, 4 layers, 8 heads, 2 kv heads, ffn 1408, vocab 32000, untied; LoRA r=8
@@ -35,7 +35,7 @@ torch.manual_seed(0)
 def kib(field):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))
 
-impl, T, quant, dtype, steps, mlp_chunk = {impl!r}, {T}, {quant!r}, getattr(torch, {dtype!r}), {steps}, {mlp_chunk}
+impl, T, quant, dtype, steps, mlp_chunk, save_attention = {impl!r}, {T}, {quant!r}, getattr(torch, {dtype!r}), {steps}, {mlp_chunk}, {save_attention}
 cfg = {cfg!r}
 base_rss = kib('VmRSS')
 if impl == 'ours':
@@ -46,6 +46,7 @@ if impl == 'ours':
     lora.apply_lora(net, r=8, alpha=16)
     net.checkpointing = True
     net.mlp_chunk = mlp_chunk
+    net.save_attention = save_attention
     net.train()
     def step(x):
         loss = net(x, labels=x, loss_chunk=1024) / x.numel()
@@ -92,9 +93,10 @@ print(json.dumps(dict(model_mib=model_rss / 1024, step_peak_mib=peak_step / 1024
 """
 
 
-def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: int = 0) -> dict:
+def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: int = 0,
+              save_attention: bool = False) -> dict:
     code = CHILD.format(root=str(ROOT), impl=impl, T=T, quant=quant, dtype=dtype, steps=steps, cfg=CONFIG,
-                        mlp_chunk=mlp_chunk)
+                        mlp_chunk=mlp_chunk, save_attention=save_attention)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks via mmap: RSS follows live memory
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -102,7 +104,7 @@ def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0) -> float:
+def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attention: bool = False) -> float:
     """train.py's memory plan for the same config, in MiB."""
     sys.path.insert(0, str(ROOT))
     import torch
@@ -112,7 +114,8 @@ def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0) -> float:
 
     import lora
 
-    cfg = {**train.DEFAULTS, "ctx": T, "quant": quant, "loss_chunk": 1024, "checkpointing": True, "mlp_chunk": mlp_chunk}
+    cfg = {**train.DEFAULTS, "ctx": T, "quant": quant, "loss_chunk": 1024, "checkpointing": True, "mlp_chunk": mlp_chunk,
+           "save_attention": save_attention}
     mcfg = M.ModelConfig(**CONFIG)
     with torch.device("meta"):
         net = M.Transformer(mcfg)
@@ -128,6 +131,7 @@ def main():
     ap.add_argument("--quant", default="none", choices=["none", "nf4"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--mlp-chunk", type=int, default=0, help="ours: MLP in chunks of this many tokens (0: off)")
+    ap.add_argument("--save-attention", action="store_true", help="ours: keep attention outputs (no attention recompute)")
     ap.add_argument("--results", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
     impls = args.impl.split(",")
@@ -139,9 +143,10 @@ def main():
     print("\n".join(lines), flush=True)
     rows = {}
     for T in (int(s) for s in args.lengths.split(",")):
-        pts = {i: run_point(i, T, args.quant, args.dtype, 2 if T == args.speed_len else 1, args.mlp_chunk) for i in impls}
+        pts = {i: run_point(i, T, args.quant, args.dtype, 2 if T == args.speed_len else 1, args.mlp_chunk,
+                              args.save_attention) for i in impls}
         rows[T] = pts
-        plan = planned_mib(T, args.quant, args.dtype, args.mlp_chunk)
+        plan = planned_mib(T, args.quant, args.dtype, args.mlp_chunk, args.save_attention)
         ours = pts.get("ours", {}).get("total_mib")
         err = f"{100 * (plan - ours) / ours:+.0f}%" if ours else "-"
         cell = lambda p, k, f: (f.format(p[k]) if k in p else p.get("error", "-")[:40])
