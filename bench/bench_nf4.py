@@ -41,8 +41,10 @@ def _libraries():
     def bnb_quant(w):
         return BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
 
+    compiled = torch.compile(Q.dequantize_nf4, fullgraph=True, dynamic=False)  # what Linear4bit(compile=True) runs
     return {
         "ours": (lambda w: Q.quantize_nf4(w), lambda q: Q.dequantize_nf4(q)),
+        "ours, torch.compile": (lambda w: Q.quantize_nf4(w), lambda q: compiled(q)),
         "bitsandbytes": (bnb_quant, lambda pq: BF.dequantize_4bit(*pq)),
         "torchao": (lambda w: to_nf4(w, 64, 256), lambda t: t.get_original_weight()),
     }
@@ -68,6 +70,7 @@ def bench_linear():
     torch.manual_seed(0)
     linear = nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
     ours = Q.Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16)
+    ours_compiled = Q.Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16, compile=True)
     ref = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
                             quant_type="nf4")
     ref.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
@@ -77,7 +80,7 @@ def bench_linear():
     x = torch.randn(BATCH_TOKENS, in_f, dtype=torch.bfloat16, requires_grad=True)
     gb = out_f * in_f * 2 / 1e9
     rows = []
-    for name, layer in (("ours (eager)", ours), ("bitsandbytes", ref)):
+    for name, layer in (("ours (eager)", ours), ("ours (torch.compile)", ours_compiled), ("bitsandbytes", ref)):
         def step():
             layer(x).float().sum().backward()
         t = _median_seconds(step)

@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,7 @@ else:
                                           quant_type='nf4', compress_statistics=True)
                     q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type='nf4',
                                                  compress_statistics=True)
+                    q = q.to('cpu')  # Params4bit quantizes when moved to a device
                     q.support_avx512bf16_for_cpu = False
                     setattr(mod, child, q)
         for p in net.parameters():
@@ -123,6 +125,39 @@ def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attenti
     return train.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")["total"] / 2**20
 
 
+def model_flops(T: int, r: int = 8) -> float:
+    """FLOPs of one training step's forward and required backward, without recomputation (the MFU
+    convention): frozen linears 4 P T (forward + input gradient, no weight gradient), LoRA on q,k,v,o
+    6 r (in + out) T, the frozen head 4 V C T, causal attention 6 T^2 H D per layer (PaLM's 12 L H D T^2,
+    halved for the causal mask: QK^T and PV forward, four T^2 matmuls backward)."""
+    c = CONFIG
+    C, F, H, Hkv, L, V = c["dim"], c["ffn_dim"], c["n_heads"], c["n_kv_heads"], c["n_layers"], c["vocab_size"]
+    D = C // H
+    P = C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F
+    lora = r * ((C + H * D) + 2 * (C + Hkv * D) + (H * D + C))
+    return L * (4 * P * T + 6 * lora * T + 6 * T * T * H * D) + 4 * V * C * T
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured dense matmul rate in FLOP/s: best of `repeats` n x n x n torch.mm."""
+    import torch
+
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768")
@@ -135,11 +170,12 @@ def main():
     ap.add_argument("--results", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
     impls = args.impl.split(",")
+    peak = matmul_peak(args.dtype)
     lines = [f"### Training step, {args.dtype}, quant={args.quant} ({datetime.date.today()}, {platform.machine()}, "
              f"`python bench/bench_train.py {' '.join(sys.argv[1:])}`)", "",
              "| T | " + " | ".join(f"{i} peak MiB" for i in impls) + " | plan MiB (ours) | plan error | "
-             + " | ".join(f"{i} s/step" for i in impls) + " |",
-             "| --- |" + " --- |" * (2 * len(impls) + 2)]
+             + " | ".join(f"{i} s/step" for i in impls) + " | " + " | ".join(f"{i} MFU" for i in impls) + " |",
+             "| --- |" + " --- |" * (3 * len(impls) + 2)]
     print("\n".join(lines), flush=True)
     rows = {}
     for T in (int(s) for s in args.lengths.split(",")):
@@ -151,7 +187,9 @@ def main():
         err = f"{100 * (plan - ours) / ours:+.0f}%" if ours else "-"
         cell = lambda p, k, f: (f.format(p[k]) if k in p else p.get("error", "-")[:40])
         line = (f"| {T} | " + " | ".join(cell(pts[i], "total_mib", "{:.0f}") for i in impls) + f" | {plan:.0f} | {err} | "
-                + " | ".join(cell(pts[i], "step_s", "{:.2f}") for i in impls) + " |")
+                + " | ".join(cell(pts[i], "step_s", "{:.2f}") for i in impls) + " | "
+                + " | ".join(f"{model_flops(T) / pts[i]['step_s'] / peak:.0%}" if "step_s" in pts[i] else "-" for i in impls)
+                + " |")
         print(line, flush=True)
         lines.append(line)
     if "ours" in impls and "hf" in impls and args.speed_len in rows:
@@ -160,6 +198,10 @@ def main():
             lines.append(f"\nAt T={args.speed_len}: ours {args.speed_len / o['step_s']:.0f} tokens/s, theirs "
                          f"{args.speed_len / h['step_s']:.0f} tokens/s, ratio {h['step_s'] / o['step_s']:.2f}x.")
             print(lines[-1])
+    lines.append(f"\nMFU: model FLOPs (`model_flops`: forward + required backward, no recomputation) per second over "
+                 f"this machine's measured {args.dtype} matmul rate, {peak / 1e9:.0f} GFLOP/s (2048^3 torch.mm, "
+                 f"{torch_threads()} threads).")
+    print(lines[-1])
     if args.results:
         with open(args.results, "a") as f:
             f.write("\n".join(lines) + "\n\n")
