@@ -40,7 +40,7 @@ import rope
 
 CKPT_PREFIX = "ckpt-"
 IDENTITY = ("model", "ctx", "quant", "lora_r", "lora_alpha", "lora_targets", "train", "rope", "rope_theta",
-            "attn", "group_ratio", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
+            "attn", "group_ratio", "full_attn_tail", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
 
 RECIPES: dict[str, dict] = {
     "llama3-80k": dict(quant="nf4", lora_r=32, lora_alpha=16.0, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj",
@@ -55,7 +55,7 @@ RECIPES: dict[str, dict] = {
 
 DEFAULTS = dict(model=None, data=None, ctx=None, quant="none", dtype=None, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
                 lora_targets="q_proj,k_proj,v_proj,o_proj", train="", rslora=False, rope=None, rope_theta=None,
-                attn="full", group_ratio=0.25, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
+                attn="full", group_ratio=0.25, full_attn_tail=0.0, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
                 steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False,
                 loss_chunk=1024, mlp_chunk=0, save_attention=False, out="runs/train", save_every=0, keep=2, resume=False, merge=False, tokenizer=None,
                 chat_template=None, truncate=False, nproc=None, log_every=1)
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train", default=S, help="extra full parameters to train: embed,norm,lm_head")
     ap.add_argument("--attn", choices=["full", "s2"], default=S, help="attention while training (eval is always full)")
     ap.add_argument("--group-ratio", type=float, default=S, help="S²-Attn group size as a fraction of ctx")
+    ap.add_argument("--full-attn-tail", type=float, default=S,
+                    help="with --attn s2: train this fraction of the steps, the last ones, with full attention")
     ap.add_argument("--lr", type=float, default=S)
     ap.add_argument("--warmup", type=int, default=S, help="linear warmup steps")
     ap.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=S)
@@ -145,6 +147,8 @@ def resolve_config(args: argparse.Namespace, world_size: int) -> dict:
         raise UserError(f"--mlp-chunk must be >= 0 (0: off), got {cfg['mlp_chunk']}")
     if cfg["steps"] is not None and cfg["steps"] < 1:
         raise UserError(f"--steps must be >= 1, got {cfg['steps']}")
+    if not 0.0 <= cfg["full_attn_tail"] < 1.0:
+        raise UserError(f"--full-attn-tail must be in [0, 1), got {cfg['full_attn_tail']}")
     if not 0.0 < cfg["group_ratio"] <= 1.0:
         raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
     if cfg["data"] is None and not args.dry_run:
@@ -401,7 +405,7 @@ def newest_checkpoint(out: Path) -> Path | None:
 
 def check_same_run(saved: dict, cfg: dict, where: Path):
     for k in IDENTITY:
-        if saved.get(k) != cfg.get(k):
+        if saved.get(k, DEFAULTS.get(k)) != cfg.get(k):
             raise UserError(f"{where}: checkpoint was trained with {k}={saved.get(k)!r}, this run has {cfg.get(k)!r}; "
                             "use a new --out or the same flags")
 
@@ -518,6 +522,7 @@ def _loop(cfg, d: Dist, net, ddp, opt, sched, params, mixture, stream, attn_fn, 
           total: int) -> int:
     """Optimizer steps from `step` to `total`; checkpoints every --save-every and at the end."""
     t0, tokens_seen = time.perf_counter(), 0
+    sparse_steps = total - round(cfg["full_attn_tail"] * total)  # S²-Attn (if chosen) before, full attention after
     while step < total:
         batch = [next(stream) for _ in range(cfg["grad_accum"])]
         n_sup = all_reduce_sum(torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in batch))), d)
@@ -528,7 +533,7 @@ def _loop(cfg, d: Dist, net, ddp, opt, sched, params, mixture, stream, attn_fn, 
             x, y = b["input_ids"][None].to(d.device), b["labels"][None].to(d.device)
             sync = i == len(batch) - 1 or d.world == 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()), _offload(cfg, d):
-                nll = ddp(x, attn_fn=attn_fn, labels=y, loss_chunk=cfg["loss_chunk"])
+                nll = ddp(x, attn_fn=attn_fn if step < sparse_steps else None, labels=y, loss_chunk=cfg["loss_chunk"])
                 (nll * (d.world / n_sup)).backward()  # DDP averages over ranks; undo it: sum / global count
             loss_sum += nll.detach().double().cpu()
             tokens_seen += x.numel()

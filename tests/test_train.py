@@ -56,6 +56,7 @@ def losses(out):
     ([*TINY, "--ctx", "64", "--data", "{tmp}/empty.txt", "--steps", "1"], "empty.txt"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--rope", "wobbly:3"], "wobbly"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--mlp-chunk", "-1"], "--mlp-chunk must be"),
+    ([*TINY, "--ctx", "64", "--data", "{corpus}", "--full-attn-tail", "1"], "--full-attn-tail must be"),
 ])
 def test_user_errors_are_one_line(tmp_path, corpus, args, needle):
     (tmp_path / "empty.txt").write_text("")
@@ -114,6 +115,17 @@ def test_single_process_run_writes_adapter_metrics_and_merged_model(tmp_path, co
     assert (out / "merged" / "config.json").is_file()
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004"]
     assert not list(out.glob(".tmp-*"))
+
+
+def test_full_attention_tail_switches_the_last_steps_to_full_attention(tmp_path, corpus):
+    """--attn s2 --full-attn-tail 0.5 over 2 steps: step 1 is the S²-Attn run's step 1 exactly, step 2 is
+    not (full attention over the 64 tokens instead of windows of 16)."""
+    common = [*TINY, "--ctx", "64", "--data", str(corpus), "--steps", "2", "--lr", "1e-2", "--attn", "s2"]
+    assert run([*common, "--out", str(tmp_path / "s2")]).returncode == 0
+    r = run([*common, "--full-attn-tail", "0.5", "--out", str(tmp_path / "tail")])
+    assert r.returncode == 0, r.stderr
+    s2, tail = losses(tmp_path / "s2"), losses(tmp_path / "tail")
+    assert s2[0] == tail[0] and abs(s2[1] - tail[1]) > 1e-4, (s2, tail)
 
 
 # ----------------------------------------------------------------------------- slow: processes
