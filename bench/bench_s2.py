@@ -33,6 +33,12 @@ def fwd_bwd_seconds(attn_fn, q, k, v, grad_out) -> float:
     return time.perf_counter() - start
 
 
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def compare(attn_fns: list, q, k, v, grad_out, repeats: int) -> list[float]:
     """Median seconds per function; the functions alternate within each repeat so that they see the same
     machine load (the benchmark box is shared), after one untimed warm-up round."""
@@ -63,7 +69,11 @@ def main() -> None:
     compiled = torch.compile(shifted_sparse_attention, dynamic=False) if args.compile else None
     print(f"B={B} H={H} Hkv={HKV} D={D} G=T/{GROUP_RATIO} float32, fwd+bwd, median of {args.repeats}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    header = "| T | G | full causal (ms) | S2 (ms) | ratio |"
+    a = torch.randn(2048, 2048)
+    mm = min(_seconds(lambda: torch.mm(a, a)) for _ in range(5))
+    peak = 2 * 2048**3 / mm
+    print(f"measured matmul rate: {peak / 1e9:.0f} GFLOP/s (best of 5 2048^3 torch.mm)\n")
+    header = "| T | G | full causal (ms) | full: % of matmul rate | S2 (ms) | ratio |"
     header += " S2 compiled (ms) | ratio |" if compiled else ""
     print(header)
     print("|" + "---|" * header.count(" |"))
@@ -77,7 +87,8 @@ def main() -> None:
         fns = [causal_attention, lambda *x: shifted_sparse_attention(*x, G)]
         fns += [lambda *x: compiled(*x, G)] if compiled else []
         full, s2, *rest = compare(fns, q, k, v, grad_out, args.repeats)
-        row = f"| {T} | {G} | {full * 1e3:.0f} | {s2 * 1e3:.0f} | {s2 / full:.3f} |"
+        flops = 6 * T * T * H * D * B  # causal: QK^T and PV forward, four T^2 matmuls backward, each halved
+        row = f"| {T} | {G} | {full * 1e3:.0f} | {flops / full / peak:.0%} | {s2 * 1e3:.0f} | {s2 / full:.3f} |"
         row += "".join(f" {s2c * 1e3:.0f} | {s2c / full:.3f} |" for s2c in rest)
         print(row, flush=True)
 
