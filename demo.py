@@ -35,6 +35,9 @@ train.py`: 250 s, each rank 400 steps, extended row ppl 3.49 / 3.28 / 3.33, pass
 The base breaks beyond L (ppl over 256..2560 is 9.1x its ppl@256; issue: >= 3x); the extended model's
 ppl@2560 is 0.94x the base's ppl@256 (issue: <= 1.15x); retrieval at 10 L is 82% (issue: >= 90%; NOT
 met) against the base's 0% (issue: <= 20%), 95% for the base at L. 40 prompts per length: +-6% (1 s.d.).
+What holds retrieval at 10 L below 90% is S²-Attn's train/test gap at this scale (README, "The built-in
+demo"): `python train.py --attn full` reaches 93% at 10 L, every S²-Attn variant 77-85% (--steps 800,
+--group-ratio 0.5, --full-attn-tail 0.25, 24 queries per sequence, facts at uniform depths).
 
 Data, and what training never sees. A stdlib file is held out when crc32(its relative path) % 10 == 0
 (`stdlib_split`); pretraining and extension read only held-in files, evaluation only held-out ones. A fact
