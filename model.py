@@ -233,6 +233,7 @@ class _FrozenHeadNLL(torch.autograd.Function):
                 if not keep.all():
                     z[~keep] = 0.0
                 grad_h[s:s + chunk] = (z.to(weight.dtype) @ weight)  # (c, C)
+            del z  # else the next chunk's logits are allocated while these are still referenced
         ctx.save_for_backward(grad_h)
         return total
 

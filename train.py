@@ -413,7 +413,7 @@ def check_same_run(saved: dict, cfg: dict, where: Path):
 # ----------------------------------------------------------------------------- memory plan
 
 
-WORKSPACE = {"cpu": 90 * 2**20,  # measured: a step at T = 16 of the bench config grows RSS by 88 MiB
+WORKSPACE = {"cpu": 100 * 2**20,  # measured: a step at T = 16 of the bench config grows RSS by 98 MiB (102 bf16)
              "cuda": 2**30}  # estimate, not measured here: CUDA context, cuBLAS and allocator slack
 
 
@@ -423,9 +423,10 @@ def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int, device: str =
     Held through the step: weights (NF4 linears at 4.127 bits, see quant4.bits_per_parameter; embeddings,
     norms and an untied head in the base dtype), trained parameters in float32 with their gradients and two
     AdamW moments, and one (T, C) checkpoint per block. On top, the larger of two transient phases:
-    - the loss: one chunk's float32 logits and their softmax-gradient (2 x chunk x V, model.py's
-      `_FrozenHeadNLL`), beside the last block's output, the final hidden states and their stored
-      gradient (3 x T x C);
+    - the loss: one chunk's float32 logits, turned into the softmax-gradient in place (model.py's
+      `_FrozenHeadNLL`), plus their copy in the model dtype when that is not float32 (chunk x V x
+      (4 + 2) bytes in bf16), beside the last block's output, the final norm's input and output and
+      the stored gradient of the hidden states (4 x T x C);
     - the backward of one block: its recomputed activations and their gradients, T x (4 C + (H + 2 Hkv) D
       + 6 F) values; with --mlp-chunk c < T the MLP keeps c x 6 F of them and T x 8 C more instead
       (the chunks' outputs, the gradients assembled from them). The coefficients were measured
@@ -451,10 +452,11 @@ def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int, device: str =
         "block checkpoints": L * T * C * dtype_bytes if cfg["checkpointing"] and not cfg["offload"] else 0,
         "saved attention outputs": L * T * H * (D * dtype_bytes + 4) if cfg["checkpointing"] and cfg.get("save_attention") else 0,
         "one block's backward": block if cfg["checkpointing"] else block * L,
-        "loss (2 fp32 chunk x V + 3 T x C)": min(T, cfg["loss_chunk"]) * V * 4 * 2 + 3 * T * C * dtype_bytes,
+        "loss (chunk x V logits + 4 T x C)": min(T, cfg["loss_chunk"]) * V * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
+                                              + 4 * T * C * dtype_bytes,
         f"runtime workspace ({device})": WORKSPACE[device],
     }
-    transient = max(plan["one block's backward"], plan["loss (2 fp32 chunk x V + 3 T x C)"])
+    transient = max(plan["one block's backward"], plan["loss (chunk x V logits + 4 T x C)"])
     plan["total"] = sum(v for k, v in plan.items() if not k.startswith(("one block", "loss"))) + transient
     return plan
 
