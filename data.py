@@ -678,22 +678,26 @@ class Packer:
             raise ValueError(f"ctx={ctx}; must be >= 1")
         self.ctx, self.eos_id = ctx, eos_id
         self.buf: list[int] = []
+        self.start = 0  # buf[:start] is already packed (cut once per add, not once per chunk: O(n) not O(n^2))
         self.n_tokens = 0  # tokens entering the stream (documents + EOS)
         self.n_sequences = 0
 
     def add(self, ids: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+        del self.buf[:self.start]
+        self.start = 0
         self.buf.extend(ids)
         self.buf.append(self.eos_id)
         self.n_tokens += len(ids) + 1
         n = self.ctx + 1
-        while len(self.buf) >= n:
-            chunk, self.buf = self.buf[:n], self.buf[n:]
+        while len(self.buf) - self.start >= n:
+            chunk = self.buf[self.start:self.start + n]
+            self.start += n
             self.n_sequences += 1
             yield _sample(chunk, chunk)
 
     @property
     def dropped_tokens(self) -> int:
-        return len(self.buf)
+        return len(self.buf) - self.start
 
 
 def pack_documents(token_docs: Iterable[list[int]], ctx: int, eos_id: int,
