@@ -329,12 +329,13 @@ def load_base(path: Path, cfg: dict | None = None) -> llama.Transformer:
     """The base in float32; with a trainer config, its RoPE changed as the trainer changes it (--rope,
     --rope-theta), nothing trained."""
     import rope
+    import train
 
     net = llama.Transformer.from_pretrained(path, dtype=torch.float32)
     if cfg is not None:
         mc = net.config
-        flags = argparse.Namespace(rope=cfg["rope"], rope_theta=cfg["rope_theta"])
-        mc.rope_theta, mc.rope_scaling = rope.resolve_rope(flags, mc.rope_theta, mc.rope_scaling, mc.max_seq_len)
+        mc.rope_theta, mc.rope_scaling = rope.resolve_rope(train._rope_args(cfg, mc), mc.rope_theta, mc.rope_scaling,
+                                                           mc.max_seq_len)
     return net
 
 

@@ -92,6 +92,13 @@ def test_greedy_hits_equal_token_by_token_generation(held_out):
     assert not demo.greedy_hits(net, prompts, wrong, batch=4).any()
 
 
+def test_untrained_rope_change_resolves_auto_factors_as_training_does():
+    """`--rope linear:auto` (the recipes' spelling) means ctx / L in training; the untrained-RoPE row
+    must resolve it the same way (it used to fail on 'auto')."""
+    net = demo.load_base(demo.DEMO_DIR, {"rope": "linear:auto", "rope_theta": None, "ctx": 2560})
+    assert net.config.rope_scaling["rope_type"] == "linear" and net.config.rope_scaling["factor"] == 10
+
+
 def test_extension_records_pack_to_one_sequence_each(tmp_path, held_out):
     """Reference: data.py's packer (the trainer's input path): n records give n sequences of ctx tokens,
     each starting with BOS, facts and queries intact."""
