@@ -46,7 +46,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from model import read_json
+from model import iter_checkpoint, read_json
 
 # ----------------------------------------------------------------------------- constants
 
@@ -443,8 +443,6 @@ def load_adapter(model: nn.Module, dir: str | os.PathLike) -> dict:
     layers; marks the modules_to_save tensors trainable; loads every tensor, refusing missing,
     unexpected or mis-shaped ones. Never unpickles. Returns the apply_lora-style summary.
     """
-    from safetensors import SafetensorError, safe_open
-
     d = Path(dir)
     cfg = read_adapter_config(d)
     weights = d / ADAPTER_WEIGHTS
@@ -472,18 +470,14 @@ def load_adapter(model: nn.Module, dir: str | os.PathLike) -> dict:
     tied_head = cfg["tied"] and f"{EMBED}.weight" in extras
 
     def items():
-        try:
-            with safe_open(str(weights), framework="pt", device="cpu") as st:
-                for key in st.keys():
-                    if not key.startswith(PEFT_PREFIX):
-                        raise ValueError(f"{weights}: tensor {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix; "
-                                         "not a PEFT LoRA adapter for a causal LM")
-                    name = key.removeprefix(PEFT_PREFIX)
-                    if tied_head and name == f"{LM_HEAD}.weight":
-                        continue  # PEFT's copy of the tied matrix; the embedding is the one kept
-                    yield name, st.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
+        for key, tensor, _ in iter_checkpoint(weights):
+            if not key.startswith(PEFT_PREFIX):
+                raise ValueError(f"{weights}: tensor {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix; "
+                                 "not a PEFT LoRA adapter for a causal LM")
+            name = key.removeprefix(PEFT_PREFIX)
+            if tied_head and name == f"{LM_HEAD}.weight":
+                continue  # PEFT's copy of the tied matrix; the embedding is the one kept
+            yield name, tensor
 
     load_lora_state_dict(model, items(), str(weights))
     return _summary(model)
