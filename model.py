@@ -493,11 +493,7 @@ class Transformer(nn.Module):
         The model is built on the meta device and each checkpoint tensor is assigned in place, so peak
         memory is about one copy of the weights.
         """
-        path = Path(path)
-        if path.suffix == ".gguf":
-            cfg, tensors = read_gguf(path)
-        else:
-            cfg, tensors = ModelConfig.from_hf(path), iter_checkpoint(path)
+        cfg, tensors = read_checkpoint(path)
         with torch.device("meta"):
             model = cls(cfg)
         load_tensors(model, tensors, dtype=dtype, device=device)
@@ -514,6 +510,14 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checkpoint I/O
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor, str]]]:
+    """(config, lazy (name, tensor, file) items) of a .gguf file or a Hugging Face safetensors directory."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return read_gguf(path)
+    return ModelConfig.from_hf(path), iter_checkpoint(path)
 
 
 def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, str]]:

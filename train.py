@@ -143,12 +143,19 @@ def resolve_config(args: argparse.Namespace, world_size: int) -> dict:
     for key in ("lora_r", "grad_accum", "loss_chunk", "keep", "log_every"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["mlp_chunk"] < 0:
-        raise UserError(f"--mlp-chunk must be >= 0 (0: off), got {cfg['mlp_chunk']}")
+    for key in ("mlp_chunk", "save_every"):
+        if cfg[key] < 0:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 0 (0: off), got {cfg[key]}")
+    if cfg["epochs"] is not None and cfg["epochs"] <= 0:
+        raise UserError(f"--epochs must be > 0, got {cfg['epochs']}")
+    if cfg["nproc"] is not None and cfg["nproc"] < 1:
+        raise UserError(f"--nproc must be >= 1, got {cfg['nproc']}")
     if cfg["steps"] is not None and cfg["steps"] < 1:
         raise UserError(f"--steps must be >= 1, got {cfg['steps']}")
     if not 0.0 <= cfg["full_attn_tail"] < 1.0:
         raise UserError(f"--full-attn-tail must be in [0, 1), got {cfg['full_attn_tail']}")
+    if cfg["full_attn_tail"] and cfg["attn"] != "s2":
+        raise UserError("--full-attn-tail only applies with --attn s2")
     if not 0.0 < cfg["group_ratio"] <= 1.0:
         raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
     if cfg["data"] is None and not args.dry_run:
@@ -178,7 +185,8 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) or a single process; NCCL on CUDA, gloo on CPU."""
+    """torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) or a single process; NCCL for CUDA tensors,
+    gloo for CPU ones."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -187,7 +195,8 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # NCCL takes CUDA tensors only; the step's token counts, data cursors and RNG states are CPU tensors
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, local, world, device)
 
 
@@ -220,12 +229,10 @@ def build_model(cfg: dict, d: Dist, dtype: torch.dtype):
             raise UserError(f"--model {spec}: no such directory, file or preset ({', '.join(M.PRESETS)})")
         if cfg["quant"] == "nf4":
             import quant4
-            mcfg, tensors = (M.read_gguf(spec) if spec.endswith(".gguf") else (M.ModelConfig.from_hf(spec), M.iter_checkpoint(spec)))
+            mcfg, tensors = M.read_checkpoint(spec)
             with torch.device("meta"):
                 net = M.Transformer(mcfg)
             quant4.load_quantized(net, ((n, t) for n, t, _ in tensors), skip=("lm_head",), dtype=dtype, device=d.device)
-            if mcfg.tie_embeddings:
-                net.lm_head.weight = net.model.embed_tokens.weight
         else:
             net = M.Transformer.from_pretrained(spec, dtype=dtype, device=d.device)
     mc = net.config
@@ -439,26 +446,26 @@ def memory_plan(cfg: dict, mcfg, dtype_bytes: int, trainable: int, device: str =
     linear = L * (C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F)
     embed = V * C * (1 if mcfg.tie_embeddings else 2)
     weight_bits = 4.127 if cfg["quant"] == "nf4" else dtype_bytes * 8
-    chunk = cfg.get("mlp_chunk", 0)
+    chunk = cfg["mlp_chunk"]
     if chunk and chunk < T:
         block = (T * (8 * C + (H + 2 * Hkv) * D) + chunk * 6 * F) * dtype_bytes
     else:
         block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
-    plan = {
+    held = {
         "weights": linear * weight_bits / 8 + (embed + L * 2 * C + C) * dtype_bytes,
         "trained params (fp32)": trainable * 4,
         "gradients (fp32)": trainable * 4,
         "AdamW moments (fp32)": trainable * 8,
         "block checkpoints": L * T * C * dtype_bytes if cfg["checkpointing"] and not cfg["offload"] else 0,
-        "saved attention outputs": L * T * H * (D * dtype_bytes + 4) if cfg["checkpointing"] and cfg.get("save_attention") else 0,
+        "saved attention outputs": L * T * H * (D * dtype_bytes + 4) if cfg["checkpointing"] and cfg["save_attention"] else 0,
+        f"runtime workspace ({device})": WORKSPACE[device],
+    }
+    transient = {  # phases that do not overlap: only the larger counts
         "one block's backward": block if cfg["checkpointing"] else block * L,
         "loss (chunk x V logits + 4 T x C)": min(T, cfg["loss_chunk"]) * V * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
                                               + 4 * T * C * dtype_bytes,
-        f"runtime workspace ({device})": WORKSPACE[device],
     }
-    transient = max(plan["one block's backward"], plan["loss (chunk x V logits + 4 T x C)"])
-    plan["total"] = sum(v for k, v in plan.items() if not k.startswith(("one block", "loss"))) + transient
-    return plan
+    return {**held, **transient, "total": sum(held.values()) + max(transient.values())}
 
 
 def dry_run(cfg: dict):

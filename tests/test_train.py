@@ -57,6 +57,9 @@ def losses(out):
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--rope", "wobbly:3"], "wobbly"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--mlp-chunk", "-1"], "--mlp-chunk must be"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--full-attn-tail", "1"], "--full-attn-tail must be"),
+    ([*TINY, "--ctx", "64", "--data", "{corpus}", "--full-attn-tail", "0.5"], "only applies with --attn s2"),
+    ([*TINY, "--ctx", "64", "--data", "{corpus}", "--save-every", "-1"], "--save-every must be"),
+    ([*TINY, "--ctx", "64", "--data", "{corpus}", "--epochs", "0"], "--epochs must be"),
 ])
 def test_user_errors_are_one_line(tmp_path, corpus, args, needle):
     (tmp_path / "empty.txt").write_text("")
