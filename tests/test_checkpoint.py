@@ -410,3 +410,18 @@ def test_load_model_nf4_streams_below_the_float32_size(tmp_path):
           f"float32 model {fp32_bytes / 2**20:.1f} MiB"
     assert streamed < fp32_bytes, mib
     assert whole >= fp32_bytes * 0.9, mib  # the measurement does see a float32 model held at once
+
+
+def test_bad_config_json_is_named(tmp_path):
+    d = _saved_tiny(tmp_path)
+    cfg_path = d / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "num_hidden_layers"}))
+    with pytest.raises(UserError, match=f"^{cfg_path}: missing field 'num_hidden_layers'$"):
+        read_checkpoint(d)
+    cfg_path.write_text("{not json")
+    with pytest.raises(UserError, match=f"^{cfg_path}: not valid JSON"):
+        load_model(str(d))
+    cfg_path.unlink()
+    with pytest.raises(UserError, match=f"^{cfg_path}: missing"):
+        load_model(str(d))

@@ -9,6 +9,7 @@ import torch
 from checkpoint import load_model
 from conftest import hf_llama
 from generate import generate, main, prefill
+from tokenizer import load_tokenizer
 
 TOL = 1e-5
 
@@ -58,3 +59,14 @@ def test_cli_error_is_one_line(tmp_path, capsys):
         main(["--model", str(tmp_path / "nope"), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and "nope" in err and err.startswith("error: ")
+
+
+@pytest.mark.slow
+def test_cli_continues_a_prompt_greedily(smollm2_path, capsys):
+    """`python generate.py` prints the prompt and the greedy continuation that generate() produces."""
+    main(["--model", smollm2_path, "--prompt", "The capital of France is", "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    tok = load_tokenizer(smollm2_path)
+    model = load_model(smollm2_path, dtype=torch.float32)
+    ids = generate(model, tok.encode("The capital of France is", bos=True), 4, stop_ids=tok.eos_id)
+    assert out == "The capital of France is" + tok.decode(ids) + "\n"
