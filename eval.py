@@ -8,13 +8,8 @@ recall, where the answer is only in the distant context:
     ppl      PPL(L) = exp( (1 / N) sum_t -log p(x_t | x_<t) ) over N scored positions of windows of length L
              cut from one EOS-joined token stream (Chen et al. 2023, "Position Interpolation", sec. 3.2;
              with --stride S each window scores only its last S tokens, as in the sliding evaluation there).
-    passkey  a 5-digit key hidden in repeated filler at a depth (Mohtashami & Jaggi 2023, "Landmark
-             Attention"; PI sec. 3.3); exact match of the digits after greedy decoding.
-    needle   a sentence hidden at a sentence boundary of real text ("needle in a haystack", Kamradt 2023);
-             exact substring match and ROUGE-L recall R = LCS(pred, ref) / |ref| on lowercase words
-             (Lin 2004, sec. 3.1).
-    kv       a JSON object of random UUID pairs; ask for one key's value at each depth (Liu et al. 2023,
-             "Lost in the Middle", sec. 4); exact match.
+    passkey, needle, kv  synthetic recall with the answer only in the distant context, greedy decoding,
+             exact match (and ROUGE-L recall for needle); prompts and scorers in tasks.py.
 
 Depth d in [0, 1] is the fraction of the context tokens that come before the probe.
 
@@ -47,10 +42,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import model as llama
 import rope
+from checkpoint import load_model
 from data import list_files
 from errors import UserError
+from generate import generate
+from lora import load_adapter
+from loss import chunked_cross_entropy
+from model import PRESETS, Transformer
 from tasks import (END_OF_TURN, NEEDLE, QUESTION, exact_match, haystack_text, kv_prompt, needle_prompt,
                    passkey_correct, passkey_prompt, rouge_l_recall, sentence_starts, stdlib_files, token_stream,
                    windows)
@@ -100,7 +99,7 @@ def fixed_rope(theta: float, scaling: dict | None, length: int) -> dict | None:
 
 
 @torch.no_grad()
-def window_hidden(model: llama.Transformer, tokens: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def window_hidden(model: Transformer, tokens: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Final hidden states (T, C) of one window tokens (T,): one forward (chunk=None), or the KV cache
     filled `chunk` tokens at a time so activation memory is bounded by the chunk."""
     if chunk is None:
@@ -113,7 +112,7 @@ def window_hidden(model: llama.Transformer, tokens: torch.Tensor, chunk: int | N
 
 
 @torch.no_grad()
-def prefix_nll(model: llama.Transformer, h: torch.Tensor, tokens: torch.Tensor, length: int, first: int = 0
+def prefix_nll(model: Transformer, h: torch.Tensor, tokens: torch.Tensor, length: int, first: int = 0
                ) -> tuple[float, int]:
     """(sum of -log p(x_t | x_<t) over t in [first + 1, length), count) from a window's hidden states.
 
@@ -123,7 +122,7 @@ def prefix_nll(model: llama.Transformer, h: torch.Tensor, tokens: torch.Tensor, 
     """
     labels = torch.cat((tokens[1:length], tokens.new_full((1,), -100)))  # (length,) target of each position
     labels[:first] = -100
-    nll = llama.chunked_cross_entropy(h[None, :length], model.lm_head, labels[None])
+    nll = chunked_cross_entropy(h[None, :length], model.lm_head, labels[None])
     return float(nll), int((labels != -100).sum())
 
 
@@ -135,6 +134,15 @@ def window_nll(model, tokens: torch.Tensor, first: int = 0, chunk: int | None = 
 def stop_ids_for(tokenizer) -> list[int]:
     ids = [tokenizer.special_tokens.get(n) for n in END_OF_TURN] + [tokenizer.eos_id]
     return sorted({i for i in ids if i is not None})
+
+
+def rope_override(theta: float, scaling: dict | None, spec: str | None, theta_override: float | None,
+                  original_len: int) -> tuple[float, dict | None]:
+    """rope.override for one --rope row; a bad spec or base is a UserError naming the flag."""
+    try:
+        return rope.override(theta, scaling, spec, theta_override, original_len)
+    except ValueError as e:
+        raise UserError(f"--rope {spec} / --rope-theta {theta_override}: {e}") from None
 
 
 def set_rope(model, theta: float, scaling: dict | None):
@@ -185,7 +193,7 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
         set_rope(model, theta, fixed_rope(theta, scaling, len(ids) + max_new))
         key = memo_key(model, L, d, t)
         if key not in memo:
-            new = llama.generate(model, ids, max_new, stop_ids=stop, prefill_chunk=args.prefill_chunk)
+            new = generate(model, ids, max_new, stop_ids=stop, prefill_chunk=args.prefill_chunk)
             memo[key] = tokenizer.decode(new)
         answer = memo[key]
         item = {"length": L, "depth": d, "trial": t, "prompt_tokens": len(ids), "probe_index": at,
@@ -362,20 +370,15 @@ def check_args(args) -> None:
 
 
 def load(spec: str, adapter: str | None, args):
-    """(model, tokenizer): the base (NF4 if asked), then the LoRA adapter on top."""
+    """(model, tokenizer): the base (NF4 if asked, quantized tensor by tensor as it loads), then the LoRA
+    adapter on top."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    tok = load_tokenizer(args.tokenizer or ("bytes" if spec in llama.PRESETS else spec))
+    tok = load_tokenizer(args.tokenizer or ("bytes" if spec in PRESETS else spec))
     # A preset is random weights for tests and dry runs: its vocabulary is sized to the tokenizer's.
-    overrides = {"vocab_size": tok.vocab_size} if spec in llama.PRESETS else {}
-    model = llama.load_model(spec, dtype=dtype, seed=args.seed, **overrides).eval()
-    if args.quant == "nf4":
-        import quant4
-
-        quant4.quantize_model(model)
+    overrides = {"vocab_size": tok.vocab_size} if spec in PRESETS else {}
+    model = load_model(spec, dtype=dtype, quant=args.quant, seed=args.seed, **overrides).eval()  # streams NF4
     if adapter is not None:
-        import lora
-
-        lora.load_adapter(model, adapter)
+        load_adapter(model, adapter)
     return model, tok
 
 
@@ -405,8 +408,7 @@ def evaluate(args) -> list[dict]:
             make, template = prompt_maker(args.task, tok, args, hay)
         memo = {}  # (RoPE in effect, item) -> score: e.g. dynamic:s at L <= L0 is plain RoPE
         for spec_rope in args.rope:
-            ns = argparse.Namespace(rope=spec_rope, rope_theta=args.rope_theta)
-            theta, scaling = rope.resolve_rope(ns, base_theta, base_scaling, cfg.max_seq_len)
+            theta, scaling = rope_override(base_theta, base_scaling, spec_rope, args.rope_theta, cfg.max_seq_len)
             if args.task == "ppl":
                 res = run_ppl(model, tok, args, theta, scaling, stream, memo)
             else:
