@@ -39,49 +39,39 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import data
 import model as llama
 import rope
+from data import list_files
+from errors import UserError
+from tasks import (END_OF_TURN, NEEDLE, QUESTION, exact_match, haystack_text, kv_prompt, needle_prompt,
+                   passkey_correct, passkey_prompt, rouge_l_recall, sentence_starts, stdlib_files, token_stream,
+                   windows)
+from tokenizer import chat_template_for, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
 
 TASKS = ("ppl", "passkey", "needle", "kv")
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-                 "them. I will quiz you about the important information there.")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-QUESTION = "What is the best thing to do in San Francisco?"
-NEEDLE_INSTRUCTION = "Answer the question using the document above. Answer in one sentence."
-KV_INTRO = "Extract the value corresponding to the specified key in the JSON object below."
-KV_QUESTION = 'Key: "{key}"\nCorresponding value:'
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
-CONTEXT_MARK = "\x00CONTEXT\x00"  # placeholder split out of a rendered chat turn
-SENTENCE_ENDS = ".!?\n"
 PLOT_DPI = 80
 
 # ----------------------------------------------------------------------------- pure functions: parsing
 
 
 def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
-    """'2048,8192' -> [2048, 8192]; ValueError naming `flag` on a bad or too-small value."""
+    """'2048,8192' -> [2048, 8192]; UserError naming `flag` on a bad or too-small value."""
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2048,8192") from None
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2048,8192") from None
     if not out or min(out) < minimum:
-        raise ValueError(f"{flag} {text!r}: every value must be an integer >= {minimum}")
+        raise UserError(f"{flag} {text!r}: every value must be an integer >= {minimum}")
     return out
 
 
@@ -89,9 +79,9 @@ def parse_depths(text: str) -> list[float]:
     try:
         out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--depths {text!r}: expected comma-separated fractions, e.g. 0,0.5,1") from None
+        raise UserError(f"--depths {text!r}: expected comma-separated fractions, e.g. 0,0.5,1") from None
     if not out or not all(0.0 <= d <= 1.0 for d in out):
-        raise ValueError(f"--depths {text!r}: every depth must lie in [0, 1]")
+        raise UserError(f"--depths {text!r}: every depth must lie in [0, 1]")
     return out
 
 
@@ -104,149 +94,6 @@ def fixed_rope(theta: float, scaling: dict | None, length: int) -> dict | None:
         return None
     return {"rope_type": "ntk", "factor": s * length / original - (s - 1),
             "original_max_position_embeddings": original}
-
-
-# ----------------------------------------------------------------------------- pure functions: scoring
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def lcs_length(a: list, b: list) -> int:
-    """Longest common subsequence length by the O(|a| |b|) dynamic programme, one row at a time."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l_recall(prediction: str, reference: str) -> float:
-    """R_lcs = LCS(pred, ref) / |ref| over lowercase word tokens (Lin 2004, sec. 3.1); 0 for an empty ref."""
-    ref = words(reference)
-    return lcs_length(words(prediction), ref) / len(ref) if ref else 0.0
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """The reference's words appear contiguously in the prediction (case and punctuation ignored)."""
-    ref = " ".join(words(reference))
-    return bool(ref) and f" {ref} " in f" {' '.join(words(prediction))} "
-
-
-def passkey_correct(prediction: str, key: str) -> bool:
-    """The first number in the answer is exactly the key."""
-    found = re.findall(r"\d+", prediction)
-    return bool(found) and found[0] == key
-
-
-# ----------------------------------------------------------------------------- pure functions: prompts
-
-
-def chat_wrap(tokenizer, template: str | None, prompt: str) -> tuple[list[int], list[int]]:
-    """(prefix ids, suffix ids) around the context: a user turn `<context>prompt` rendered by the chat
-    template with the generation prompt, or (bos, prompt) without a template. The context goes between,
-    as token ids, so its length is exact."""
-    if template is None:
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        return bos, tokenizer.encode(prompt)
-    segs = data.CHAT_TEMPLATES[template]([{"role": "user", "content": CONTEXT_MARK + prompt}], True)
-    before, after = "".join(s for s, _ in segs).split(CONTEXT_MARK)
-    return tokenizer.encode(before), tokenizer.encode(after)
-
-
-def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], int]:
-    """(ids, index of the key sentence's first token) for a prompt of about `length` tokens.
-
-    intro + filler * n_before + needle + filler * n_after + question, each piece tokenized on its own with a
-    leading space so token counts add up; n_before = round(depth * n_total). Exact to within one filler.
-    """
-    intro = tokenizer.encode(PASSKEY_INTRO, bos=tokenizer.bos_id is not None)
-    filler = tokenizer.encode(" " + PASSKEY_FILLER)
-    needle = tokenizer.encode(" " + PASSKEY_NEEDLE.format(key=key))
-    question = tokenizer.encode(" " + PASSKEY_QUESTION)
-    n_total = max(0, round((length - len(intro) - len(needle) - len(question)) / len(filler)))
-    n_before = round(depth * n_total)
-    ids = intro + filler * n_before
-    pos = len(ids)
-    return ids + needle + filler * (n_total - n_before) + question, pos
-
-
-def sentence_starts(text: str, spans: list[tuple[int, int]]) -> list[int]:
-    """Token indices k where a sentence or line begins (the previous character ends one), plus 0."""
-    return [k for k, (a, _) in enumerate(spans) if k == 0 or (a > 0 and text[a - 1] in SENTENCE_ENDS)]
-
-
-def place(context: list[int], starts: list[int], probe: list[int], depth: float) -> tuple[list[int], int]:
-    """Insert `probe` ids into `context` at the sentence start nearest depth * len(context) (or the end)."""
-    target = depth * len(context)
-    at = min(starts + [len(context)], key=lambda k: (abs(k - target), k))
-    return context[:at] + probe + context[at:], at
-
-
-def needle_prompt(tokenizer, hay_ids: list[int], hay_starts: list[int], length: int, depth: float,
-                  needle: str, question: str, template: str | None) -> tuple[list[int], int]:
-    """(ids, needle's first token index): the haystack's first tokens, the needle at a sentence start at
-    `depth`, then the question, chat-wrapped; `length` tokens in all (fewer only if the haystack runs out)."""
-    prefix, suffix = chat_wrap(tokenizer, template, f"\n\n{question} {NEEDLE_INSTRUCTION}")
-    probe = tokenizer.encode(" " + needle + " ")
-    budget = length - len(prefix) - len(suffix) - len(probe)
-    if budget < 1:
-        raise ValueError(f"--lengths {length}: too short for the needle and question ({length - budget} tokens)")
-    context = hay_ids[:budget]
-    ids, at = place(context, [k for k in hay_starts if k < len(context)], probe, depth)
-    return prefix + ids + suffix, len(prefix) + at
-
-
-def kv_prompt(tokenizer, length: int, depth: float, rng: random.Random, template: str | None
-              ) -> tuple[list[int], str, str, int]:
-    """(ids, key, value, index of the asked pair's first token): a JSON object of UUID pairs filling
-    `length` tokens, the asked pair at `depth` of the pairs."""
-    def new_uuid():
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-    prefix, suffix = chat_wrap(tokenizer, template, "")
-    head = prefix + tokenizer.encode(KV_INTRO + "\n\n{")
-    tail_len = len(tokenizer.encode("}\n\n" + KV_QUESTION.format(key=new_uuid()))) + len(suffix)
-    pairs, used = [], len(head) + tail_len
-    while True:
-        k, v = new_uuid(), new_uuid()
-        ids = tokenizer.encode(f'{", " if pairs else ""}"{k}": "{v}"')
-        if used + len(ids) > length and pairs:
-            break
-        pairs.append((k, v, ids))
-        used += len(ids)
-    target = min(len(pairs) - 1, round(depth * (len(pairs) - 1)))
-    key, value = pairs[target][:2]
-    ids, at = list(head), 0
-    for i, (_, _, p) in enumerate(pairs):
-        at = len(ids) if i == target else at
-        ids += p
-    return ids + tokenizer.encode("}\n\n" + KV_QUESTION.format(key=key)) + suffix, key, value, at
-
-
-def token_stream(tokenizer, files: list[Path], needed: int) -> list[int]:
-    """Documents encoded in order, each followed by EOS, until `needed` tokens exist (or files run out)."""
-    eos = tokenizer.eos_id
-    out = []
-    for f in files:
-        out += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) + ([eos] if eos is not None else [])
-        if len(out) >= needed:
-            break
-    return out
-
-
-def windows(stream: list[int], length: int, count: int, stride: int | None) -> list[tuple[int, int]]:
-    """(start, first scored offset) of `count` windows of `length`: back to back, or every `stride`
-    tokens scoring only each window's last `stride` positions (the first window scores all)."""
-    step = stride or length
-    out = [(i * step, 0 if i == 0 or stride is None else length - stride) for i in range(count)]
-    if out[-1][0] + length > len(stream):
-        raise ValueError(f"--docs: {len(stream)} tokens are not enough for {count} windows of {length}"
-                         f"{f' at stride {stride}' if stride else ''}; add documents or lower --windows")
-    return out
 
 
 # ----------------------------------------------------------------------------- model runners
@@ -363,8 +210,8 @@ def prompt_maker(task: str, tokenizer, args, hay):
     template = None
     if task != "passkey" and not args.no_chat and args.chat_template != "none":
         try:
-            template = data.chat_template_for(tokenizer, args.chat_template)
-        except ValueError:
+            template = chat_template_for(tokenizer, args.chat_template)
+        except UserError:
             if args.chat_template is not None:
                 raise  # a named template that does not exist
             template = None  # no chat special tokens (a base model): plain prompt
@@ -396,22 +243,6 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def stdlib_files() -> list[Path]:
-    """The Python standard library's .py files (no site-packages), sorted: deterministic."""
-    root = Path(os.path.dirname(os.__file__))
-    return sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
-
-
-def haystack_text(paths: list[str] | None) -> str:
-    """--haystack files' text, or by default the English prose of Python's own reference manual
-    (pydoc_data.topics, ~460K characters, shipped with every CPython)."""
-    if paths:
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in data.list_files(paths))
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def write_json(path: Path, obj) -> None:
@@ -513,19 +344,19 @@ def check_args(args) -> None:
     args.depths = parse_depths(args.depths)
     args.adapter = args.adapter or ["none"] * len(args.model)
     if len(args.adapter) != len(args.model):
-        raise ValueError(f"--adapter given {len(args.adapter)} times for {len(args.model)} --model; give one per "
+        raise UserError(f"--adapter given {len(args.adapter)} times for {len(args.model)} --model; give one per "
                          "model, 'none' for no adapter")
     args.adapter = [None if a == "none" else a for a in args.adapter]
     for a in args.adapter:
         if a is not None and not Path(a).is_dir():
-            raise FileNotFoundError(f"--adapter {a}: no such adapter directory")
+            raise UserError(f"--adapter {a}: no such adapter directory")
     for name in ("trials", "windows"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.stride is not None and not 0 < args.stride <= min(args.lengths):
-        raise ValueError(f"--stride {args.stride}: must be in [1, smallest length {min(args.lengths)}]")
+        raise UserError(f"--stride {args.stride}: must be in [1, smallest length {min(args.lengths)}]")
     if args.prefill_chunk < 0:
-        raise ValueError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
+        raise UserError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     args.prefill_chunk = args.prefill_chunk or None
     args.rope = args.rope or [None]
 
@@ -533,7 +364,7 @@ def check_args(args) -> None:
 def load(spec: str, adapter: str | None, args):
     """(model, tokenizer): the base (NF4 if asked), then the LoRA adapter on top."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    tok = data.load_tokenizer(args.tokenizer or ("bytes" if spec in llama.PRESETS else spec))
+    tok = load_tokenizer(args.tokenizer or ("bytes" if spec in llama.PRESETS else spec))
     # A preset is random weights for tests and dry runs: its vocabulary is sized to the tokenizer's.
     overrides = {"vocab_size": tok.vocab_size} if spec in llama.PRESETS else {}
     model = llama.load_model(spec, dtype=dtype, seed=args.seed, **overrides).eval()
@@ -563,7 +394,7 @@ def evaluate(args) -> list[dict]:
         cfg = model.config
         base_theta, base_scaling = cfg.rope_theta, cfg.rope_scaling
         if args.task == "ppl":
-            files = data.list_files(args.docs) if args.docs else stdlib_files()
+            files = list_files(args.docs) if args.docs else stdlib_files()
             need = (args.windows - 1) * (args.stride or max(args.lengths)) + max(args.lengths)
             stream = token_stream(tok, files, need)
         elif args.task == "needle":
@@ -597,7 +428,7 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         evaluate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

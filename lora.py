@@ -20,6 +20,7 @@ Adapter files follow PEFT 0.21 (`PeftModel.from_pretrained` loads ours; we load 
                                  base_model.model.<module>.lora_B.weight  (O, r)
                                  base_model.model.<module>.weight         (a module in modules_to_save)
 Module names are Hugging Face Llama names, which are also ours (model.py), so only the prefix changes.
+Files are read and written through checkpoint.py (iter_checkpoint, strict_items, atomic_path, save_model).
 
 Notation: N any leading dims (batch x tokens), I in features, O out features, r rank, s scaling, V vocab,
 C model dim.
@@ -39,14 +40,15 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
-from model import iter_checkpoint, read_json
+from checkpoint import atomic_path, atomic_write_text, iter_checkpoint, load_model, read_json, save_model, strict_items
+from errors import UserError
 
 # ----------------------------------------------------------------------------- constants
 
@@ -87,7 +89,7 @@ def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
         return LLAMA_LINEARS
     unknown = [n for n in names if n not in LLAMA_LINEARS]
     if unknown or not names:
-        raise ValueError(f"LoRA: unknown target {unknown[0] if unknown else '(none)'!r}; "
+        raise UserError(f"LoRA: unknown target {unknown[0] if unknown else '(none)'!r}; "
                          f"choose from {', '.join(LLAMA_LINEARS)} or {ALL_LINEAR!r}")
     return tuple(n for n in LLAMA_LINEARS if n in names)
 
@@ -206,7 +208,7 @@ def _extra_params(model: nn.Module, kinds: Iterable[str]) -> dict[str, nn.Parame
             out.update({f"{n}.weight": m.weight for n, m in model.named_modules()
                         if n.rpartition(".")[2] in NORM_NAMES})
         else:
-            raise ValueError(f"LoRA: unknown trainable {kind!r}; choose from {', '.join(TRAINABLE_KINDS)}")
+            raise UserError(f"LoRA: unknown trainable {kind!r}; choose from {', '.join(TRAINABLE_KINDS)}")
     return out
 
 
@@ -241,7 +243,9 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
     Returns the summary {"lora", "embed", "norm", "lm_head", "trainable", "total", "percent"}.
     """
     if r < 1:
-        raise ValueError(f"apply_lora: rank r must be >= 1, got {r}")
+        raise UserError(f"apply_lora: rank r must be >= 1, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"apply_lora: dropout must be in [0, 1), got {dropout}")
     names = resolve_targets(targets)
     if any(True for _ in lora_modules(model)):
         raise ValueError("apply_lora: the model already has LoRA layers; merge_lora it or start from a fresh model")
@@ -265,29 +269,15 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]], source: str = "state dict"):
-    """Copy (name, tensor) pairs into the model's trainable tensors, strictly.
+    """Copy (name, tensor) pairs into the model's trainable tensors, strictly (checkpoint.strict_items).
 
-    Every trainable tensor must arrive exactly once with its shape; anything else is a ValueError naming
+    Every trainable tensor must arrive exactly once with its shape; anything else is a UserError naming
     the tensor and `source`. Values are cast to each parameter's dtype and device.
     """
-    expected = dict(model.named_parameters())
-    trainable = {n for n, p in expected.items() if p.requires_grad}
-    seen = set()
-    for name, t in items:
-        if name not in trainable:
-            raise ValueError(f"{source}: unexpected tensor {name!r} (not a LoRA or trained tensor of this model; "
-                             "check the adapter's target_modules/modules_to_save against the model)")
-        if name in seen:
-            raise ValueError(f"{source}: tensor {name!r} appears twice")
-        p = expected[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
-                             f"{tuple(p.shape)}; the adapter was trained for a different model or rank")
-        p.copy_(t)
-        seen.add(name)
-    missing = sorted(trainable - seen)
-    if missing:
-        raise ValueError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    params = dict(model.named_parameters())
+    expected = {n: tuple(p.shape) for n, p in params.items() if p.requires_grad}
+    for name, t in strict_items(items, expected, source):
+        params[name].copy_(t)
 
 
 def adapter_config(model: nn.Module, base_model_path: str | os.PathLike | None = None) -> dict:
@@ -325,32 +315,20 @@ def adapter_config(model: nn.Module, base_model_path: str | os.PathLike | None =
 
 
 def save_adapter(model: nn.Module, dir: str | os.PathLike, base_model_path: str | os.PathLike | None = None):
-    """Write adapter_model.safetensors + adapter_config.json (PEFT 0.21 layout), each via temp file + rename.
+    """Write adapter_model.safetensors + adapter_config.json (PEFT 0.21 layout), each atomically.
 
     Weights are renamed into place before the config, so a directory is never left with half a file and
-    re-saving into the same directory (a trainer's "latest") is allowed. The trained extras (embeddings, norms, head) go into the same file under PEFT's modules_to_save names.
+    re-saving into the same directory (a trainer's "latest") is allowed. The trained extras (embeddings,
+    norms, head) go into the same file under PEFT's modules_to_save names.
     """
-    from safetensors.torch import save_file
-
     config = adapter_config(model, base_model_path)
     state = {PEFT_PREFIX + n: t.contiguous() for n, t in lora_state_dict(model).items()}
     if config["ensure_weight_tying"]:  # PEFT stores the tied matrix under both names
         state[f"{PEFT_PREFIX}{LM_HEAD}.weight"] = state[f"{PEFT_PREFIX}{EMBED}.weight"].clone()
     d = Path(dir)
-    d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(d / ADAPTER_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(d / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-
-
-def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(d / ADAPTER_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(d / ADAPTER_CONFIG, json.dumps(config, indent=2))
 
 
 def read_adapter_config(dir: str | os.PathLike) -> dict:
@@ -361,27 +339,27 @@ def read_adapter_config(dir: str | os.PathLike) -> dict:
     """
     path = Path(dir) / ADAPTER_CONFIG
     if not Path(dir).is_dir():
-        raise FileNotFoundError(f"{dir}: no such adapter directory")
+        raise UserError(f"{dir}: no such adapter directory")
     cfg = read_json(path, "pass a directory written by save_adapter or PEFT save_pretrained")
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
+        raise UserError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias {cfg['bias']!r} is not supported; train with bias='none'")
+        raise UserError(f"{path}: bias {cfg['bias']!r} is not supported; train with bias='none'")
     for key, allowed in UNSUPPORTED.items():
         if key in cfg and cfg[key] not in allowed:
-            raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported by this implementation")
+            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported by this implementation")
     if str(cfg.get("init_lora_weights")).lower().startswith(BASE_CHANGING_INITS):
-        raise ValueError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} also rewrites the base weights; "
+        raise UserError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} also rewrites the base weights; "
                          "convert it to a plain LoRA first (PEFT save_pretrained(path_initial_model_for_weight_conversion=...))")
     targets = cfg.get("target_modules")
     if isinstance(targets, str) and targets != ALL_LINEAR:
-        raise ValueError(f"{path}: target_modules is the pattern {targets!r}; list module names instead")
+        raise UserError(f"{path}: target_modules is the pattern {targets!r}; list module names instead")
     if not targets:
-        raise ValueError(f"{path}: target_modules is empty")
+        raise UserError(f"{path}: target_modules is empty")
     try:
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     except KeyError as e:
-        raise ValueError(f"{path}: missing field {e.args[0]!r}") from None
+        raise UserError(f"{path}: missing field {e.args[0]!r}") from None
     return {"r": r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout", 0.0)), "targets": targets,
             "rslora": bool(cfg.get("use_rslora", False)), "modules_to_save": list(cfg.get("modules_to_save") or []),
             "tied": bool(cfg.get("ensure_weight_tying", False))}
@@ -400,15 +378,15 @@ def peft_targets(model: nn.Module, targets: str | list[str], where: Path) -> tup
     for entry in targets:
         found = [n for n in slots if n == entry or n.endswith("." + entry)]
         if not found:
-            raise ValueError(f"{where}: target_modules entry {entry!r} matches no projection of the model "
+            raise UserError(f"{where}: target_modules entry {entry!r} matches no projection of the model "
                              f"({', '.join(LLAMA_LINEARS)})")
         if LM_HEAD in found:
-            raise ValueError(f"{where}: target_modules entry {entry!r} targets lm_head; LoRA on the head is not supported")
+            raise UserError(f"{where}: target_modules entry {entry!r} targets lm_head; LoRA on the head is not supported")
         hit.update(found)
     leaves = {n.rpartition(".")[2] for n in hit}
     partial = sorted(n for n in slots if n.rpartition(".")[2] in leaves and n not in hit)
     if partial:
-        raise ValueError(f"{where}: target_modules adapt only some layers ({partial[0]!r} is not adapted); "
+        raise UserError(f"{where}: target_modules adapt only some layers ({partial[0]!r} is not adapted); "
                          "per-layer targets are not supported")
     return tuple(n for n in LLAMA_LINEARS if n in leaves)
 
@@ -420,16 +398,16 @@ def _modules_to_save_params(model: nn.Module, entries: list[str], tied_flag: boo
     for entry in entries:
         hits = [n for n, _ in model.named_modules(remove_duplicate=False) if n.endswith(entry)]
         if not hits:
-            raise ValueError(f"{where}: modules_to_save entry {entry!r} matches no module of the model")
+            raise UserError(f"{where}: modules_to_save entry {entry!r} matches no module of the model")
         for n in hits:
             if n not in allowed and n.rpartition(".")[2] not in NORM_NAMES:
-                raise ValueError(f"{where}: modules_to_save entry {entry!r} matches {n!r}; only the embeddings, "
+                raise UserError(f"{where}: modules_to_save entry {entry!r} matches {n!r}; only the embeddings, "
                                  "norms and lm_head can be fully trained here")
             out[f"{n}.weight"] = model.get_parameter(f"{n}.weight")
     tied = model.get_parameter(f"{LM_HEAD}.weight") is model.get_parameter(f"{EMBED}.weight")
     if tied and {f"{EMBED}.weight", f"{LM_HEAD}.weight"} & set(out):
         if not tied_flag:
-            raise ValueError(f"{where}: the adapter trains a tied embedding/head without ensure_weight_tying "
+            raise UserError(f"{where}: the adapter trains a tied embedding/head without ensure_weight_tying "
                              "(PEFT unties them); re-save it with ensure_weight_tying=True")
         out.pop(f"{LM_HEAD}.weight", None)
         out[f"{EMBED}.weight"] = model.get_parameter(f"{EMBED}.weight")
@@ -448,9 +426,9 @@ def load_adapter(model: nn.Module, dir: str | os.PathLike) -> dict:
     weights = d / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (d / ADAPTER_PICKLE).is_file():
-            raise ValueError(f"{d / ADAPTER_PICKLE}: pickle adapters are never loaded (they can run code); "
+            raise UserError(f"{d / ADAPTER_PICKLE}: pickle adapters are never loaded (they can run code); "
                              "re-save it with PEFT save_pretrained(..., safe_serialization=True)")
-        raise FileNotFoundError(f"{weights}: missing; the adapter directory holds no weights")
+        raise UserError(f"{weights}: missing; the adapter directory holds no weights")
     targets = peft_targets(model, cfg["targets"], d / ADAPTER_CONFIG)
     mods = list(lora_modules(model))
     if mods:
@@ -458,7 +436,7 @@ def load_adapter(model: nn.Module, dir: str | os.PathLike) -> dict:
                 if n in {k.rpartition(".")[2] for k, _ in mods}))
         want = ({(cfg["r"], cfg["alpha"], cfg["rslora"])}, targets)
         if have != want:
-            raise ValueError(f"{d / ADAPTER_CONFIG}: (r, alpha, rslora) and targets {want} differ from the LoRA "
+            raise UserError(f"{d / ADAPTER_CONFIG}: (r, alpha, rslora) and targets {want} differ from the LoRA "
                              f"layers already in the model {have}; load into a model without LoRA")
     else:
         apply_lora(model, cfg["r"], cfg["alpha"], cfg["dropout"], targets, rslora=cfg["rslora"])
@@ -472,7 +450,7 @@ def load_adapter(model: nn.Module, dir: str | os.PathLike) -> dict:
     def items():
         for key, tensor, _ in iter_checkpoint(weights):
             if not key.startswith(PEFT_PREFIX):
-                raise ValueError(f"{weights}: tensor {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix; "
+                raise UserError(f"{weights}: tensor {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix; "
                                  "not a PEFT LoRA adapter for a causal LM")
             name = key.removeprefix(PEFT_PREFIX)
             if tied_head and name == f"{LM_HEAD}.weight":
@@ -513,12 +491,12 @@ def export_merged(model: nn.Module, dir: str | os.PathLike, dtype: torch.dtype =
     """Merge LoRA, dequantize any remaining 4-bit layers, cast to `dtype` and save_pretrained (in place).
 
     The result is an ordinary Hugging Face Llama directory whose config.json carries the model's RoPE
-    settings (ModelConfig.to_hf), loadable by transformers and by model.Transformer.from_pretrained.
+    settings (ModelConfig.to_hf), loadable by transformers and by checkpoint.load_model.
     """
     merge_lora(model, dtype)
     dequantize_linears(model, dtype)
     model.to(dtype)
-    model.save_pretrained(dir)
+    save_model(model, dir)
     return model
 
 
@@ -530,13 +508,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = ap.parse_args(argv)
     try:
-        from model import load_model
-
         model = load_model(args.base, dtype=torch.float32)
         load_adapter(model, args.adapter)
         export_merged(model, args.out, getattr(torch, args.dtype))
         print(f"wrote {args.out}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

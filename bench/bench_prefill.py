@@ -15,18 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
-import model as M
+from checkpoint import load_model
+from generate import prefill
 
 def kib(field):  # VmHWM: peak resident set; VmRSS: current
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))
 
-net = M.load_model('smollm2-135m', n_layers={layers}).eval()
+net = load_model('smollm2-135m', n_layers={layers}).eval()
 x = torch.randint(0, 49152, ({tokens},))
 net.setup_caches(1, {tokens})
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS (Linux >= 4.0)
 before = kib('VmRSS')
 t = time.perf_counter()
-M.prefill(net, x, chunk={chunk})
+prefill(net, x, chunk={chunk})
 print((kib('VmHWM') - before) / 1024, time.perf_counter() - t)
 """
 

@@ -5,9 +5,7 @@ Tolerances: the float64 perplexity reference differs from our float32 chunked lo
 rounding of logits and sums over < 1K tokens, so 1e-5 relative; chunked vs one-pass prefill runs the
 same float32 math with different attention kernels and summation order, so 1e-5 relative as well.
 """
-import itertools
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+import tokenizer
 import eval as ev
+from test_tasks import HAY
 import model as llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +24,12 @@ REL_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.load_tokenizer("bytes")
+    return tokenizer.load_tokenizer("bytes")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return llama.load_model("tiny", vocab_size=data.BYTE_VOCAB_SIZE, seed=0).eval()
+    return llama.load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0).eval()
 
 
 def run_cli(*argv):
@@ -42,87 +41,6 @@ def run_cli(*argv):
 def run_main(*argv):
     """eval.main in-process (no interpreter start-up); returns the exit code."""
     return ev.main(list(argv))
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-def test_rouge_l_and_exact_match_hand_checked():
-    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat": 5 of 6 reference words.
-    assert ev.rouge_l_recall("The cat sat on the mat.", "the cat is on the mat") == pytest.approx(5 / 6)
-    assert ev.rouge_l_recall("", "a b") == 0.0
-    assert ev.rouge_l_recall("b a", "a b") == 0.5  # order matters: LCS is 1
-    assert ev.exact_match("Answer: Eat a sandwich, then sleep.", "eat a sandwich")
-    assert not ev.exact_match("eat the sandwich", "eat a sandwich")
-    assert not ev.exact_match("sandwiches", "sandwich")  # whole words only
-    assert ev.passkey_correct(" 12345. Remember", "12345")
-    assert not ev.passkey_correct(" 123456", "12345") and not ev.passkey_correct("none", "12345")
-
-
-def brute_lcs(a, b):
-    """Largest k such that some k-subsequence of a is a subsequence of b (exhaustive)."""
-    def is_subseq(s, t):
-        it = iter(t)
-        return all(c in it for c in s)
-
-    for k in range(min(len(a), len(b)), 0, -1):
-        if any(is_subseq(c, b) for c in itertools.combinations(a, k)):
-            return k
-    return 0
-
-
-def test_lcs_matches_brute_force_on_random_strings():
-    rng = random.Random(0)
-    for _ in range(200):
-        a = [rng.choice("abc") for _ in range(rng.randint(0, 8))]
-        b = [rng.choice("abc") for _ in range(rng.randint(0, 8))]
-        assert ev.lcs_length(a, b) == brute_lcs(a, b), (a, b)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-HAY = " ".join(f"Sentence number {i} talks about topic {i % 7}." for i in range(400))
-
-
-@pytest.mark.parametrize("template", [None, "chatml"])
-@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
-def test_needle_sits_at_depth_on_a_sentence_start(tok, depth, template):
-    ids, spans = tok.encode_offsets(HAY)
-    starts = ev.sentence_starts(HAY, spans)
-    L = 2000
-    prompt, at = ev.needle_prompt(tok, ids, starts, L, depth, "NEEDLE here.", "Q?", template)
-    probe = tok.encode(" NEEDLE here. ")
-    assert prompt[at:at + len(probe)] == probe
-    assert len(prompt) == L  # the haystack is long enough, so the length is exact
-    prefix, suffix = ev.chat_wrap(tok, template, "\n\nQ? " + ev.NEEDLE_INSTRUCTION)
-    context_len = L - len(prefix) - len(suffix) - len(probe)
-    offset = at - len(prefix)  # needle position inside the context
-    sentence = max(b - a for a, b in zip(starts, starts[1:]))
-    assert abs(offset - depth * context_len) <= sentence  # within one sentence of the requested depth
-    assert offset in starts or offset == context_len  # on a sentence start (or the very end)
-    if template:
-        assert tok.decode(prompt[:len(prefix)]).startswith("<|im_start|>user\n")
-
-
-@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
-def test_passkey_prompt_length_and_key_position(tok, depth):
-    L, key = 3000, "54321"
-    ids, at = ev.passkey_prompt(tok, L, depth, key)
-    filler = len(tok.encode(" " + ev.PASSKEY_FILLER))
-    assert abs(len(ids) - L) <= filler // 2 + 1
-    needle = tok.encode(" " + ev.PASSKEY_NEEDLE.format(key=key))
-    assert ids[at:at + len(needle)] == needle
-    assert abs(at / len(ids) - depth) < 0.05
-    assert tok.decode(ids).endswith(ev.PASSKEY_QUESTION)
-
-
-def test_kv_prompt_fills_length_and_holds_the_pair(tok):
-    ids, key, value, at = ev.kv_prompt(tok, 2000, 0.5, random.Random(0), None)
-    text = tok.decode(ids)
-    assert 1800 < len(ids) <= 2000
-    assert f'"{key}": "{value}"' in text and text.endswith(ev.KV_QUESTION.format(key=key))
-    assert 0.4 < at / len(ids) < 0.6
 
 
 def test_dynamic_is_evaluated_as_its_one_pass_ntk():
@@ -138,7 +56,7 @@ def test_dynamic_is_evaluated_as_its_one_pass_ntk():
 
 
 def test_window_nll_matches_float64_log_softmax(tiny):
-    tokens = torch.randint(0, data.BYTE_VOCAB_SIZE, (200,), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, tokenizer.BYTE_VOCAB_SIZE, (200,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logp = torch.log_softmax(tiny(tokens[None])[0].double(), dim=-1)  # (T, V) reference in float64
     ref = -logp[:-1].gather(1, tokens[1:, None]).sum().item()
@@ -164,8 +82,8 @@ def test_cli_scores_equal_with_chunked_prefill(tmp_path):
         for L in ("64", "150"):
             assert a["by_length"][L]["ppl"] == pytest.approx(b["by_length"][L]["ppl"], rel=REL_TOL)
     # The 64-token window was scored from the 150-token pass's hidden states; check it against its own pass.
-    tiny = llama.load_model("tiny", vocab_size=data.BYTE_VOCAB_SIZE, seed=0).eval()
-    stream = torch.tensor(data.load_tokenizer("bytes").encode(HAY)[:64])
+    tiny = llama.load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0).eval()
+    stream = torch.tensor(tokenizer.load_tokenizer("bytes").encode(HAY)[:64])
     nll64 = next(i["nll"] for i in res["7"]["rows"][0]["items"] if i["length"] == 64)
     assert nll64 == pytest.approx(ev.window_nll(tiny, stream)[0], rel=REL_TOL)
     assert res["0p"]["rows"][0]["items"][0]["answer"] == res["7p"]["rows"][0]["items"][0]["answer"]
@@ -180,7 +98,7 @@ def test_adapter_equals_merged_model(tmp_path):
         if not hasattr(lora, name):
             pytest.skip(f"lora.{name} not available yet")
     base = tmp_path / "base"
-    m = llama.load_model("tiny", vocab_size=data.BYTE_VOCAB_SIZE, seed=0)
+    m = llama.load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0)
     m.save_pretrained(base)
     lora.apply_lora(m, r=4, alpha=8.0)
     g = torch.Generator().manual_seed(1)

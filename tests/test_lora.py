@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from conftest import hf_llama
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LLAMA_LINEARS, LoRALinear, apply_lora, export_merged,
                   load_adapter, lora_modules, lora_scaling, lora_state_dict, main, merge_lora, save_adapter)
-from model import Transformer, load_model
+from checkpoint import load_model
+from errors import UserError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -49,7 +50,7 @@ def randomize_trainables(model, seed=1):
 
 
 def ours(d, targets, trainable=(), rslora=False):
-    m = Transformer.from_pretrained(d)
+    m = load_model(str(d))
     apply_lora(m, R, ALPHA, targets=targets, trainable=trainable, rslora=rslora)
     return randomize_trainables(m).eval()
 
@@ -167,7 +168,7 @@ def test_save_adapter_loads_in_peft(tmp_path, hf_base, tied):
     with torch.no_grad():
         assert max_diff(m(ids), hf_logits(pm, ids)) < TOL
     # And back into a fresh model of ours: every trained tensor restored exactly.
-    m2 = Transformer.from_pretrained(d)
+    m2 = load_model(str(d))
     load_adapter(m2, tmp_path / "adapter")
     s1, s2 = lora_state_dict(m), lora_state_dict(m2)
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
@@ -184,7 +185,7 @@ def test_peft_save_pretrained_loads_in_ours(tmp_path, hf_base, tied):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     pm.save_pretrained(tmp_path / "peft_adapter")
-    m = Transformer.from_pretrained(d)
+    m = load_model(str(d))
     summary = load_adapter(m, tmp_path / "peft_adapter")
     assert summary["embed"] > 0 and summary["norm"] > 0
     ids = tokens()
@@ -304,7 +305,7 @@ def test_qlora_export_dequantizes_untargeted_layers(tmp_path):
     with torch.no_grad():
         want = q(ids)
     export_merged(q, tmp_path / "merged", dtype=torch.float32)
-    back = Transformer.from_pretrained(tmp_path / "merged")
+    back = load_model(str(tmp_path / "merged"))
     with torch.no_grad():
         assert max_diff(back(ids), want) < TOL
 
@@ -314,14 +315,16 @@ def test_qlora_export_dequantizes_untargeted_layers(tmp_path):
 
 def test_bad_arguments():
     m = load_model("tiny")
-    with pytest.raises(ValueError, match="unknown target 'x_proj'"):
+    with pytest.raises(UserError, match="unknown target 'x_proj'"):
         apply_lora(m, R, ALPHA, targets=("q_proj", "x_proj"))
-    with pytest.raises(ValueError, match="unknown target 'lm_head'"):
+    with pytest.raises(UserError, match="unknown target 'lm_head'"):
         apply_lora(m, R, ALPHA, targets=("lm_head",))
-    with pytest.raises(ValueError, match="unknown trainable 'bias'"):
+    with pytest.raises(UserError, match="unknown trainable 'bias'"):
         apply_lora(m, R, ALPHA, trainable=("bias",))
-    with pytest.raises(ValueError, match="r must be >= 1"):
+    with pytest.raises(UserError, match="r must be >= 1"):
         apply_lora(m, 0, ALPHA)
+    with pytest.raises(UserError, match="dropout must be in"):
+        apply_lora(m, R, ALPHA, dropout=1.0)
     assert not any(True for _ in lora_modules(m))  # failed calls changed nothing
     apply_lora(m, R, ALPHA)
     with pytest.raises(ValueError, match="already has LoRA"):
@@ -335,11 +338,11 @@ def test_adapter_file_errors(tmp_path):
     save_adapter(m, d)
     name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
-    with pytest.raises(FileNotFoundError, match="no such adapter directory"):
+    with pytest.raises(UserError, match="no such adapter directory"):
         load_adapter(load_model("tiny"), tmp_path / "nope")
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor 'model.layers.0.*' has shape .* the model expects"):
+    with pytest.raises(UserError, match=r"adapter_model.safetensors: tensor 'model.layers.0.*' has shape .* the model expects"):
         load_adapter(load_model("tiny", dim=32, n_heads=2, n_kv_heads=1), d)  # a different model size
-    with pytest.raises(ValueError, match=r"\(r, alpha, rslora\)"):
+    with pytest.raises(UserError, match=r"\(r, alpha, rslora\)"):
         other = load_model("tiny")
         apply_lora(other, 2 * R, ALPHA)
         load_adapter(other, d)
@@ -348,26 +351,26 @@ def test_adapter_file_errors(tmp_path):
     missing = {k: v for k, v in state.items() if k != name}
     save_file(missing, tmp_path / "w.safetensors")
     (tmp_path / "w.safetensors").replace(d / ADAPTER_WEIGHTS)
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor 'model.layers.0.self_attn.q_proj.lora_A.weight' is missing"):
+    with pytest.raises(UserError, match=r"adapter_model.safetensors: tensor 'model.layers.0.self_attn.q_proj.lora_A.weight' is missing"):
         load_adapter(load_model("tiny"), d)
     save_file({**state, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": state[name].clone()}, d / ADAPTER_WEIGHTS)
-    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.up_proj.lora_A.weight'"):
+    with pytest.raises(UserError, match="unexpected tensor 'model.layers.0.mlp.up_proj.lora_A.weight'"):
         load_adapter(load_model("tiny"), d)
 
     cfg = json.loads((d / ADAPTER_CONFIG).read_text())
     (d / ADAPTER_CONFIG).write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(UserError, match="use_dora"):
         load_adapter(load_model("tiny"), d)
     (d / ADAPTER_CONFIG).write_text(json.dumps(cfg))
 
     (d / ADAPTER_WEIGHTS).replace(d / "adapter_model.bin")
-    with pytest.raises(ValueError, match="pickle adapters are never loaded"):
+    with pytest.raises(UserError, match="pickle adapters are never loaded"):
         load_adapter(load_model("tiny"), d)
     (d / "adapter_model.bin").unlink()
-    with pytest.raises(FileNotFoundError, match="holds no weights"):
+    with pytest.raises(UserError, match="holds no weights"):
         load_adapter(load_model("tiny"), d)
     (d / ADAPTER_CONFIG).unlink()
-    with pytest.raises(FileNotFoundError, match="adapter_config.json: missing"):
+    with pytest.raises(UserError, match="adapter_config.json: missing"):
         load_adapter(load_model("tiny"), d)
 
 
@@ -395,7 +398,7 @@ def test_cli_merges_and_reports_errors_in_one_line(tmp_path, capsys):
         want = m(ids)
     main(["tiny", str(tmp_path / "adapter"), str(tmp_path / "out"), "--dtype", "float32"])
     with torch.no_grad():  # same tolerance and reason as above (merged vs unmerged float32)
-        assert max_diff(Transformer.from_pretrained(tmp_path / "out")(ids), want) < TOL
+        assert max_diff(load_model(str(tmp_path / "out"))(ids), want) < TOL
     with pytest.raises(SystemExit) as e:
         main(["tiny", str(tmp_path / "missing"), str(tmp_path / "out2")])
     err = capsys.readouterr().err

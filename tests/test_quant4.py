@@ -263,51 +263,13 @@ def test_quantize_model_replaces_linears_except_skip():
     assert type(model.lm_head) is nn.Linear
 
 
-def _zero(module):
-    for t in module.parameters(recurse=False):
-        t.data.zero_()
-
-
-def test_load_quantized_streaming_equals_quantize_model(tmp_path):
-    torch.manual_seed(0)
-    source = _TinyModel().to(torch.bfloat16)
-    state = source.state_dict()
-    reference = Q.quantize_model(_TinyModel().to(torch.bfloat16))
-    reference.load_state_dict({k: v for k, v in Q.quantize_model(source).state_dict().items()})
+def test_empty_linear4bit_replaces_linears_on_meta():
     with torch.device("meta"):
-        skeleton = _TinyModel()
-    loaded = Q.load_quantized(skeleton, iter(state.items()), dtype=torch.bfloat16)
-    for (name, a), (_, b) in zip(loaded.state_dict().items(), reference.state_dict().items()):
-        assert torch.equal(a, b), name
-    # safetensors round trip into a fresh meta skeleton
-    path = tmp_path / "q.safetensors"
-    Q.save_quantized(loaded, path)
-    fresh = Q.quantize_model(_TinyModel().apply(_zero).to(torch.bfloat16))
-    Q.load_quantized_file(fresh, path)
-    for (name, a), (_, b) in zip(fresh.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize(
-    "edit, message",
-    (
-        (lambda s: s.pop("layers.0.q_proj.weight"), "missing"),
-        (lambda s: s.__setitem__("layers.9.q_proj.weight", torch.zeros(64, 64)), "unexpected"),
-        (lambda s: s.__setitem__("layers.0.up_proj.weight", torch.zeros(64, 64)), "shape"),
-    ),
-)
-def test_load_quantized_is_strict(edit, message):
-    state = dict(_TinyModel().state_dict())
-    edit(state)
-    with torch.device("meta"):
-        skeleton = _TinyModel()
-    with pytest.raises(ValueError, match=message):
-        Q.load_quantized(skeleton, iter(state.items()))
-
-
-def test_load_quantized_file_missing_path(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        Q.load_quantized_file(_TinyModel(), tmp_path / "nope.safetensors")
+        model = _TinyModel()
+    layers = Q.empty_linear4bit(model, skip=("lm_head",), weight_dtype=torch.bfloat16)
+    assert set(layers) == {f"layers.{i}.{n}.weight" for i in range(2) for n in ("q_proj", "up_proj")}
+    assert model.layers[0].up_proj is layers["layers.0.up_proj.weight"] and model.layers[0].up_proj.weight_packed.is_meta
+    assert type(model.lm_head) is nn.Linear
 
 
 # ----------------------------------------------------------------------------- compile and memory

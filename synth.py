@@ -1,0 +1,363 @@
+"""Synthetic long-context training data, verifiable by construction, and its optional generator.
+
+Llama-3-8B-Instruct-80K-QLoRA (Zhang et al. 2024, arXiv 2404.19553, sec. 2) trains on 3.5K synthetic
+long chat samples of three kinds, written by GPT-4 about chunks of long documents: Single-Detail QA,
+Multi-Detail QA and Biography Summarization. Here the same three kinds are made either
+  - without a generator: templated facts (a name and an attribute, sampled from small fixed
+    vocabularies with a seeded RNG) inserted into real documents at recorded line boundaries, so the
+    answer is known exactly; or
+  - with a generator model (`--generator`, any model checkpoint.load_model reads): it writes a question
+    and answer (or a summary) about chunks of the document, as GPT-4 did; its raw reply is kept in meta.
+Each sample is one conversation (user: document + question, assistant: answer) of at most ctx tokens.
+
+Command line:
+    python synth.py --docs DIR_OR_FILES --tokenizer PATH --ctx 65536 --kinds single,multi,summary \
+        --out long.jsonl [--generator MODEL] [--seed 0] [--n 8]
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import random
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from checkpoint import atomic_path, load_model
+from data import DataError, list_files, utf8_error
+from errors import UserError
+from generate import generate
+from tokenizer import CHAT_TEMPLATES, Tokenizer, chat_template_for, encode_chat, load_tokenizer
+
+# ----------------------------------------------------------------------------- constants
+
+# Synthetic facts: small fixed vocabularies, sampled with a seeded random.Random.
+SYNTH_NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Ingrid", "Jonas",
+               "Kemal", "Lucia", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamar")
+SYNTH_WORDS = ("mango", "harbor", "velvet", "glacier", "pepper", "lantern", "orchid", "falcon", "cobalt",
+               "meadow", "saffron", "quartz", "tundra", "violin", "ember", "juniper", "nebula", "walnut")
+SYNTH_KINDS = ("single", "multi", "summary")
+QA_PROMPT = ("Read the passage below and write one question that can be answered only from it, then its "
+             "answer.\nReply exactly in this format:\nQuestion: <question>\nAnswer: <answer>\n\n"
+             "Passage:\n{chunk}")
+SUMMARY_PROMPT = "Summarize the passage below in two or three sentences.\n\nPassage:\n{chunk}"
+
+# ----------------------------------------------------------------------------- synthetic long data
+# Llama-3-80K's recipe (Single-Detail QA, Multi-Detail QA, summarization) made verifiable without a
+# generator: templated facts are inserted into real documents at recorded line boundaries.
+
+
+def _read_doc_lines(path: Path) -> list[str]:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise DataError(utf8_error(path, data, e)) from None
+
+
+class _DocLines:
+    """Lines of the synth documents, read lazily and cached, with per-line token counts."""
+
+    def __init__(self, files: list[Path], tokenizer: Tokenizer):
+        self.files = [f for f in files if f.stat().st_size > 0]  # an empty file has nothing to read
+        if not self.files:
+            raise UserError("synth: the --docs hold no non-empty files")
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[list[str], list[int]]] = {}
+
+    def file(self, i: int) -> tuple[list[str], list[int]]:
+        if i not in self._cache:
+            lines = _read_doc_lines(self.files[i])
+            self._cache[i] = (lines, [len(self.tokenizer.encode(s)) for s in lines])
+        return self._cache[i]
+
+    def take(self, start_file: int, budget: int) -> list[tuple[int, int, str, int]]:
+        """(file index, line number, text, tokens) for whole lines from start_file on, wrapping over
+        the files once, until `budget` tokens are collected."""
+        out, total = [], 0
+        for k in range(len(self.files)):
+            fi = (start_file + k) % len(self.files)
+            lines, counts = self.file(fi)
+            for ln, (text, n) in enumerate(zip(lines, counts), start=1):
+                out.append((fi, ln, text, n))
+                total += n
+                if total >= budget:
+                    return out
+        raise UserError(f"synth: the documents hold only {total} tokens, fewer than the {budget} a sample "
+                         f"needs; add documents or lower --ctx")
+
+
+def _facts(kind: str, rng: random.Random) -> tuple[list[dict], str, list[str]]:
+    """(facts, question, answer_lines) for one templated sample; facts are in order of appearance."""
+    def needle(name):
+        word = rng.choice(SYNTH_WORDS)
+        return dict(type="needle", key=name, value=word, text=f"The secret word of {name} is {word}.")
+
+    def record():
+        key, value = f"{rng.getrandbits(32):08x}", f"{rng.getrandbits(32):08x}"
+        return dict(type="record", key=key, value=value, text=f"Record {key}: {value}.")
+
+    if kind == "single":
+        what = rng.choice(("needle", "passkey", "record"))
+        if what == "needle":
+            f = needle(rng.choice(SYNTH_NAMES))
+            return [f], f"What is the secret word of {f['key']}?", [f["text"]]
+        if what == "passkey":
+            n = str(rng.randrange(10000, 100000))
+            f = dict(type="passkey", key="pass key", value=n, text=f"The pass key is {n}. Remember it. {n} is the pass key.")
+            return [f], "What is the pass key?", [f"The pass key is {n}."]
+        f = record()
+        return [f], f"What is the value of record {f['key']}?", [f"The value of record {f['key']} is {f['value']}."]
+    if kind == "multi":
+        facts = [needle(name) for name in rng.sample(SYNTH_NAMES, rng.randint(3, 5))]
+        asked = sorted(rng.sample(range(len(facts)), rng.randint(2, 3)))
+        names = [facts[i]["key"] for i in asked]
+        q = f"What are the secret words of {', '.join(names[:-1])} and {names[-1]}?"
+        return facts, q, [facts[i]["text"] for i in asked]
+    if kind == "summary":
+        facts = [record() for _ in range(rng.randint(4, 8))]
+        q = "List every record in the document in order of appearance, one per line as `key: value`."
+        return facts, q, [f"{f['key']}: {f['value']}" for f in facts]
+    raise ValueError(f"synth kind {kind!r} unknown; choose from {SYNTH_KINDS}")
+
+
+def insert_at_lines(doc: str, texts: list[str], depths: list[float]) -> tuple[str, list[int]]:
+    """Insert each text as its own line at the first line boundary at or after depth * len(doc).
+
+    `depths` must be sorted. Returns the new document and each text's character offset in it.
+    """
+    if doc and not doc.endswith("\n"):
+        doc += "\n"
+    starts = [0] + [i + 1 for i, c in enumerate(doc) if c == "\n"]  # line starts (last = len(doc))
+    pieces, offsets, prev, shift = [], [], 0, 0
+    for text, d in zip(texts, depths):
+        pos = starts[min(bisect.bisect_left(starts, d * len(doc)), len(starts) - 1)]
+        pieces.append(doc[prev:pos])
+        offsets.append(pos + shift)
+        pieces.append(text + "\n")
+        shift += len(text) + 1
+        prev = pos
+    pieces.append(doc[prev:])
+    return "".join(pieces), offsets
+
+
+def parse_qa(text: str) -> tuple[str, str] | None:
+    """("question", "answer") from a generator's reply "Question: ...\\nAnswer: ..." (markdown bold,
+    'Q:'/'A:' and extra text tolerated), or None."""
+    clean = text.replace("**", "").replace("__", "")
+    m = re.search(r"(?:^|\n)\s*(?:#+\s*)?(?:question|q)\s*\d*\s*[:：]\s*(.+?)\s*\n\s*(?:#+\s*)?(?:answer|a)\s*\d*"
+                  r"\s*[:：]\s*(.+?)\s*(?:\n\s*\n|\n\s*(?:question|q)\s*\d*\s*[:：]|$)", clean, re.I | re.S)
+    if m is None or not m.group(1).strip() or not m.group(2).strip():
+        return None
+    return m.group(1).strip(), m.group(2).strip()
+
+
+def parse_summary(text: str) -> str | None:
+    s = re.sub(r"^\s*(?:\*\*)?summary(?:\*\*)?\s*[:：]\s*", "", text.strip(), flags=re.I).strip()
+    return s or None
+
+
+def _chunks(lines: list[tuple[int, int, str, int]], n: int, chunk_tokens: int, rng: random.Random
+            ) -> list[tuple[int, int]]:
+    """n non-overlapping runs [a, b) of line indices of about chunk_tokens tokens, in document order."""
+    runs, a, acc = [], 0, 0
+    for i, (_, _, _, t) in enumerate(lines):
+        acc += t
+        if acc >= chunk_tokens:
+            runs.append((a, i + 1))
+            a, acc = i + 1, 0
+    if len(runs) < n:
+        raise UserError(f"synth: span too short for {n} chunks of {chunk_tokens} tokens; raise --ctx")
+    return sorted(rng.sample(runs, n))
+
+
+def synth_sample(docs: _DocLines, tokenizer: Tokenizer, template: str, ctx: int, kind: str, seed: int,
+                 index: int, generate_text: Callable[[str], str] | None = None, generator_name: str | None = None,
+                 chunk_tokens: int = 2048) -> dict | None:
+    """One long chat sample of at most ctx tokens (None if the generator's replies could not be parsed).
+
+    The user turn is the document span followed by the question(s); the assistant turn is the
+    answer(s). The span is whole lines from the start of a seeded-random file onward (continuing into the
+    next files), trimmed from the end until the whole chat fits ctx tokens.
+    Without a generator, facts are inserted as their own lines at line boundaries at the recorded depths.
+    `meta` (for auditing): kind, generator, seed, index, template, tokenizer, sources (file, first_line,
+    last_line), document_chars (the span's length in the user content), n_tokens, and either
+    facts (text, key, value, char_offset in the content, depth in [0, 1]) + answer_values, or
+    chunks (char_start, char_end, depth, last_line_index, the generator's raw reply).
+    """
+    rng = random.Random(f"{seed}:{index}")
+    start_file = rng.randrange(len(docs.files))
+    meta = dict(kind=kind, generator=generator_name, seed=seed, index=index, template=template,
+                tokenizer=tokenizer.name)
+    if generate_text is None:
+        facts, question, answer_lines = _facts(kind, rng)
+        depths = sorted(round(rng.uniform(0.05, 0.95), 4) for _ in facts)
+    overhead = len(encode_chat(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}],
+                               template)[0])
+    budget = ctx - overhead - (512 if generate_text is None else 2048)  # Q/A headroom; trimmed exactly below
+    lines = docs.take(start_file, budget)
+    if generate_text is not None:  # chunks come from the first 90% so trimming the tail keeps them
+        got = _generated_qa(lines[:len(lines) * 9 // 10], kind, rng, generate_text, min(chunk_tokens, budget // 8))
+        if got is None:
+            return None
+        question, answer_lines, meta["chunks"] = got
+        last_chunk_line = max(c["last_line_index"] for c in meta["chunks"])
+    for _ in range(64):
+        doc = "".join(t for _, _, t, _ in lines)
+        if generate_text is None:
+            doc, offsets = insert_at_lines(doc, [f["text"] for f in facts], depths)
+            meta["facts"] = [dict(f, char_offset=o, depth=d) for f, o, d in zip(facts, offsets, depths)]
+            meta["answer_values"] = [f["value"] for f in facts]
+        elif len(lines) <= last_chunk_line:
+            return None
+        content = f"{doc}\n{question}"
+        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "\n".join(answer_lines)}]
+        n_tokens = len(encode_chat(tokenizer, messages, template)[0])
+        if n_tokens <= ctx:
+            break
+        excess, cut = n_tokens - ctx + 8, 0
+        while cut < excess and len(lines) > 1:
+            cut += lines.pop()[3]
+    else:
+        raise UserError(f"synth: could not fit sample {index} into ctx={ctx}")
+    spans = {}
+    for fi, ln, _, _ in lines:
+        a, b = spans.get(fi, (ln, ln))
+        spans[fi] = (min(a, ln), max(b, ln))
+    meta["sources"] = [dict(file=str(docs.files[fi]), first_line=a, last_line=b) for fi, (a, b) in spans.items()]
+    meta["document_chars"] = len(doc)
+    meta["n_tokens"] = n_tokens
+    return {"messages": messages, "meta": meta}
+
+
+def _generated_qa(lines, kind, rng, generate_text, chunk_tokens):
+    """Ask the generator about chunks it alone sees; returns (question, answer_lines, chunk records)."""
+    n = {"single": 1, "multi": rng.randint(2, 3), "summary": rng.randint(2, 4)}[kind]
+    runs = _chunks(lines, n, chunk_tokens, rng)
+    starts = [0]
+    for _, _, t, _ in lines:
+        starts.append(starts[-1] + len(t))
+    questions, answers, records = [], [], []
+    for a, b in runs:
+        chunk = "".join(t for _, _, t, _ in lines[a:b])
+        prompt = (SUMMARY_PROMPT if kind == "summary" else QA_PROMPT).format(chunk=chunk)
+        reply = generate_text(prompt)
+        parsed = parse_summary(reply) if kind == "summary" else parse_qa(reply)
+        if parsed is None:
+            return None
+        records.append(dict(char_start=starts[a], char_end=starts[b], depth=round(starts[a] / starts[-1], 4),
+                            last_line_index=b - 1, reply=reply))
+        if kind == "summary":
+            answers.append(parsed)
+        else:
+            questions.append(parsed[0])
+            answers.append(parsed[1])
+    if kind == "summary":
+        firsts = [repr(lines[a][2].strip()[:60]) for a, _ in runs]
+        q = ("Summarize, in order, the parts of the document beginning with these lines:\n" +
+             "\n".join(f"{i + 1}. {f}" for i, f in enumerate(firsts)))
+    elif len(questions) == 1:
+        q = questions[0]
+    else:
+        q = "Answer each question:\n" + "\n".join(f"{i + 1}. {x}" for i, x in enumerate(questions))
+    answer_lines = answers if len(answers) == 1 else [f"{i + 1}. {x}" for i, x in enumerate(answers)]
+    return q, answer_lines, records
+
+
+def model_generate_text(model_path: str, tokenizer: Tokenizer, template: str | None = None,
+                        max_new_tokens: int = 256) -> Callable[[str], str]:
+    """generate_text(prompt): greedy chat completion by the model at `model_path` (checkpoint.load_model).
+
+    The model's own tokenizer is used when `model_path` holds one, else `tokenizer` (e.g. a preset).
+    """
+    model = load_model(model_path, dtype=torch.float32, device="cpu")
+    try:
+        tok = load_tokenizer(model_path)
+    except UserError:
+        tok = tokenizer
+    template = chat_template_for(tok, template)
+    stops = [i for i in (tok.eos_id, tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|im_end|>")) if i is not None]
+
+    def generate_text(prompt: str) -> str:
+        ids, _ = encode_chat(tok, [{"role": "user", "content": prompt}], template, add_generation_prompt=True)
+        new = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=stops)
+        return tok.decode([t for t in new if t not in stops])
+
+    return generate_text
+
+
+def write_jsonl(out, rows: Iterable[dict]) -> int:
+    """Write rows to `out` atomically (checkpoint.atomic_path): the file appears complete or not at all."""
+    n = 0
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def synth(docs, tokenizer: Tokenizer, ctx: int, kinds: list[str], out, n: int, seed: int = 0,
+          template: str | None = None, generate_text: Callable[[str], str] | None = None,
+          generator_name: str | None = None) -> dict:
+    """Write n long chat samples (kinds cycled) to `out` as JSONL; returns counts."""
+    for k in kinds:
+        if k not in SYNTH_KINDS:
+            raise UserError(f"--kinds: {k!r} unknown; choose from {','.join(SYNTH_KINDS)}")
+    if ctx < 1024:
+        raise UserError(f"--ctx {ctx}: synth needs at least 1024 tokens per sample")
+    template = chat_template_for(tokenizer, template)
+    lines = _DocLines(list_files(docs), tokenizer)
+    counts = dict(written=0, failed=0)
+
+    def rows():
+        for i in range(n):
+            s = synth_sample(lines, tokenizer, template, ctx, kinds[i % len(kinds)], seed, i, generate_text,
+                             generator_name)
+            counts["failed"] += s is None
+            if s is not None:
+                yield s
+
+    counts["written"] = write_jsonl(out, rows())
+    return counts
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    s = argparse.ArgumentParser(prog="synth.py", description="Write verifiable long chat samples from long documents.")
+    s.add_argument("--docs", nargs="+", required=True, help="documents: files and/or folders")
+    s.add_argument("--tokenizer", required=True, help="tokenizer.json, tokenizer.model, .gguf or 'bytes'")
+    s.add_argument("--ctx", type=int, required=True, help="tokens per sample (upper bound)")
+    s.add_argument("--kinds", default="single,multi,summary")
+    s.add_argument("--out", required=True)
+    s.add_argument("--generator", default=None, help="model for checkpoint.load_model; omit for templated facts")
+    s.add_argument("--template", default=None, help=f"chat template, one of {sorted(CHAT_TEMPLATES)}")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=int, default=8, help="number of samples (kinds cycled)")
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        gen = model_generate_text(args.generator, tokenizer, args.template) if args.generator else None
+        counts = synth(args.docs, tokenizer, args.ctx, [k.strip() for k in args.kinds.split(",") if k.strip()],
+                       args.out, args.n, args.seed, args.template, gen, args.generator)
+        print(f"wrote {counts['written']} samples to {args.out} ({counts['failed']} failed to parse)")
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Evaluation tasks as text: prompt builders with a known answer, and their scorers. No model here.
+
+    passkey  a 5-digit key hidden in repeated filler at a depth (Mohtashami & Jaggi 2023, "Landmark
+             Attention"; Chen et al. 2023, "Position Interpolation", sec. 3.3); exact match of the digits.
+    needle   a sentence hidden at a sentence boundary of real text ("needle in a haystack", Kamradt 2023);
+             exact substring match and ROUGE-L recall R = LCS(pred, ref) / |ref| on lowercase words
+             (Lin 2004, sec. 3.1).
+    kv       a JSON object of random UUID pairs; ask for one key's value at each depth (Liu et al. 2023,
+             "Lost in the Middle", sec. 4); exact match.
+    ppl      windows of length L cut from one EOS-joined token stream of documents.
+
+Depth d in [0, 1] is the fraction of the context tokens that come before the probe. Prompts are token-id
+lists built piece by piece, so their length is exact; chat models get the context inside a user turn of
+their own template (`chat_wrap`).
+
+Notation: T tokens of a prompt, L requested length.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import uuid
+from pathlib import Path
+
+from data import list_files
+from errors import UserError
+from tokenizer import CHAT_TEMPLATES
+
+# ----------------------------------------------------------------------------- constants
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+                 "them. I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+QUESTION = "What is the best thing to do in San Francisco?"
+NEEDLE_INSTRUCTION = "Answer the question using the document above. Answer in one sentence."
+KV_INTRO = "Extract the value corresponding to the specified key in the JSON object below."
+KV_QUESTION = 'Key: "{key}"\nCorresponding value:'
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+CONTEXT_MARK = "\x00CONTEXT\x00"  # placeholder split out of a rendered chat turn
+SENTENCE_ENDS = ".!?\n"
+
+
+# ----------------------------------------------------------------------------- pure functions: scoring
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Longest common subsequence length by the O(|a| |b|) dynamic programme, one row at a time."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+    """R_lcs = LCS(pred, ref) / |ref| over lowercase word tokens (Lin 2004, sec. 3.1); 0 for an empty ref."""
+    ref = words(reference)
+    return lcs_length(words(prediction), ref) / len(ref) if ref else 0.0
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """The reference's words appear contiguously in the prediction (case and punctuation ignored)."""
+    ref = " ".join(words(reference))
+    return bool(ref) and f" {ref} " in f" {' '.join(words(prediction))} "
+
+
+def passkey_correct(prediction: str, key: str) -> bool:
+    """The first number in the answer is exactly the key."""
+    found = re.findall(r"\d+", prediction)
+    return bool(found) and found[0] == key
+
+
+# ----------------------------------------------------------------------------- pure functions: prompts
+
+
+def chat_wrap(tokenizer, template: str | None, prompt: str) -> tuple[list[int], list[int]]:
+    """(prefix ids, suffix ids) around the context: a user turn `<context>prompt` rendered by the chat
+    template with the generation prompt, or (bos, prompt) without a template. The context goes between,
+    as token ids, so its length is exact."""
+    if template is None:
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        return bos, tokenizer.encode(prompt)
+    segs = CHAT_TEMPLATES[template]([{"role": "user", "content": CONTEXT_MARK + prompt}], True)
+    before, after = "".join(s for s, _ in segs).split(CONTEXT_MARK)
+    return tokenizer.encode(before), tokenizer.encode(after)
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], int]:
+    """(ids, index of the key sentence's first token) for a prompt of about `length` tokens.
+
+    intro + filler * n_before + needle + filler * n_after + question, each piece tokenized on its own with a
+    leading space so token counts add up; n_before = round(depth * n_total). Exact to within one filler.
+    """
+    intro = tokenizer.encode(PASSKEY_INTRO, bos=tokenizer.bos_id is not None)
+    filler = tokenizer.encode(" " + PASSKEY_FILLER)
+    needle = tokenizer.encode(" " + PASSKEY_NEEDLE.format(key=key))
+    question = tokenizer.encode(" " + PASSKEY_QUESTION)
+    n_total = max(0, round((length - len(intro) - len(needle) - len(question)) / len(filler)))
+    n_before = round(depth * n_total)
+    ids = intro + filler * n_before
+    pos = len(ids)
+    return ids + needle + filler * (n_total - n_before) + question, pos
+
+
+def sentence_starts(text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """Token indices k where a sentence or line begins (the previous character ends one), plus 0."""
+    return [k for k, (a, _) in enumerate(spans) if k == 0 or (a > 0 and text[a - 1] in SENTENCE_ENDS)]
+
+
+def place(context: list[int], starts: list[int], probe: list[int], depth: float) -> tuple[list[int], int]:
+    """Insert `probe` ids into `context` at the sentence start nearest depth * len(context) (or the end)."""
+    target = depth * len(context)
+    at = min(starts + [len(context)], key=lambda k: (abs(k - target), k))
+    return context[:at] + probe + context[at:], at
+
+
+def needle_prompt(tokenizer, hay_ids: list[int], hay_starts: list[int], length: int, depth: float,
+                  needle: str, question: str, template: str | None) -> tuple[list[int], int]:
+    """(ids, needle's first token index): the haystack's first tokens, the needle at a sentence start at
+    `depth`, then the question, chat-wrapped; `length` tokens in all (fewer only if the haystack runs out)."""
+    prefix, suffix = chat_wrap(tokenizer, template, f"\n\n{question} {NEEDLE_INSTRUCTION}")
+    probe = tokenizer.encode(" " + needle + " ")
+    budget = length - len(prefix) - len(suffix) - len(probe)
+    if budget < 1:
+        raise UserError(f"--lengths {length}: too short for the needle and question ({length - budget} tokens)")
+    context = hay_ids[:budget]
+    ids, at = place(context, [k for k in hay_starts if k < len(context)], probe, depth)
+    return prefix + ids + suffix, len(prefix) + at
+
+
+def kv_prompt(tokenizer, length: int, depth: float, rng: random.Random, template: str | None
+              ) -> tuple[list[int], str, str, int]:
+    """(ids, key, value, index of the asked pair's first token): a JSON object of UUID pairs filling
+    `length` tokens, the asked pair at `depth` of the pairs."""
+    def new_uuid():
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    prefix, suffix = chat_wrap(tokenizer, template, "")
+    head = prefix + tokenizer.encode(KV_INTRO + "\n\n{")
+    tail_len = len(tokenizer.encode("}\n\n" + KV_QUESTION.format(key=new_uuid()))) + len(suffix)
+    pairs, used = [], len(head) + tail_len
+    while True:
+        k, v = new_uuid(), new_uuid()
+        ids = tokenizer.encode(f'{", " if pairs else ""}"{k}": "{v}"')
+        if used + len(ids) > length and pairs:
+            break
+        pairs.append((k, v, ids))
+        used += len(ids)
+    target = min(len(pairs) - 1, round(depth * (len(pairs) - 1)))
+    key, value = pairs[target][:2]
+    ids, at = list(head), 0
+    for i, (_, _, p) in enumerate(pairs):
+        at = len(ids) if i == target else at
+        ids += p
+    return ids + tokenizer.encode("}\n\n" + KV_QUESTION.format(key=key)) + suffix, key, value, at
+
+
+def token_stream(tokenizer, files: list[Path], needed: int) -> list[int]:
+    """Documents encoded in order, each followed by EOS, until `needed` tokens exist (or files run out)."""
+    eos = tokenizer.eos_id
+    out = []
+    for f in files:
+        out += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) + ([eos] if eos is not None else [])
+        if len(out) >= needed:
+            break
+    return out
+
+
+def windows(stream: list[int], length: int, count: int, stride: int | None) -> list[tuple[int, int]]:
+    """(start, first scored offset) of `count` windows of `length`: back to back, or every `stride`
+    tokens scoring only each window's last `stride` positions (the first window scores all)."""
+    step = stride or length
+    out = [(i * step, 0 if i == 0 or stride is None else length - stride) for i in range(count)]
+    if out[-1][0] + length > len(stream):
+        raise UserError(f"--docs: {len(stream)} tokens are not enough for {count} windows of {length}"
+                         f"{f' at stride {stride}' if stride else ''}; add documents or lower --windows")
+    return out
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def stdlib_files() -> list[Path]:
+    """The Python standard library's .py files (no site-packages), sorted: deterministic."""
+    root = Path(os.path.dirname(os.__file__))
+    return sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
+
+
+def haystack_text(paths: list[str] | None) -> str:
+    """--haystack files' text, or by default the English prose of Python's own reference manual
+    (pydoc_data.topics, ~460K characters, shipped with every CPython)."""
+    if paths:
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in list_files(paths))
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))

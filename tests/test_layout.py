@@ -1,0 +1,108 @@
+"""The code's shape, checked: layers point one way, modules stay single-purpose and short.
+
+Walks the top-level modules' imports with `ast` (no module is imported, so a broken module still gets a
+clear report here):
+  - no import cycle among the top-level modules (Tarjan's strongly connected components);
+  - no module imports another module's `_underscore` name;
+  - project modules are imported at the top of a file, never inside a function (lazy imports are kept
+    for optional third-party packages only);
+  - the layer table below is respected: a module imports only modules of a lower layer;
+  - no top-level module is longer than MAX_LINES.
+"""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 600
+
+# Lower number = lower layer (README, "How the code is layered"). Modules of one layer may import each
+# other only where listed in SAME_LAYER (one direction each).
+LAYERS = {
+    "errors": 0,
+    "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1,
+    "model": 2,
+    "checkpoint": 3, "lora": 3,
+    "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "generate": 4,
+    "parallel": 5, "plan": 5, "config": 5,
+    "eval": 6,
+    "demo": 7,
+    "train": 8,  # `python train.py` with no --model runs the demo: train.main -> demo -> eval
+}
+SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
+              ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"), ("plan", "config")}
+
+
+def modules() -> dict[str, ast.Module]:
+    return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(ROOT.glob("*.py"))}
+
+
+def project_imports(tree: ast.Module, names: set[str]) -> list[tuple[str, list[str], bool]]:
+    """(module, imported names, at top level) for every import of a project module."""
+    top = set(map(id, tree.body))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in names:
+                    out.append((a.name.split(".")[0], [], id(node) in top))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] in names:
+            out.append((node.module.split(".")[0], [a.name for a in node.names], id(node) in top))
+    return out
+
+
+def test_every_module_is_in_the_layer_table():
+    assert set(modules()) == set(LAYERS), "add the new module to LAYERS (and to the README's layer paragraph)"
+
+
+def test_layers_point_one_way_and_imports_are_public_and_at_top():
+    mods = modules()
+    problems = []
+    for name, tree in mods.items():
+        for dep, imported, at_top in project_imports(tree, set(mods)):
+            if dep == name:
+                continue
+            if not at_top:
+                problems.append(f"{name} imports {dep} inside a function")
+            for n in imported:
+                if n.startswith("_"):
+                    problems.append(f"{name} imports the private name {dep}.{n}")
+            if LAYERS[dep] > LAYERS[name] or (LAYERS[dep] == LAYERS[name] and (name, dep) not in SAME_LAYER):
+                problems.append(f"{name} (layer {LAYERS[name]}) imports {dep} (layer {LAYERS[dep]})")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_cycle():
+    mods = modules()
+    graph = {n: {d for d, _, _ in project_imports(t, set(mods)) if d != n} for n, t in mods.items()}
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_modules_are_short():
+    long = {p.name: n for p in ROOT.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"

@@ -1,0 +1,128 @@
+"""Tests for synth.py: templated facts are verifiable at their recorded offsets, the generator path
+records what it was shown, the CLI reports bad documents in one line and leaves nothing half written.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import synth  # noqa: E402
+import tokenizer  # noqa: E402
+from test_data import write  # noqa: E402
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "synth.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=60)
+
+
+STDLIB = Path(os.path.dirname(os.__file__))
+STDLIB_DOCS = [STDLIB / "os.py", STDLIB / "json" / "decoder.py", STDLIB / "textwrap.py", STDLIB / "argparse.py"]
+
+
+def test_synth_templated_facts_verifiable(tmp_path):
+    """16K-token samples (byte tokenizer) from stdlib files: each inserted fact sits at its recorded
+    offset on a line boundary at/after its depth, the rest is the real files, and answers match."""
+    tok, ctx, out = tokenizer.ByteTokenizer(), 16384, tmp_path / "long.jsonl"
+    counts = synth.synth(STDLIB_DOCS, tok, ctx, ["single", "multi", "summary"], out, n=3, seed=7)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert counts == dict(written=3, failed=0) and [r["meta"]["kind"] for r in rows] == ["single", "multi", "summary"]
+    for r in rows:
+        meta, (user, assistant) = r["meta"], r["messages"]
+        n = len(tokenizer.encode_chat(tok, r["messages"], "chatml")[0])
+        assert n == meta["n_tokens"] and 0.95 * ctx <= n <= ctx
+        doc = user["content"][:meta["document_chars"]]
+        inserted = 0
+        for f in meta["facts"]:
+            o = f["char_offset"]
+            assert doc[o:].startswith(f["text"] + "\n") and (o == 0 or doc[o - 1] == "\n")
+            assert o - inserted >= f["depth"] * (len(doc) - sum(len(g["text"]) + 1 for g in meta["facts"]))
+            inserted += len(f["text"]) + 1
+        original = doc
+        for f in reversed(meta["facts"]):
+            original = original[:f["char_offset"]] + original[f["char_offset"] + len(f["text"]) + 1:]
+        real = "".join("".join(Path(s["file"]).read_text(encoding="utf-8").splitlines(keepends=True)
+                               [s["first_line"] - 1:s["last_line"]]) for s in meta["sources"])
+        assert original == real
+        values = meta["answer_values"]
+        if meta["kind"] == "summary":
+            assert assistant["content"].splitlines() == [f"{f['key']}: {f['value']}" for f in meta["facts"]]
+        elif meta["kind"] == "single":
+            assert values[0] in assistant["content"] and values[0] in doc
+        else:
+            asked = [f for f in meta["facts"] if f["key"] in user["content"][meta["document_chars"]:]]
+            assert len(asked) >= 2 and assistant["content"].splitlines() == [f["text"] for f in asked]
+
+
+def fake_generate_text(prompt: str) -> str:
+    """FAKE generator (deterministic, no model): asks for the passage's first word, in markdown."""
+    passage = prompt.split("Passage:\n", 1)[1]
+    if prompt.startswith("Summarize"):
+        return f"Summary: the passage starts with {passage.split()[0]!r}."
+    return f"Sure!\n**Question:** What is the first word of the passage?\n**Answer:** {passage.split()[0]}\n"
+
+
+def test_synth_with_fake_generator_records_chunks(tmp_path):
+    tok, out = tokenizer.ByteTokenizer(), tmp_path / "gen.jsonl"
+    counts = synth.synth(STDLIB_DOCS, tok, 16384, ["single", "multi", "summary"], out, n=3, seed=1,
+                        generate_text=fake_generate_text, generator_name="fake")
+    assert counts == dict(written=3, failed=0)
+    for line in out.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        meta, content = r["meta"], r["messages"][0]["content"]
+        assert meta["generator"] == "fake" and meta["n_tokens"] <= 16384
+        firsts = [content[c["char_start"]:c["char_end"]].split()[0] for c in meta["chunks"]]
+        for c, first in zip(meta["chunks"], firsts):
+            assert first in c["reply"] and first in r["messages"][1]["content"]
+    counts = synth.synth(STDLIB_DOCS, tok, 16384, ["single"], tmp_path / "none.jsonl", n=2,
+                        generate_text=lambda p: "I cannot help with that.", generator_name="fake-refuser")
+    assert counts == dict(written=0, failed=2)
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("Question: Who?\nAnswer: Bob.", ("Who?", "Bob.")),
+    ("Here you go:\n\n**Q1:** Why?\n**A1:** Because.\n\nQuestion: extra?\nAnswer: no", ("Why?", "Because.")),
+    ("question: multi\nline?\nanswer: yes\nand more", ("multi\nline?", "yes\nand more")),
+    ("Answer: only", None),
+    ("Question: \nAnswer: ", None),
+])
+def test_parse_qa(reply, expected):
+    assert synth.parse_qa(reply) == expected
+
+
+def test_cli_synth_success_and_bad_doc(tmp_path):
+    out = tmp_path / "s.jsonl"
+    r = run_cli("--docs", STDLIB_DOCS[0], "--tokenizer", "bytes", "--ctx", 4096, "--kinds", "single",
+                "--n", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    bad = write(tmp_path / "bad.txt", b"fine\n" * 5000 + b"caf\xe9\n")
+    out2 = tmp_path / "never.jsonl"
+    r = run_cli("--docs", bad, "--tokenizer", "bytes", "--ctx", 4096, "--out", out2)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"{bad}:5001: not UTF-8" in r.stderr
+    assert not out2.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "s.jsonl"]
+    r = run_cli("--docs", STDLIB_DOCS[0], "--tokenizer", "bytes", "--ctx", 4096, "--kinds", "poem",
+                "--out", out2)
+    assert r.returncode == 1 and "poem" in r.stderr and not out2.exists()
+
+
+@pytest.mark.slow
+def test_synth_with_smollm2_generator_writes_questions_about_chunks(tmp_path, smollm2_path):
+    """The real generator path: SmolLM2-135M-Instruct, shown one chunk of textwrap.py, writes a question
+    and answer; the line records the generator, the source and the chunk it was shown."""
+    out = tmp_path / "long.jsonl"
+    tok = tokenizer.load_tokenizer(smollm2_path)
+    counts = synth.synth([os.path.join(os.path.dirname(os.__file__), "textwrap.py")], tok, 4096, ["single"], out, n=1,
+                        generate_text=synth.model_generate_text(smollm2_path, tok, max_new_tokens=96),
+                        generator_name=smollm2_path)
+    assert counts["written"] + counts["failed"] == 1
+    rows = [json.loads(l) for l in out.read_text().splitlines()] if out.exists() else []
+    if counts["written"]:  # the 135M model usually answers in the asked format (it did in every run here)
+        meta = rows[0]["meta"]
+        assert meta["generator"] == smollm2_path and meta["chunks"] and "textwrap.py" in meta["sources"][0]["file"]
+        assert rows[0]["messages"][-1]["role"] == "assistant" and rows[0]["messages"][-1]["content"].strip()

