@@ -50,6 +50,12 @@ def destroy(d: Dist | None) -> None:
         dist.destroy_process_group()
 
 
+def barrier(d: Dist) -> None:
+    """Wait for every rank (a no-op for one process)."""
+    if d.world > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum `x` over ranks in place; returns it."""
     if d.world > 1:

@@ -10,9 +10,9 @@ import json
 import torch
 
 import lora
-import model as M
+from checkpoint import read_config
 from config import TrainConfig, choose_dtype
-from errors import UserError
+from model import PRESETS, ModelConfig, Transformer
 
 WORKSPACE = {"cpu": 100 * 2**20,  # allocator and autograd bookkeeping of a CPU step beside the planned tensors
              "cuda": 2**30}  # an estimate: CUDA context, cuBLAS and allocator slack
@@ -60,14 +60,9 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     return {**held, **transient, "total": sum(held.values()) + max(transient.values())}
 
 
-def model_config(spec: str):
+def model_config(spec: str) -> ModelConfig:
     """The ModelConfig of a preset name, or of a HF directory / config.json (`--model`)."""
-    if spec in M.PRESETS:
-        return M.ModelConfig.from_name(spec)
-    try:
-        return M.ModelConfig.from_hf(spec)
-    except (ValueError, FileNotFoundError) as e:  # model.py's file errors; a UserError once checkpoint reads it
-        raise UserError(f"--model {spec}: {e}") from None
+    return ModelConfig.from_name(spec) if spec in PRESETS else read_config(spec)
 
 
 def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
@@ -76,7 +71,7 @@ def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
     mcfg = model_config(cfg.model)
     dtype = choose_dtype(cfg.dtype, torch.device("cuda"))
     with torch.device("meta"):
-        net = M.Transformer(mcfg)
+        net = Transformer(mcfg)
         summary = lora.apply_lora(net, **cfg.lora_kwargs())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     plan = memory_plan(cfg, mcfg, torch.finfo(dtype).bits // 8, trainable)

@@ -33,17 +33,18 @@ from tqdm import tqdm
 
 import config
 import data as D
+import demo
 import lora
-import model as M
 import parallel
 import plan
-import quant4
 import rope
 import shift_attn
-from checkpoint import atomic_path, atomic_write_text
+from checkpoint import atomic_path, atomic_write_text, load_model
 from config import TrainConfig, choose_dtype
 from errors import UserError
+from model import PRESETS, MemoryOptions
 from parallel import Dist, log0
+from tokenizer import load_tokenizer
 
 CKPT_PREFIX = "ckpt-"
 
@@ -51,31 +52,16 @@ CKPT_PREFIX = "ckpt-"
 
 
 def build_model(cfg: TrainConfig, d: Dist, dtype: torch.dtype):
-    """Load (quantizing tensor by tensor with --quant nf4), set RoPE (--rope, --rope-theta), apply LoRA and
-    the memory options. Returns (model, lora summary)."""
-    spec = cfg.model
-    if spec in M.PRESETS:
-        net = M.load_model(spec, dtype=dtype, device=d.device, seed=cfg.seed)
-        if cfg.quant == "nf4":
-            quant4.quantize_model(net, skip=("lm_head",))
-    else:
-        if not Path(spec).exists():
-            raise UserError(f"--model {spec}: no such directory, file or preset ({', '.join(M.PRESETS)})")
-        if cfg.quant == "nf4":
-            mcfg, tensors = M.read_checkpoint(spec)
-            with torch.device("meta"):
-                net = M.Transformer(mcfg)
-            quant4.load_quantized(net, ((n, t) for n, t, _ in tensors), skip=("lm_head",), dtype=dtype, device=d.device)
-        else:
-            net = M.Transformer.from_pretrained(spec, dtype=dtype, device=d.device)
+    """Load (quantizing tensor by tensor with --quant nf4), set RoPE (--rope, --rope-theta), apply LoRA;
+    the memory options go to the model. Returns (model, lora summary)."""
+    memory = MemoryOptions(checkpointing=cfg.checkpointing, mlp_chunk=cfg.mlp_chunk, save_attention=cfg.save_attention)
+    net = load_model(cfg.model, dtype=dtype, device=d.device, quant=None if cfg.quant == "none" else cfg.quant,
+                     seed=cfg.seed, memory=memory)
     mc = net.config
     mc.rope_theta, mc.rope_scaling = rope.override(mc.rope_theta, mc.rope_scaling, cfg.rope, cfg.rope_theta,
                                                    original_len=mc.max_seq_len, ctx=cfg.ctx)
     summary = lora.apply_lora(net, **cfg.lora_kwargs())
     net.to(d.device)
-    net.checkpointing = cfg.checkpointing
-    net.mlp_chunk = cfg.mlp_chunk
-    net.save_attention = cfg.save_attention
     return net, summary
 
 
@@ -109,44 +95,21 @@ def trained_names(net) -> dict:
 def load_tok(cfg: TrainConfig):
     """--tokenizer, else the model's own (byte level for presets)."""
     spec = cfg.tokenizer or cfg.model
-    if spec in M.PRESETS:
-        spec = "bytes"
-    try:
-        return D.load_tokenizer(spec)
-    except (ValueError, FileNotFoundError) as e:  # data.load_tokenizer's file errors (UserError in tokenizer.py)
-        raise UserError(f"tokenizer: {e}") from None
+    return load_tokenizer("bytes" if spec in PRESETS else spec)
 
 
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
     """The global deterministic sample stream of --data, this rank's shard (sample i -> rank i % world)."""
-    try:
-        return D.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
-                               rank=d.rank, world_size=d.world, truncate=cfg.truncate)
-    except (ValueError, FileNotFoundError) as e:  # data.py's data errors (UserError subclasses later)
-        raise UserError(str(e)) from None
-
-
-def samples(mixture):
-    """The mixture's samples, in order; a data error met while reading (a bad line, a source with no
-    sample) is the user's."""
-    it = iter(mixture)
-    while True:
-        try:
-            s = next(it)
-        except ValueError as e:  # data.py's data errors (UserError subclasses later)
-            raise UserError(str(e)) from None
-        yield s
+    return D.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
+                           rank=d.rank, world_size=d.world, truncate=cfg.truncate)
 
 
 def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
     """--steps, or --epochs passes over the data: one tokenizing pass counts its sequences."""
     if cfg.steps:
         return cfg.steps
-    try:
-        n = sum(sum(1 for _ in D.file_samples(p, tokenizer, cfg.ctx, cfg.chat_template, cfg.truncate))
-                for p, _ in D.parse_data_spec(cfg.data))
-    except (ValueError, FileNotFoundError) as e:  # data.py's data errors (UserError subclasses later)
-        raise UserError(str(e)) from None
+    n = sum(sum(1 for _ in D.file_samples(p, tokenizer, cfg.ctx, cfg.chat_template, cfg.truncate))
+            for p, _ in D.parse_data_spec(cfg.data))
     if n == 0:
         raise UserError(f"--data {cfg.data}: no training sequence of ctx {cfg.ctx} tokens could be built")
     return max(1, math.ceil(cfg.epochs * n / (cfg.grad_accum * d.world)))
@@ -358,7 +321,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
             layer.compile()
     metrics = MetricsLog(out / "metrics.jsonl", d.main, step)
     net.train()
-    stream = samples(mixture)
+    stream = iter(mixture)
     # loop: one optimizer step = grad_accum micro-steps on every rank
     with Progress(d, total, step, cfg.log_every) as bar:
         t0, tokens_seen = time.perf_counter(), 0
@@ -419,8 +382,7 @@ def main(argv=None):
         if given.get("model") is None:  # no model given: the built-in demo (demo.py)
             if given.get("data") is not None:
                 raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
-            import demo  # demo.py sits on top of train.py; imported only for the demo run
-            demo.run(d, given)
+            demo.run(d, given, train)  # demo.py needs nothing above it: the trainer is handed in
             return
         train(config.resolve(given, recipe, d.world), d)
     except UserError as e:

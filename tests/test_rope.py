@@ -368,12 +368,12 @@ def test_model_logits_with_scaling_match_transformers(tmp_path, name):
     Tolerance 1e-5: float32 on both sides; our angles are formed in float64, which moves cos/sin by at
     most ulp(100 * theta_0) ~ 4e-6 rad at these positions.
     """
+    from checkpoint import load_model
     from conftest import hf_llama
-    from model import Transformer
 
     params = {"rope_theta": 10000.0, **MODEL_SCALINGS[name]}
     hf, d = hf_llama(tmp_path, rope_parameters=params, max_position_embeddings=64)
-    ours = Transformer.from_pretrained(d).eval()
+    ours = load_model(d).eval()
     assert ours.config.rope_scaling["rope_type"] == name
     x = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -384,11 +384,11 @@ def test_model_logits_with_scaling_match_transformers(tmp_path, name):
 def test_saved_scaling_loads_into_transformers_with_same_logits(tmp_path, spec):
     """A model extended with --rope SPEC and saved by us loads in transformers with the same positions."""
     transformers = pytest.importorskip("transformers")
-    from model import load_model
+    from checkpoint import load_model, save_model
 
     model = load_model("tiny", vocab_size=128, max_seq_len=64).eval()
     model.config.rope_scaling = rope.parse_rope_spec(spec, 64)
-    model.save_pretrained(tmp_path / "ext")
+    save_model(model, tmp_path / "ext")
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ext").eval()
     x = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(1))  # beyond the original 64
     with torch.no_grad():

@@ -200,10 +200,11 @@ def _peak_rss_mb(ctx: int, tmp_path) -> float:
     code = f"""
 import resource, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-import model as M, lora
-net = M.load_model('tiny', vocab_size=32000)
+import lora
+from checkpoint import load_model
+from model import MemoryOptions
+net = load_model('tiny', vocab_size=32000, memory=MemoryOptions(checkpointing=True))
 lora.apply_lora(net, r=8, alpha=16)
-net.checkpointing = True
 x = torch.randint(0, 32000, (1, {ctx}))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 net(x, labels=x, loss_chunk=1024).backward()
