@@ -41,7 +41,6 @@ Note: the scaling dict is the Hugging Face one ({"rope_type": "yarn", "factor": 
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -301,7 +300,7 @@ def rope_to_hf(theta: float, scaling: dict | None, head_dim: int | None = None) 
     return out
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- spec parsing and overrides
 
 
 def parse_rope_spec(spec: str, original_max_position_embeddings: int) -> dict | None:
@@ -342,27 +341,28 @@ def parse_rope_spec(spec: str, original_max_position_embeddings: int) -> dict | 
     return scaling
 
 
-def add_rope_args(parser: argparse.ArgumentParser) -> None:
-    """--rope, --rope-theta, --suggest-base; all default to None = keep the checkpoint's settings."""
-    group = parser.add_argument_group("RoPE context extension")
-    group.add_argument("--rope", metavar="SPEC", default=None,
-                       help="override the checkpoint's RoPE scaling: linear:4, dynamic:4, ntk:8, yarn:8, "
-                            "llama3:8 (TYPE:FACTOR[,key=value]) or default/none to remove it")
-    group.add_argument("--rope-theta", metavar="FLOAT", type=float, default=None,
-                       help="override the checkpoint's RoPE base, e.g. 2e8")
-    group.add_argument("--suggest-base", metavar="TARGET_LEN", type=int, default=None,
-                       help="print the dynamic-NTK base for training at TARGET_LEN and exit")
+def override(theta: float, scaling: dict | None, spec: str | None, theta_override: float | None = None,
+             original_len: int | None = None, ctx: int | None = None) -> tuple[float, dict | None]:
+    """(theta, scaling) after the overrides: a given `spec` replaces the checkpoint's scaling, a given
+    `theta_override` its base; None keeps the checkpoint's value.
 
-
-def resolve_rope(
-    args: argparse.Namespace, theta: float, scaling: dict | None, original_max_position_embeddings: int
-) -> tuple[float, dict | None]:
-    """(theta, scaling) after the command-line overrides: a given flag replaces the checkpoint's value,
-    an absent flag keeps it."""
-    if args.rope is not None:
-        scaling = parse_rope_spec(args.rope, original_max_position_embeddings)
-    if args.rope_theta is not None:
-        if not args.rope_theta > 0:
-            raise ValueError(f"--rope-theta must be positive, got {args.rope_theta}")
-        theta = float(args.rope_theta)
-    return theta, scaling
+    spec: a parse_rope_spec spelling ("linear:4", "yarn:8,beta_fast=16", "default", ...) or TYPE:auto, the
+    recipes' spelling, which means factor s = max(1, ctx / original_len) (Position Interpolation to the
+    training length for "linear:auto"); `original_len` (L0) is needed for any spec, `ctx` for ":auto".
+    Raises ValueError on a bad spec, a non-finite or non-positive theta, or a missing length.
+    """
+    if spec is not None:
+        if original_len is None:
+            raise ValueError(f"rope override {spec!r}: needs original_len (the pre-extension context length)")
+        head, sep, extras = spec.strip().partition(",")
+        if head.lower().endswith(":auto"):
+            if ctx is None:
+                raise ValueError(f"--rope {spec!r}: ':auto' sets the factor to ctx / original length and needs ctx")
+            head = f"{head.partition(':')[0]}:{max(1.0, ctx / original_len):g}"
+            spec = head + sep + extras
+        scaling = parse_rope_spec(spec, original_len)
+    if theta_override is not None:
+        theta = theta_override
+    if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+        raise ValueError(f"rope: theta (base) must be a finite positive number, got {theta!r}")
+    return float(theta), scaling

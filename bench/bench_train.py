@@ -4,14 +4,14 @@
                                 [--quant none|nf4] [--dtype float32|bfloat16] [--mlp-chunk N] [--save-attention]
                                 [--results bench/RESULTS.md]
 
-Config (issue 11): Llama, hidden 512, 4 layers, 8 heads, 2 kv heads, ffn 1408, vocab 32000, untied; LoRA r=8
+Config: Llama, hidden 512, 4 layers, 8 heads, 2 kv heads, ffn 1408, vocab 32000, untied; LoRA r=8
 on q,k,v,o; gradient checkpointing; SDPA; batch 1. Ours: chunked float32 loss (1024-token chunks). Theirs:
 LlamaForCausalLM(attn_implementation="sdpa") + PEFT, gradient_checkpointing_enable(), loss from labels.
 With --quant nf4: our NF4 base vs bitsandbytes' Linear4bit (nf4, double quant) via PEFT's QLoRA path.
 
 Peak memory is the model's own RSS growth plus the process's peak RSS growth during the step (VmHWM, reset
 after the model is built), with MALLOC_MMAP_THRESHOLD_=65536 so freed large blocks leave the RSS and it
-follows live memory; the memory plan of `train.py --dry-run` is printed beside ours (error in %).
+follows live memory; the memory plan of `train.py --dry-run` (plan.memory_plan) is printed beside ours (error in %).
 """
 from __future__ import annotations
 
@@ -107,22 +107,22 @@ def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: 
 
 
 def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attention: bool = False) -> float:
-    """train.py's memory plan for the same config, in MiB."""
+    """plan.memory_plan for the same config, in MiB."""
     sys.path.insert(0, str(ROOT))
     import torch
 
-    import model as M
-    import train
-
     import lora
+    import model as M
+    import plan
+    from config import TrainConfig
 
-    cfg = {**train.DEFAULTS, "ctx": T, "quant": quant, "loss_chunk": 1024, "checkpointing": True, "mlp_chunk": mlp_chunk,
-           "save_attention": save_attention}
+    cfg = TrainConfig(ctx=T, quant=quant, loss_chunk=1024, checkpointing=True, mlp_chunk=mlp_chunk,
+                      save_attention=save_attention)
     mcfg = M.ModelConfig(**CONFIG)
     with torch.device("meta"):
         net = M.Transformer(mcfg)
     trainable = lora.apply_lora(net, r=8, alpha=16)["trainable"]
-    return train.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")["total"] / 2**20
+    return plan.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")["total"] / 2**20
 
 
 def model_flops(T: int, r: int = 8) -> float:

@@ -4,7 +4,6 @@ References: transformers' ROPE_INIT_FUNCTIONS / LlamaRotaryEmbedding.compute_def
 (5.23 here) for every method it has; float64 formulas for fixed NTK (no transformers type) and for the
 rotation itself.
 """
-import argparse
 import json
 import math
 
@@ -321,20 +320,34 @@ def test_suggest_base_lecture_case():
         rope.suggest_base(500000, 0, 65536)
 
 
-def test_cli_flags_override_only_when_given():
-    parser = argparse.ArgumentParser()
-    rope.add_rope_args(parser)
+def test_override_replaces_only_what_is_given():
     checkpoint = (5e5, rope.parse_rope_spec("llama3:8", 8192))
-    args = parser.parse_args([])
-    assert (args.rope, args.rope_theta, args.suggest_base) == (None, None, None)
-    assert rope.resolve_rope(args, *checkpoint, 8192) == checkpoint
-    args = parser.parse_args(["--rope", "yarn:4", "--rope-theta", "2e8", "--suggest-base", "65536"])
-    assert rope.resolve_rope(args, *checkpoint, 8192) == (2e8, rope.parse_rope_spec("yarn:4", 8192))
-    assert args.suggest_base == 65536
-    assert rope.resolve_rope(parser.parse_args(["--rope", "none"]), *checkpoint, 8192) == (5e5, None)
-    assert rope.resolve_rope(parser.parse_args(["--rope-theta", "1e6"]), *checkpoint, 8192) == (1e6, checkpoint[1])
-    with pytest.raises(ValueError, match="--rope-theta"):
-        rope.resolve_rope(parser.parse_args(["--rope-theta", "-1"]), *checkpoint, 8192)
+    assert rope.override(*checkpoint, None, None, 8192) == checkpoint
+    assert rope.override(*checkpoint, None) == checkpoint  # nothing to parse: no length needed
+    assert rope.override(*checkpoint, "yarn:4", 2e8, 8192) == (2e8, rope.parse_rope_spec("yarn:4", 8192))
+    assert rope.override(*checkpoint, "none", None, 8192) == (5e5, None)
+    assert rope.override(*checkpoint, None, 1e6, 8192) == (1e6, checkpoint[1])
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="theta"):
+            rope.override(*checkpoint, None, bad, 8192)
+    with pytest.raises(ValueError, match="theta"):
+        rope.override(float("nan"), None, None)  # a non-finite checkpoint base is refused too
+    with pytest.raises(ValueError, match="wobbly"):
+        rope.override(*checkpoint, "wobbly:3", None, 8192)
+    with pytest.raises(ValueError, match="original_len"):
+        rope.override(*checkpoint, "linear:4")
+
+
+def test_override_auto_factor_is_ctx_over_original_length():
+    """TYPE:auto (the recipes' PI) means s = max(1, ctx / L0), the same string parse_rope_spec reads."""
+    assert rope.override(5e5, None, "linear:auto", None, 8192, 81920) == (5e5, rope.parse_rope_spec("linear:10", 8192))
+    assert rope.override(1e4, None, "linear:auto", None, 4096, 10000)[1]["factor"] == pytest.approx(10000 / 4096, rel=1e-5)
+    assert rope.override(1e4, None, "linear:auto", None, 4096, 2048)[1]["factor"] == 1.0  # never below 1
+    assert rope.override(1e4, None, "yarn:auto,beta_fast=16", None, 256, 2560)[1] == \
+        rope.parse_rope_spec("yarn:10,beta_fast=16", 256)
+    assert rope.override(1e4, None, "YaRN:AUTO", 2e8, 256, 2560) == (2e8, rope.parse_rope_spec("yarn:10", 256))
+    with pytest.raises(ValueError, match="ctx"):
+        rope.override(1e4, None, "linear:auto", None, 4096)
 
 
 # ----------------------------------------------------------------------------- through the model
@@ -355,12 +368,12 @@ def test_model_logits_with_scaling_match_transformers(tmp_path, name):
     Tolerance 1e-5: float32 on both sides; our angles are formed in float64, which moves cos/sin by at
     most ulp(100 * theta_0) ~ 4e-6 rad at these positions.
     """
+    from checkpoint import load_model
     from conftest import hf_llama
-    from model import Transformer
 
     params = {"rope_theta": 10000.0, **MODEL_SCALINGS[name]}
     hf, d = hf_llama(tmp_path, rope_parameters=params, max_position_embeddings=64)
-    ours = Transformer.from_pretrained(d).eval()
+    ours = load_model(d).eval()
     assert ours.config.rope_scaling["rope_type"] == name
     x = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -371,11 +384,11 @@ def test_model_logits_with_scaling_match_transformers(tmp_path, name):
 def test_saved_scaling_loads_into_transformers_with_same_logits(tmp_path, spec):
     """A model extended with --rope SPEC and saved by us loads in transformers with the same positions."""
     transformers = pytest.importorskip("transformers")
-    from model import load_model
+    from checkpoint import load_model, save_model
 
     model = load_model("tiny", vocab_size=128, max_seq_len=64).eval()
     model.config.rope_scaling = rope.parse_rope_spec(spec, 64)
-    model.save_pretrained(tmp_path / "ext")
+    save_model(model, tmp_path / "ext")
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ext").eval()
     x = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(1))  # beyond the original 64
     with torch.no_grad():

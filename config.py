@@ -1,0 +1,282 @@
+"""Training configuration: one dataclass whose fields carry their help text, the paper recipes as partial
+overrides of it, the command line built from the fields, and `resolve` (defaults <- recipe <- given flags,
+then every check, each a one-line UserError naming the flag).
+
+Every field's metadata holds:
+    help      the --help text
+    flag      the flag spelling where it is not `--name-with-dashes` (e.g. --no-checkpointing)
+    identity  True for what must match when a run resumes from a checkpoint (see IDENTITY)
+    choices, metavar, group   passed to argparse
+    derived   True for what resolve() fills (recipe, world_size): saved, never a plain flag
+
+Recipes (`RECIPES`; `python train.py --help` lists them):
+    llama3-80k  Zhang et al. 2024, "Extending Llama-3's Context Ten-Fold Overnight"
+    longqlora   Yang 2023, "LongQLoRA: Efficient and Effective Method to Extend Context Length of LLMs"
+    longlora    Chen et al. 2023, "LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models"
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import textwrap
+import typing
+from dataclasses import dataclass, field
+
+import torch
+
+import rope
+from errors import UserError
+
+ROPE_GROUP = "RoPE context extension"
+
+
+def _f(default, help: str | None = None, *, identity: bool = False, flag: str | None = None, choices=None,
+       metavar: str | None = None, group: str | None = None, derived: bool = False):
+    """A TrainConfig field with its command-line metadata."""
+    return field(default=default, metadata=dict(help=help, identity=identity, flag=flag, choices=choices,
+                                                metavar=metavar, group=group, derived=derived))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run's settings; `to_dict()` is what the run prints and every checkpoint saves."""
+
+    model: str | None = _f(None, "HF directory, .gguf file or preset name (tiny, llama-3-8b, ...)", identity=True)
+    data: str | None = _f(None, "file[:weight],file[:weight] (JSONL text/chat, .txt, directories)", identity=True)
+    ctx: int | None = _f(None, "training sequence length in tokens", identity=True)
+    quant: str = _f("none", "store frozen linear weights in NF4", identity=True, choices=["nf4", "none"])
+    dtype: str | None = _f(None, "base weight/compute dtype (default bfloat16 on CUDA, float32 on CPU)", identity=True,
+                           choices=["float32", "bfloat16", "float16"])
+    lora_r: int = _f(8, "LoRA rank r", identity=True)
+    lora_alpha: float = _f(16.0, "LoRA alpha: the update is (alpha / r) B A x", identity=True)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma list of projections, or all-linear", identity=True)
+    train: str = _f("", "extra full parameters to train: embed,norm,lm_head", identity=True)
+    rslora: bool = _f(False, "scale alpha/sqrt(r) (rsLoRA)", identity=True)
+    rope: str | None = _f(None, "override the checkpoint's RoPE scaling: linear:4, dynamic:4, ntk:8, yarn:8, llama3:8 "
+                                "(TYPE:FACTOR[,key=value]), TYPE:auto (factor ctx / original length) or default/none "
+                                "to remove it", identity=True, metavar="SPEC", group=ROPE_GROUP)
+    rope_theta: float | None = _f(None, "override the checkpoint's RoPE base, e.g. 2e8", identity=True,
+                                  metavar="FLOAT", group=ROPE_GROUP)
+    attn: str = _f("full", "attention while training (eval is always full)", identity=True, choices=["full", "s2"])
+    group_ratio: float = _f(0.25, "S²-Attn group size as a fraction of ctx", identity=True)
+    full_attn_tail: float = _f(0.0, "with --attn s2: train this fraction of the steps, the last ones, with full "
+                                    "attention", identity=True)
+    lr: float = _f(2e-4, "peak learning rate (AdamW, betas 0.9, 0.95)")
+    warmup: int = _f(0, "linear warmup steps")
+    schedule: str = _f("cosine", "lr after warmup: decay to 0 (cosine, linear) or constant",
+                       choices=["cosine", "linear", "constant"])
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    clip: float = _f(1.0, "gradient-norm clip (0: off)")
+    steps: int | None = _f(None, "optimizer steps (default 100 unless --epochs or a recipe sets it)")
+    epochs: float | None = _f(None, "passes over the data (instead of --steps)")
+    grad_accum: int = _f(1, "micro-steps per optimizer step", identity=True)
+    seed: int = _f(0, "seed of the LoRA init, the data order and dropout", identity=True)
+    compile: bool = _f(False, "torch.compile each block")
+    checkpointing: bool = _f(True, "keep all activations instead of recomputing each block", flag="--no-checkpointing")
+    offload: bool = _f(False, "offload checkpointed activations to CPU (CUDA)")
+    loss_chunk: int = _f(1024, "tokens per float32 logits chunk in the loss")
+    mlp_chunk: int = _f(0, "compute each MLP over this many tokens at a time, recomputed in backward (0: off)")
+    save_attention: bool = _f(False, "keep attention outputs through checkpointing: no attention recompute, "
+                                     "+T x H x D per layer")
+    out: str = _f("runs/train", "output directory: checkpoints, metrics.jsonl, adapter, merged model")
+    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    keep: int = _f(2, "checkpoints to keep")
+    resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    merge: bool = _f(False, "also write a merged HF model to OUT/merged")
+    tokenizer: str | None = _f(None, "tokenizer path (default: the model's; 'bytes' for byte level)")
+    chat_template: str | None = _f(None, "llama-3, llama-2, chatml (default: from the tokenizer)")
+    truncate: bool = _f(False, "truncate chat samples longer than ctx (default: drop)")
+    nproc: int | None = _f(None, "world size assumed by --dry-run")
+    log_every: int = _f(1, "refresh the progress line every N steps (metrics.jsonl gets every step)")
+    recipe: str | None = _f(None, "the recipe the run started from", derived=True)
+    world_size: int = _f(1, "processes in the run", identity=True, derived=True)
+
+    def to_dict(self) -> dict:
+        """The JSON-able settings, in field order (the keys of trainer_state.json's "config")."""
+        return dataclasses.asdict(self)
+
+    def lora_kwargs(self) -> dict:
+        """Keyword arguments of lora.apply_lora for this run."""
+        targets = self.lora_targets if self.lora_targets == "all-linear" else tuple(self.lora_targets.split(","))
+        return dict(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets,
+                    trainable=tuple(t for t in self.train.split(",") if t), rslora=self.rslora, seed=self.seed)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+SETTINGS = tuple(n for n, f in FIELDS.items() if not f.metadata["derived"])  # what flags and recipes may set
+DEFAULTS = {n: FIELDS[n].default for n in SETTINGS}
+IDENTITY = tuple(n for n, f in FIELDS.items() if f.metadata["identity"])
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def value_type(name: str) -> type:
+    """The field's scalar type (int, float, str or bool), without the `| None`."""
+    t = _TYPES[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+    return args[0]
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+RECIPES: dict[str, dict] = {
+    "llama3-80k": dict(quant="nf4", lora_r=32, lora_alpha=16.0, lora_dropout=0.0,
+                       lora_targets="q_proj,k_proj,v_proj,o_proj", train="embed", rope_theta=2e8, attn="full",
+                       lr=5e-5, epochs=1, schedule="linear", warmup=20),
+    "longqlora": dict(quant="nf4", lora_r=64, lora_alpha=16.0, lora_dropout=0.05, lora_targets="all-linear", train="",
+                      rope="linear:auto", attn="s2", group_ratio=0.25, lr=2e-4, steps=1000, grad_accum=16, clip=0.3,
+                      schedule="constant", warmup=20),
+    "longlora": dict(quant="none", lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
+                     lora_targets="q_proj,k_proj,v_proj,o_proj", train="embed,norm", rope="linear:auto", attn="s2",
+                     group_ratio=0.25, lr=2e-5, steps=1000, schedule="constant", warmup=20),
+}
+RECIPE_SOURCES = {
+    "llama3-80k": 'Zhang et al. 2024, "Extending Llama-3\'s Context Ten-Fold Overnight"',
+    "longqlora": 'Yang 2023, "LongQLoRA"',
+    "longlora": 'Chen et al. 2023, "LongLoRA"',
+}
+
+
+def check_recipes(recipes: dict[str, dict]) -> None:
+    """Every recipe key is a setting and every value has its field's type (an int where a float is asked
+    is fine); ValueError otherwise. Runs at import on RECIPES."""
+    for name, recipe in recipes.items():
+        for key, value in recipe.items():
+            if key not in SETTINGS:
+                raise ValueError(f"recipe {name!r}: {key!r} is not a TrainConfig setting")
+            want = value_type(key)
+            ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            choices = FIELDS[key].metadata["choices"]
+            if not ok or (choices and value not in choices):
+                raise ValueError(f"recipe {name!r}: {key}={value!r} is not a valid {want.__name__}"
+                                 + (f" in {choices}" if choices else ""))
+
+
+check_recipes(RECIPES)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a setting."""
+    return FIELDS[name].metadata["flag"] or "--" + name.replace("_", "-")
+
+
+def recipes_help() -> str:
+    """The --help epilog: each recipe's source and the flags it sets."""
+    def shown(v):
+        return f"{v:g}" if isinstance(v, float) else (str(v) if v != "" else "''")
+
+    lines = ["recipes (--recipe NAME; explicit flags override them):"]
+    for name, recipe in RECIPES.items():
+        lines.append(f"  {name:11s} {RECIPE_SOURCES[name]}")
+        flags = " ".join(f"{flag(k)} {shown(v)}" for k, v in recipe.items())
+        lines += textwrap.wrap(flags, 110, initial_indent=" " * 14, subsequent_indent=" " * 14, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """Flags from the fields; every one defaults to "not given" (SUPPRESS), so a recipe fills what the user
+    left out. Besides the settings: --recipe, --dry-run and --suggest-base."""
+    ap = argparse.ArgumentParser(description=description, epilog=recipes_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    S = argparse.SUPPRESS
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default=S, help="fill the flags from a paper's recipe")
+    groups = {}
+    for name in SETTINGS:
+        meta = FIELDS[name].metadata
+        target = ap
+        if meta["group"]:
+            target = groups.get(meta["group"]) or groups.setdefault(meta["group"], ap.add_argument_group(meta["group"]))
+        kw = dict(dest=name, default=S, help=meta["help"])
+        if value_type(name) is bool:
+            kw["action"] = "store_false" if FIELDS[name].default else "store_true"
+        else:
+            if value_type(name) is not str:
+                kw["type"] = value_type(name)
+            if meta["choices"]:
+                kw["choices"] = meta["choices"]
+            if meta["metavar"]:
+                kw["metavar"] = meta["metavar"]
+        target.add_argument(flag(name), **kw)
+        if name == "log_every":
+            ap.add_argument("--dry-run", action="store_true", help="print the resolved config and memory plan; load nothing")
+    groups[ROPE_GROUP].add_argument("--suggest-base", metavar="TARGET_LEN", type=int, default=None,
+                                    help="print the dynamic-NTK base for training at TARGET_LEN and exit (needs --model)")
+    return ap
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype, else bfloat16 on CUDA and float32 on CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run: bool = False) -> TrainConfig:
+    """Defaults, then the recipe, then the given settings (None counts as not given); then every check.
+
+    `given` holds settings only (the parsed flags without recipe/dry_run/suggest_base); an unknown key is
+    a programming error (ValueError). With dry_run, world_size is --nproc (default 1) and --data may be absent.
+    """
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"config.resolve: unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    if recipe is not None and recipe not in RECIPES:
+        raise UserError(f"--recipe {recipe!r}: unknown; choose one of {', '.join(sorted(RECIPES))}")
+    cfg = {**DEFAULTS, **(RECIPES[recipe] if recipe else {}), **{k: v for k, v in given.items() if v is not None}}
+    cfg["recipe"] = recipe
+    cfg["world_size"] = world_size if not dry_run else (cfg["nproc"] or 1)
+    if cfg["model"] is None:
+        raise UserError("--model is required (a HF directory, a .gguf file or a preset such as tiny)")
+    if cfg["ctx"] is None or cfg["ctx"] < 2:
+        raise UserError(f"--ctx must be an integer >= 2, got {cfg['ctx']}")
+    if "steps" in given and "epochs" in given:
+        raise UserError("--steps and --epochs conflict: give one")
+    if "steps" in given:
+        cfg["epochs"] = None
+    if "epochs" in given:
+        cfg["steps"] = None
+    if cfg["steps"] is None and cfg["epochs"] is None:
+        cfg["steps"] = 100
+    for key in ("lora_r", "grad_accum", "loss_chunk", "keep", "log_every"):
+        if cfg[key] < 1:
+            raise UserError(f"{flag(key)} must be >= 1, got {cfg[key]}")
+    for key in ("mlp_chunk", "save_every"):
+        if cfg[key] < 0:
+            raise UserError(f"{flag(key)} must be >= 0 (0: off), got {cfg[key]}")
+    if cfg["epochs"] is not None and cfg["epochs"] <= 0:
+        raise UserError(f"--epochs must be > 0, got {cfg['epochs']}")
+    if cfg["nproc"] is not None and cfg["nproc"] < 1:
+        raise UserError(f"--nproc must be >= 1, got {cfg['nproc']}")
+    if cfg["steps"] is not None and cfg["steps"] < 1:
+        raise UserError(f"--steps must be >= 1, got {cfg['steps']}")
+    if not 0.0 <= cfg["full_attn_tail"] < 1.0:
+        raise UserError(f"--full-attn-tail must be in [0, 1), got {cfg['full_attn_tail']}")
+    if cfg["full_attn_tail"] and cfg["attn"] != "s2":
+        raise UserError("--full-attn-tail only applies with --attn s2")
+    if not 0.0 < cfg["group_ratio"] <= 1.0:
+        raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
+    if cfg["data"] is None and not dry_run:
+        raise UserError("--data is required (e.g. --data long.jsonl:0.6,short.jsonl:0.4)")
+    theta = cfg["rope_theta"]
+    if theta is not None and not (math.isfinite(theta) and theta > 0):
+        raise UserError(f"--rope-theta must be positive and finite, got {theta}")
+    if cfg["rope"] is not None:
+        try:  # the spelling only; the factor of TYPE:auto and L0 come from the checkpoint when it loads
+            rope.override(rope.DEFAULT_THETA, None, cfg["rope"], None, original_len=1, ctx=1)
+        except ValueError as e:
+            msg = str(e)  # parse_rope_spec's own messages name --rope; the scaling checks' do not
+            raise UserError(msg if msg.startswith("--rope") else f"--rope {cfg['rope']!r}: {msg}") from None
+    return TrainConfig(**cfg)

@@ -1,0 +1,82 @@
+"""Memory plan of one training step, per device, and `train.py --dry-run` (the plan without loading weights).
+
+Notation: T ctx (tokens per micro-step), C model dim, F MLP hidden dim, L layers, V vocab, H query heads,
+Hkv kv heads, D head dim.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+import lora
+from checkpoint import read_config
+from config import TrainConfig, choose_dtype
+from model import PRESETS, ModelConfig, Transformer
+
+WORKSPACE = {"cpu": 100 * 2**20,  # allocator and autograd bookkeeping of a CPU step beside the planned tensors
+             "cuda": 2**30}  # an estimate: CUDA context, cuBLAS and allocator slack
+
+
+def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device: str = "cuda") -> dict[str, float]:
+    """Bytes per device for one training step (the README's memory model; bench/bench_train.py checks it).
+
+    Held through the step: weights (NF4 linears at 4.127 bits, see quant4.bits_per_parameter; embeddings,
+    norms and an untied head in the base dtype), trained parameters in float32 with their gradients and two
+    AdamW moments, and one (T, C) checkpoint per block. On top, the larger of two transient phases:
+    - the loss: one chunk's float32 logits, turned into the softmax-gradient in place (model.py's frozen-head
+      NLL), plus their copy in the model dtype when that is not float32 (chunk x V x (4 + 2) bytes in
+      bf16), beside the last block's output, the final norm's input and output and the stored gradient
+      of the hidden states (4 x T x C);
+    - the backward of one block: its recomputed activations and their gradients, T x (4 C + (H + 2 Hkv) D
+      + 6 F) values; with --mlp-chunk c < T the MLP keeps c x 6 F of them and T x 8 C more instead
+      (the chunks' outputs, the gradients assembled from them). The MLP's gate/up/activation/product and
+      their gradients dominate without chunking.
+    """
+    T, C, F, L, V = cfg.ctx, mcfg.dim, mcfg.ffn_dim, mcfg.n_layers, mcfg.vocab_size
+    H, Hkv, D = mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+    linear = L * (C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F)
+    embed = V * C * (1 if mcfg.tie_embeddings else 2)
+    weight_bits = 4.127 if cfg.quant == "nf4" else dtype_bytes * 8
+    chunk = cfg.mlp_chunk
+    if chunk and chunk < T:
+        block = (T * (8 * C + (H + 2 * Hkv) * D) + chunk * 6 * F) * dtype_bytes
+    else:
+        block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
+    held = {
+        "weights": linear * weight_bits / 8 + (embed + L * 2 * C + C) * dtype_bytes,
+        "trained params (fp32)": trainable * 4,
+        "gradients (fp32)": trainable * 4,
+        "AdamW moments (fp32)": trainable * 8,
+        "block checkpoints": L * T * C * dtype_bytes if cfg.checkpointing and not cfg.offload else 0,
+        "saved attention outputs": L * T * H * (D * dtype_bytes + 4) if cfg.checkpointing and cfg.save_attention else 0,
+        f"runtime workspace ({device})": WORKSPACE[device],
+    }
+    transient = {  # phases that do not overlap: only the larger counts
+        "one block's backward": block if cfg.checkpointing else block * L,
+        "loss (chunk x V logits + 4 T x C)": min(T, cfg.loss_chunk) * V * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
+                                              + 4 * T * C * dtype_bytes,
+    }
+    return {**held, **transient, "total": sum(held.values()) + max(transient.values())}
+
+
+def model_config(spec: str) -> ModelConfig:
+    """The ModelConfig of a preset name, or of a HF directory / config.json (`--model`)."""
+    return ModelConfig.from_name(spec) if spec in PRESETS else read_config(spec)
+
+
+def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
+    """Print the resolved config and the memory plan of a GPU run (unless --dtype says otherwise); the
+    model is built on the meta device, so nothing is loaded. Returns (plan, LoRA summary)."""
+    mcfg = model_config(cfg.model)
+    dtype = choose_dtype(cfg.dtype, torch.device("cuda"))
+    with torch.device("meta"):
+        net = Transformer(mcfg)
+        summary = lora.apply_lora(net, **cfg.lora_kwargs())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    plan = memory_plan(cfg, mcfg, torch.finfo(dtype).bits // 8, trainable)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    print(f"\nmemory plan per device ({cfg.world_size} device(s), ctx {cfg.ctx}, {dtype}):")
+    for k, v in plan.items():
+        print(f"  {k:34s} {v / 2**30:9.2f} GiB")
+    return plan, summary
