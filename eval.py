@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 import rope
+import ruler
 from checkpoint import load_model
 from data import list_files
 from errors import UserError
@@ -57,7 +58,7 @@ from tokenizer import chat_template_for, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
 
-TASKS = ("ppl", "passkey", "needle", "kv")
+TASKS = ("ppl", "passkey", "needle", "kv", "ruler")
 PLOT_DPI = 80
 
 # ----------------------------------------------------------------------------- pure functions: parsing
@@ -184,14 +185,16 @@ def run_ppl(model, tokenizer, args, theta, scaling, stream, memo: dict) -> dict:
 
 
 def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -> dict:
-    """Shared loop of passkey/needle/kv: make_prompt(L, depth, trial) -> (ids, reference, max_new, at)."""
+    """Shared loop of passkey/needle/kv/ruler: make_prompt(L, depth, trial, subtask) -> (ids, reference,
+    max_new, at); `subtask` is the RULER task (None for the others)."""
     stop = stop_ids_for(tokenizer)
     items = []
-    grid = [(L, d, t) for L in args.lengths for d in args.depths for t in range(args.trials)]
-    for L, d, t in tqdm(grid, desc=args.task, leave=False):
-        ids, ref, max_new, at = make_prompt(L, d, t)
+    subtasks = args.ruler_tasks if args.task == "ruler" else [None]
+    grid = [(s, L, d, t) for s in subtasks for L in args.lengths for d in args.depths for t in range(args.trials)]
+    for sub, L, d, t in tqdm(grid, desc=args.task, leave=False):
+        ids, ref, max_new, at = make_prompt(L, d, t, sub)
         set_rope(model, theta, fixed_rope(theta, scaling, len(ids) + max_new))
-        key = memo_key(model, L, d, t)
+        key = memo_key(model, L, d, t) if sub is None else memo_key(model, sub, L, d, t)
         if key not in memo:
             new = generate(model, ids, max_new, stop_ids=stop, prefill_chunk=args.prefill_chunk)
             memo[key] = tokenizer.decode(new)
@@ -200,6 +203,8 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
                 "reference": ref, "answer": answer, "rope_used": model.config.rope_scaling}
         if args.task == "passkey":
             item["correct"] = passkey_correct(answer, ref)
+        elif args.task == "ruler":
+            item["task"], item["correct"] = sub, ruler.score(sub, answer, ref)  # a fraction of the references
         else:
             item["correct"] = exact_match(answer, ref)
             item["rouge_l_recall"] = rouge_l_recall(answer, ref)
@@ -210,7 +215,11 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
         by_length[L] = {"accuracy": sum(i["correct"] for i in sel) / len(sel)}
         if args.task == "needle":
             by_length[L]["rouge_l_recall"] = sum(i["rouge_l_recall"] for i in sel) / len(sel)
-    return {"by_length": by_length, "items": items}
+    out = {"by_length": by_length, "items": items}
+    if args.task == "ruler":  # accuracy above is the average over tasks; here each task alone
+        out["by_task"] = {s: {L: sum(i["correct"] for i in items if i["task"] == s and i["length"] == L) /
+                              (len(args.depths) * args.trials) for L in args.lengths} for s in subtasks}
+    return out
 
 
 def prompt_maker(task: str, tokenizer, args, hay):
@@ -227,7 +236,9 @@ def prompt_maker(task: str, tokenizer, args, hay):
     def rng(L, d, t):
         return random.Random(f"{args.seed}:{L}:{d}:{t}")
 
-    def make(L, d, t):
+    def make(L, d, t, sub=None):
+        if task == "ruler":
+            return ruler.make_prompt(sub, tokenizer, L, d, rng(L, d, f"{sub}:{t}"), template, hay[0], hay[1])
         if task == "passkey":
             key = str(rng(L, d, t).randint(10000, 99999))
             ids, at = passkey_prompt(tokenizer, L, d, key)
@@ -277,6 +288,15 @@ def markdown_table(task: str, rows: list[dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
+def ruler_table(rows: list[dict], lengths: list[int]) -> str:
+    """Per-task accuracy (RULER's string_match_all) of each row, one line per (row, task)."""
+    lines = ["| model | task | " + " | ".join(str(L) for L in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+    for r in rows:
+        for task, by_length in r["by_task"].items():
+            lines.append(f"| {label(r)} | {task} | " + " | ".join(f"{by_length[L]:.3f}" for L in lengths) + " |")
+    return "\n".join(lines)
+
+
 def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
     """PNG of the results; returns a note instead when matplotlib is absent."""
     try:
@@ -297,13 +317,19 @@ def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
     else:
         fig, axes = plt.subplots(1, len(rows), figsize=(3 + 2.5 * len(rows), 3), squeeze=False)
         for ax, r in zip(axes[0], rows):
-            grid = torch.zeros(len(args.depths), len(args.lengths))
-            for it in r["items"]:
-                grid[args.depths.index(it["depth"]), args.lengths.index(it["length"])] += it["correct"] / args.trials
+            if task == "ruler":  # tasks x lengths
+                names = list(r["by_task"])
+                grid = torch.tensor([[r["by_task"][n][L] for L in args.lengths] for n in names])
+                ylabels, ylabel = names, "RULER task"
+            else:  # depths x lengths
+                grid = torch.zeros(len(args.depths), len(args.lengths))
+                for it in r["items"]:
+                    grid[args.depths.index(it["depth"]), args.lengths.index(it["length"])] += it["correct"] / args.trials
+                ylabels, ylabel = [f"{d:.0%}" for d in args.depths], "depth"
             im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
             ax.set_xticks(range(len(args.lengths)), [str(L) for L in args.lengths])
-            ax.set_yticks(range(len(args.depths)), [f"{d:.0%}" for d in args.depths])
-            ax.set(xlabel="context length (tokens)", ylabel="depth", title=label(r))
+            ax.set_yticks(range(len(ylabels)), ylabels)
+            ax.set(xlabel="context length (tokens)", ylabel=ylabel, title=label(r))
             ax.title.set_fontsize(7)
         fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
     fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight")
@@ -341,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="needle: files/dirs (default: Python's reference manual text, pydoc_data.topics)")
     ap.add_argument("--needle", default=NEEDLE)
     ap.add_argument("--question", default=QUESTION)
-    ap.add_argument("--no-chat", action="store_true", help="needle/kv: plain prompt even for chat models")
+    ap.add_argument("--ruler-tasks", default=",".join(ruler.TASKS),
+                    help="ruler: comma list of RULER tasks (default: all; see ruler.py)")
+    ap.add_argument("--no-chat", action="store_true", help="needle/kv/ruler: plain prompt even for chat models")
     ap.add_argument("--chat-template", default=None,
                     help="needle/kv: template name instead of the detected one (none = plain prompt)")
     return ap
@@ -367,6 +395,10 @@ def check_args(args) -> None:
         raise UserError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     args.prefill_chunk = args.prefill_chunk or None
     args.rope = args.rope or [None]
+    args.ruler_tasks = [t for t in (x.strip() for x in args.ruler_tasks.split(",")) if t]
+    unknown = [t for t in args.ruler_tasks if t not in ruler.TASKS]
+    if unknown or not args.ruler_tasks:
+        raise UserError(f"--ruler-tasks: unknown {unknown or 'empty list'}; choose from {','.join(ruler.TASKS)}")
 
 
 def load(spec: str, adapter: str | None, args):
@@ -400,7 +432,7 @@ def evaluate(args) -> list[dict]:
             files = list_files(args.docs) if args.docs else stdlib_files()
             need = (args.windows - 1) * (args.stride or max(args.lengths)) + max(args.lengths)
             stream = token_stream(tok, files, need)
-        elif args.task == "needle":
+        elif args.task in ("needle", "ruler"):
             text = haystack_text(args.haystack)
             ids, spans = tok.encode_offsets(text)
             hay = (ids, sentence_starts(text, spans))
@@ -421,6 +453,8 @@ def evaluate(args) -> list[dict]:
             write_json(out / f"{args.task}.json", {**meta, "seconds": time.time() - t0, "rows": rows})  # so far
     note = plot(args.task, rows, args, out / f"{args.task}.png")
     print(markdown_table(args.task, rows, args.lengths))
+    if args.task == "ruler":
+        print(ruler_table(rows, args.lengths))
     print(note or f"wrote {out / (args.task + '.json')} and {out / (args.task + '.png')}")
     return rows
 
