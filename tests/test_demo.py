@@ -8,13 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import data
 import demo
 import model as llama
+import tokenizer
+from checkpoint import SAFETENSORS_SINGLE, load_model
+from config import resolve
+from errors import UserError
+from generate import generate
+from parallel import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +91,7 @@ def test_greedy_hits_equal_token_by_token_generation(held_out):
                                "ffn_dim": 64, "max_seq_len": 64})
     net = llama.Transformer(cfg).init_weights(0, std=0.2).eval()
     prompts, _ = demo.passkey_items(held_out, 48, 6, 0)
-    greedy = [llama.generate(net, p, demo.KEY_DIGITS) for p in prompts]
+    greedy = [generate(net, p, demo.KEY_DIGITS) for p in prompts]
     wrong = [g[:-1] + [(g[-1] + 1) % 256] for g in greedy]
     assert demo.greedy_hits(net, prompts, greedy, batch=4).all()
     assert not demo.greedy_hits(net, prompts, wrong, batch=4).any()
@@ -95,7 +100,8 @@ def test_greedy_hits_equal_token_by_token_generation(held_out):
 def test_untrained_rope_change_resolves_auto_factors_as_training_does():
     """`--rope linear:auto` (the recipes' spelling) means ctx / L in training; the untrained-RoPE row
     must resolve it the same way (it used to fail on 'auto')."""
-    net = demo.load_base(demo.DEMO_DIR, {"rope": "linear:auto", "rope_theta": None, "ctx": 2560})
+    cfg = resolve({"model": str(demo.DEMO_DIR), "data": "unused.jsonl", "ctx": 2560, "rope": "linear:auto"})
+    net = demo.load_base(demo.DEMO_DIR, cfg)
     assert net.config.rope_scaling["rope_type"] == "linear" and net.config.rope_scaling["factor"] == 10
 
 
@@ -104,7 +110,7 @@ def test_extension_records_pack_to_one_sequence_each(tmp_path, held_out):
     each starting with BOS, facts and queries intact."""
     path = tmp_path / "d.jsonl"
     demo.write_extension_data(path, held_out, 512, 5, 0)
-    samples = list(data.file_samples(path, data.ByteTokenizer(), 512))
+    samples = list(data.file_samples(path, tokenizer.ByteTokenizer(), 512))
     assert len(samples) == 5
     for s in samples:
         assert s["input_ids"].shape == (512,) and s["input_ids"][0] == demo.BOS
@@ -113,23 +119,22 @@ def test_extension_records_pack_to_one_sequence_each(tmp_path, held_out):
 
 
 def test_shipped_base_loads_strictly_is_small_and_retrieves_at_L(held_out):
-    path = demo.DEMO_DIR / llama.SAFETENSORS_SINGLE
+    path = demo.DEMO_DIR / SAFETENSORS_SINGLE
     if not path.is_file():
         pytest.fail(f"{path} missing: the demo base must be shipped (python demo.py pretrain ...)")
     assert path.stat().st_size < 8 * 2**20
-    net = llama.Transformer.from_pretrained(demo.DEMO_DIR, dtype=torch.float32)
-    assert net.config.vocab_size == data.BYTE_VOCAB_SIZE and net.config.max_seq_len == 256
+    net = load_model(str(demo.DEMO_DIR), dtype=torch.float32)
+    assert net.config.vocab_size == tokenizer.BYTE_VOCAB_SIZE and net.config.max_seq_len == 256
     # measured 95% on 40 held-out prompts (demo.py docstring); 80% on these 20 leaves room for sampling noise
     assert demo.passkey_accuracy(net.eval(), held_out, 256, 20, demo.EVAL_SEED) >= 0.8
 
 
 def test_run_without_base_is_one_clear_error(tmp_path):
     """`python train.py` with no model and no shipped base: one line naming the file and the fix."""
-    import train
-
-    d = train.Dist(0, 0, 1, torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match=r"model.safetensors: missing; make it with `python demo.py pretrain"):
-        demo.run(d, {"base": str(tmp_path), "out": str(tmp_path / "o")})
+    d = Dist(0, 0, 1, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"model.safetensors: missing; make it with `python demo.py pretrain"):
+        demo.run(d, {"base": str(tmp_path), "out": str(tmp_path / "o")}, train_fn=lambda cfg, d: pytest.fail("trained"))
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -16,7 +16,9 @@ import torch
 import tokenizer
 import eval as ev
 from test_tasks import HAY
-import model as llama
+import lora
+import rope
+from checkpoint import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 REL_TOL = 1e-5
@@ -29,7 +31,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return llama.load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0).eval()
+    return load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0).eval()
 
 
 def run_cli(*argv):
@@ -47,8 +49,8 @@ def test_dynamic_is_evaluated_as_its_one_pass_ntk():
     dyn = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 100}
     assert ev.fixed_rope(1e4, dyn, 100) is None
     ntk = ev.fixed_rope(1e4, dyn, 300)
-    got = llama.rope.rope_frequencies(16, 1e4, ntk)[0]
-    want = llama.rope.rope_frequencies(16, 1e4, dyn, seq_len=300)[0]
+    got = rope.rope_frequencies(16, 1e4, ntk)[0]
+    want = rope.rope_frequencies(16, 1e4, dyn, seq_len=300)[0]
     assert torch.equal(got, want)
 
 
@@ -82,7 +84,7 @@ def test_cli_scores_equal_with_chunked_prefill(tmp_path):
         for L in ("64", "150"):
             assert a["by_length"][L]["ppl"] == pytest.approx(b["by_length"][L]["ppl"], rel=REL_TOL)
     # The 64-token window was scored from the 150-token pass's hidden states; check it against its own pass.
-    tiny = llama.load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0).eval()
+    tiny = load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0).eval()
     stream = torch.tensor(tokenizer.load_tokenizer("bytes").encode(HAY)[:64])
     nll64 = next(i["nll"] for i in res["7"]["rows"][0]["items"] if i["length"] == 64)
     assert nll64 == pytest.approx(ev.window_nll(tiny, stream)[0], rel=REL_TOL)
@@ -93,13 +95,9 @@ def test_cli_scores_equal_with_chunked_prefill(tmp_path):
 
 
 def test_adapter_equals_merged_model(tmp_path):
-    lora = pytest.importorskip("lora")
-    for name in ("apply_lora", "save_adapter", "merge_lora", "load_adapter"):
-        if not hasattr(lora, name):
-            pytest.skip(f"lora.{name} not available yet")
     base = tmp_path / "base"
-    m = llama.load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0)
-    m.save_pretrained(base)
+    m = load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0)
+    save_model(m, base)
     lora.apply_lora(m, r=4, alpha=8.0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -108,7 +106,7 @@ def test_adapter_equals_merged_model(tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     lora.save_adapter(m, tmp_path / "adapter")
     lora.merge_lora(m)
-    m.save_pretrained(tmp_path / "merged")
+    save_model(m, tmp_path / "merged")
     docs = tmp_path / "doc.txt"
     docs.write_text(HAY)
     assert run_main("ppl", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--model",

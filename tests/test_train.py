@@ -3,7 +3,6 @@ kill-and-resume determinism, the 80K path and memory scaling."""
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
