@@ -357,7 +357,15 @@ def test_load_model_nf4_equals_quantizing_the_loaded_model(tmp_path, tied):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_load_model_nf4_streams_below_the_float32_size(tmp_path):
+STREAMING_LOADERS = {  # how each entry point loads an NF4 model: the trainer and eval.py share load_model
+    "checkpoint.load_model": "load_model({path!r}, dtype=torch.float32, quant='nf4')",
+    "eval.load": "ev.load({path!r}, None, argparse.Namespace(dtype='float32', quant='nf4', tokenizer='bytes', "
+                 "seed=0))[0]",
+}
+
+
+@pytest.mark.parametrize("loader", sorted(STREAMING_LOADERS))
+def test_load_model_nf4_streams_below_the_float32_size(tmp_path, loader):
     """load_model(dir, dtype=float32, quant="nf4") never holds the float32 model: peak anonymous memory
     growth stays below its size, while loading it whole and then quantizing (the non-streaming way) does
     not. The checkpoint is stored in bfloat16 (as released models are), so every float32 tensor is a new
@@ -374,8 +382,9 @@ def test_load_model_nf4_streams_below_the_float32_size(tmp_path):
     save_model(load_model("tiny").to(torch.bfloat16), tmp_path / "warm")
     del model
     script = textwrap.dedent(f"""
-        import sys, threading, torch
+        import argparse, sys, threading, torch
         sys.path.insert(0, {str(ROOT)!r})
+        import eval as ev
         import quant4
         from checkpoint import load_model
 
@@ -398,7 +407,7 @@ def test_load_model_nf4_streams_below_the_float32_size(tmp_path):
         sys.setswitchinterval(1e-5)
         for _ in range(2):  # warm up: the first call touches new code and allocator arenas
             load_model({str(tmp_path / "warm")!r}, dtype=torch.float32, quant='nf4')
-        streamed, net = peak_growth(lambda: load_model({str(d)!r}, dtype=torch.float32, quant='nf4'))
+        streamed, net = peak_growth(lambda: {STREAMING_LOADERS[loader].format(path=str(d))})
         del net
         whole, net = peak_growth(lambda: quant4.quantize_model(load_model({str(d)!r}, dtype=torch.float32)))
         print(streamed, whole)
@@ -406,7 +415,7 @@ def test_load_model_nf4_streams_below_the_float32_size(tmp_path):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     streamed, whole = map(int, out.stdout.split())
-    mib = f"streamed {streamed / 2**20:.1f} MiB, whole then quantized {whole / 2**20:.1f} MiB, " \
+    mib = f"{loader}: streamed {streamed / 2**20:.1f} MiB, whole then quantized {whole / 2**20:.1f} MiB, " \
           f"float32 model {fp32_bytes / 2**20:.1f} MiB"
     assert streamed < fp32_bytes, mib
     assert whole >= fp32_bytes * 0.9, mib  # the measurement does see a float32 model held at once
