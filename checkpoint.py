@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import quant4
-from errors import UserError
+from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions, ModelConfig, Transformer
 
 TMP_PREFIX = ".tmp-"  # temporary names start with this; readers skip them, cleaners may remove them
@@ -513,11 +513,12 @@ def main(argv=None):
     c.add_argument("src")
     c.add_argument("out")
     args = ap.parse_args(argv)
-    try:
+
+    def body():
         save_model(load_model(args.src, dtype=torch.float32), args.out)
         print(f"wrote {args.out}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+
+    if run_cli(body):
         sys.exit(1)
 
 

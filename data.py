@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError
+from errors import UserError, run_cli
 from tokenizer import IGNORE_INDEX, Tokenizer, chat_template_for, encode_chat, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -473,16 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-        print(format_stats(token_stats(args.file, tokenizer, args.template, args.on_bad_line)))
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: print(format_stats(token_stats(args.file, load_tokenizer(args.tokenizer), args.template,
+                                                          args.on_bad_line))))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ import model as llama
 import rope
 from checkpoint import SAFETENSORS_SINGLE, atomic_path, atomic_write_text, load_model, read_config, save_model
 from config import TrainConfig, resolve
-from errors import UserError
+from errors import UserError, run_cli
 from lora import load_adapter
 from parallel import Dist, barrier
 from tokenizer import BYTE_SPECIALS, BYTE_VOCAB_SIZE
@@ -459,10 +459,7 @@ def main(argv=None):
     p.add_argument("--overrides", default="", help="JSON ModelConfig fields over BASE_PRESET")
     p.add_argument("--out", default="/tmp/demo_pre")
     args = ap.parse_args(argv)
-    try:
-        pretrain(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if run_cli(lambda: pretrain(args)):
         sys.exit(1)
 
 

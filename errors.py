@@ -7,6 +7,27 @@ and keeps its traceback.
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A mistake in the command line, data or files: reported as one line, exit code 1."""
+
+
+def run_cli(body: Callable[[], object]) -> int:
+    """Run an entry point's body; return its exit code.
+
+    0 when it returns; 1 with one `error: ...` line on stderr for a UserError, or for an OSError on a path
+    the user named (unreadable, vanished, a file where a folder should be), which names that path. Any
+    other exception propagates with its traceback: it is a bug.
+    """
+    try:
+        body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0

@@ -46,7 +46,7 @@ import rope
 import ruler
 from checkpoint import load_model
 from data import list_files
-from errors import UserError
+from errors import UserError, run_cli
 from generate import generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
@@ -461,13 +461,7 @@ def evaluate(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        evaluate(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: (check_args(args), evaluate(args)))
 
 
 if __name__ == "__main__":

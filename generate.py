@@ -16,7 +16,7 @@ import sys
 import torch
 
 from checkpoint import load_model
-from errors import UserError
+from errors import UserError, run_cli
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -87,14 +87,15 @@ def main(argv=None):
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
-    try:
+
+    def body():
         if args.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         model, tok = load_model(args.model, dtype=torch.float32), load_tokenizer(args.model)
         ids = generate(model, tok.encode(args.prompt, bos=True), args.max_new_tokens, stop_ids=tok.eos_id)
         print(args.prompt + tok.decode(ids))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+
+    if run_cli(body):
         sys.exit(1)
 
 

@@ -48,7 +48,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from checkpoint import atomic_path, atomic_write_text, iter_checkpoint, load_model, read_json, save_model, strict_items
-from errors import UserError
+from errors import UserError, run_cli
 
 # ----------------------------------------------------------------------------- constants
 
@@ -507,13 +507,14 @@ def main(argv=None):
     ap.add_argument("out", help="output directory (must not exist or be empty)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = ap.parse_args(argv)
-    try:
+
+    def body():
         model = load_model(args.base, dtype=torch.float32)
         load_adapter(model, args.adapter)
         export_merged(model, args.out, getattr(torch, args.dtype))
         print(f"wrote {args.out}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+
+    if run_cli(body):
         sys.exit(1)
 
 

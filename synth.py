@@ -29,7 +29,7 @@ import torch
 
 from checkpoint import atomic_path, load_model
 from data import DataError, list_files, utf8_error
-from errors import UserError
+from errors import UserError, run_cli
 from generate import generate
 from tokenizer import CHAT_TEMPLATES, Tokenizer, chat_template_for, encode_chat, load_tokenizer
 
@@ -344,19 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body():
         tokenizer = load_tokenizer(args.tokenizer)
         gen = model_generate_text(args.generator, tokenizer, args.template) if args.generator else None
         counts = synth(args.docs, tokenizer, args.ctx, [k.strip() for k in args.kinds.split(",") if k.strip()],
                        args.out, args.n, args.seed, args.template, gen, args.generator)
         print(f"wrote {counts['written']} samples to {args.out} ({counts['failed']} failed to parse)")
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

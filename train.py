@@ -41,7 +41,7 @@ import rope
 import shift_attn
 from checkpoint import atomic_path, atomic_write_text, load_model
 from config import TrainConfig, choose_dtype
-from errors import UserError
+from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions
 from parallel import Dist, log0
 from tokenizer import load_tokenizer
@@ -371,7 +371,9 @@ def main(argv=None):
     given = vars(config.build_parser(__doc__.split("\n")[0]).parse_args(argv))
     recipe, dry_run, target = given.pop("recipe", None), given.pop("dry_run"), given.pop("suggest_base")
     d = None
-    try:
+
+    def body():
+        nonlocal d
         if target is not None:
             print(f"{suggest_base(given.get('model'), target):.4g}")
             return
@@ -385,11 +387,13 @@ def main(argv=None):
             demo.run(d, given, train)  # demo.py needs nothing above it: the trainer is handed in
             return
         train(config.resolve(given, recipe, d.world), d)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+
+    try:
+        code = run_cli(body)
     finally:
         parallel.destroy(d)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,3 +54,21 @@ def hf_llama(tmp_path, seed=0, **kw):
     d = tmp_path / f"hf_{seed}"
     model.save_pretrained(d)
     return model, d
+
+
+class StandInBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(64, 64, bias=False)
+        self.up_proj = nn.Linear(64, 128, bias=False)
+        self.norm = nn.LayerNorm(64)
+
+
+class StandInModel(nn.Module):
+    """Stand-in with Llama-like names for NF4 tests: embedding, layers.N.{q_proj, up_proj}, untied lm_head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(100, 64)
+        self.layers = nn.ModuleList(StandInBlock() for _ in range(2))
+        self.lm_head = nn.Linear(64, 100, bias=False)

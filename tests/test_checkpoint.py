@@ -21,7 +21,7 @@ import quant4 as Q
 from checkpoint import (TMP_PREFIX, assign_quantized, atomic_path, atomic_write_text, dequantize_gguf_block,
                         load_model, load_quantized_file, read_checkpoint, save_model, save_quantized, strict_items,
                         unpermute_qk)
-from conftest import hf_llama
+from conftest import StandInModel, hf_llama
 from errors import UserError
 from generate import generate
 
@@ -262,24 +262,6 @@ def test_convert_cli_writes_a_loadable_directory(tmp_path, capsys):
 # ----------------------------------------------------------------------------- NF4 streaming and quantized files
 
 
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(64, 64, bias=False)
-        self.up_proj = nn.Linear(64, 128, bias=False)
-        self.norm = nn.LayerNorm(64)
-
-
-class _TinyModel(nn.Module):
-    """Stand-in with Llama-like names: embedding, layers.N.{q_proj, up_proj}, tied-free lm_head."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(100, 64)
-        self.layers = nn.ModuleList(_Block() for _ in range(2))
-        self.lm_head = nn.Linear(64, 100, bias=False)
-
-
 def _zero(module):
     for t in module.parameters(recurse=False):
         t.data.zero_()
@@ -287,19 +269,19 @@ def _zero(module):
 
 def test_load_quantized_streaming_equals_quantize_model(tmp_path):
     torch.manual_seed(0)
-    source = _TinyModel().to(torch.bfloat16)
+    source = StandInModel().to(torch.bfloat16)
     state = source.state_dict()
-    reference = Q.quantize_model(_TinyModel().to(torch.bfloat16))
+    reference = Q.quantize_model(StandInModel().to(torch.bfloat16))
     reference.load_state_dict({k: v for k, v in Q.quantize_model(source).state_dict().items()})
     with torch.device("meta"):
-        skeleton = _TinyModel()
+        skeleton = StandInModel()
     loaded = assign_quantized(skeleton, iter(state.items()), "state", dtype=torch.bfloat16)
     for (name, a), (_, b) in zip(loaded.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
     # safetensors round trip into a fresh meta skeleton
     path = tmp_path / "q.safetensors"
     save_quantized(loaded, path)
-    fresh = Q.quantize_model(_TinyModel().apply(_zero).to(torch.bfloat16))
+    fresh = Q.quantize_model(StandInModel().apply(_zero).to(torch.bfloat16))
     load_quantized_file(fresh, path)
     for (name, a), (_, b) in zip(fresh.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -315,28 +297,28 @@ def test_load_quantized_streaming_equals_quantize_model(tmp_path):
     ),
 )
 def test_load_quantized_is_strict(edit, message):
-    state = dict(_TinyModel().state_dict())
+    state = dict(StandInModel().state_dict())
     edit(state)
     with torch.device("meta"):
-        skeleton = _TinyModel()
+        skeleton = StandInModel()
     with pytest.raises(UserError, match=message):
         assign_quantized(skeleton, iter(state.items()), "state")
 
 
 def test_load_quantized_file_missing_path(tmp_path):
     with pytest.raises(UserError, match="nope.safetensors"):
-        load_quantized_file(_TinyModel(), tmp_path / "nope.safetensors")
+        load_quantized_file(StandInModel(), tmp_path / "nope.safetensors")
 
 
 def test_load_quantized_file_is_strict(tmp_path):
-    model = Q.quantize_model(_TinyModel())
+    model = Q.quantize_model(StandInModel())
     path = tmp_path / "q.safetensors"
     save_quantized(model, path)
     state = load_file(path)
     state.pop("layers.1.up_proj.weight_packed")
     save_file(state, path)
     with pytest.raises(UserError, match=r"q.safetensors: tensor 'layers.1.up_proj.weight_packed' is missing"):
-        load_quantized_file(Q.quantize_model(_TinyModel()), path)
+        load_quantized_file(Q.quantize_model(StandInModel()), path)
 
 
 @pytest.mark.parametrize("tied", [False, True])

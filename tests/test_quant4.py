@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import StandInModel
 import torch.nn as nn
 
 import quant4 as Q
@@ -239,33 +240,15 @@ def test_bits_per_parameter_llama_layer():
 # ----------------------------------------------------------------------------- model-level
 
 
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(64, 64, bias=False)
-        self.up_proj = nn.Linear(64, 128, bias=False)
-        self.norm = nn.LayerNorm(64)
-
-
-class _TinyModel(nn.Module):
-    """Stand-in with Llama-like names: embedding, layers.N.{q_proj, up_proj}, tied-free lm_head."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(100, 64)
-        self.layers = nn.ModuleList(_Block() for _ in range(2))
-        self.lm_head = nn.Linear(64, 100, bias=False)
-
-
 def test_quantize_model_replaces_linears_except_skip():
-    model = Q.quantize_model(_TinyModel())
+    model = Q.quantize_model(StandInModel())
     assert isinstance(model.layers[1].up_proj, Q.Linear4bit)
     assert type(model.lm_head) is nn.Linear
 
 
 def test_empty_linear4bit_replaces_linears_on_meta():
     with torch.device("meta"):
-        model = _TinyModel()
+        model = StandInModel()
     layers = Q.empty_linear4bit(model, skip=("lm_head",), weight_dtype=torch.bfloat16)
     assert set(layers) == {f"layers.{i}.{n}.weight" for i in range(2) for n in ("q_proj", "up_proj")}
     assert model.layers[0].up_proj is layers["layers.0.up_proj.weight"] and model.layers[0].up_proj.weight_packed.is_meta
