@@ -196,6 +196,14 @@ def _sample(tokens: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
             "labels": torch.tensor(labels[1:], dtype=torch.long)}  # (T,)
 
 
+def _doc_sample(tokens: list[int], pos: list[int]) -> dict[str, torch.Tensor]:
+    """ctx + 1 tokens and their positions in their documents -> a shifted sample (Packer, doc_mask=True)."""
+    k = next((i for i in range(1, len(pos) - 1) if pos[i] == 0), len(pos) - 1)  # end of the first document
+    sample = _sample(tokens, [IGNORE_INDEX if p == 0 else t for t, p in zip(tokens, pos)])
+    sample["positions"] = torch.tensor([p - pos[0] for p in pos[:k]] + pos[k:-1], dtype=torch.long)  # (T,)
+    return sample
+
+
 class Packer:
     """Concatenate documents, each followed by EOS, and cut chunks of exactly ctx + 1 tokens.
 
@@ -204,29 +212,41 @@ class Packer:
     target in ctx + 1 and keeps counting simple. Every token is supervised, EOS included; attention is
     not masked across documents (the usual packing trade-off). The final partial chunk is dropped and
     counted in `dropped_tokens`.
+
+    doc_mask=True: each sample also carries `positions` (T,) that restart at 0 at each document start
+    (the convention of doc_attn.py, transformers' padding-free packing) and at the chunk start, where a
+    chunk continues a document (RoPE scores depend on position differences only, so that piece attends
+    as it would at its true offset). The target that starts another document, predicted across the
+    border, is -100 (as transformers' DataCollatorWithFlattening does): with attention masked at
+    borders it has no context, and so each document's loss is the loss it has alone.
     """
 
-    def __init__(self, ctx: int, eos_id: int):
+    def __init__(self, ctx: int, eos_id: int, doc_mask: bool = False):
         if ctx < 1:
             raise ValueError(f"ctx={ctx}; must be >= 1")
-        self.ctx, self.eos_id = ctx, eos_id
+        self.ctx, self.eos_id, self.doc_mask = ctx, eos_id, doc_mask
         self.buf: list[int] = []
+        self.pos: list[int] = []  # with doc_mask: each buffered token's position in its document
         self.start = 0  # buf[:start] is already packed (cut once per add, not once per chunk: O(n) not O(n^2))
         self.n_tokens = 0  # tokens entering the stream (documents + EOS)
         self.n_sequences = 0
 
     def add(self, ids: list[int]) -> Iterator[dict[str, torch.Tensor]]:
         del self.buf[:self.start]
+        del self.pos[:self.start]
         self.start = 0
         self.buf.extend(ids)
         self.buf.append(self.eos_id)
+        if self.doc_mask:
+            self.pos.extend(range(len(ids) + 1))
         self.n_tokens += len(ids) + 1
         n = self.ctx + 1
         while len(self.buf) - self.start >= n:
-            chunk = self.buf[self.start:self.start + n]
+            a = self.start
+            chunk = self.buf[a:a + n]
             self.start += n
             self.n_sequences += 1
-            yield _sample(chunk, chunk)
+            yield _doc_sample(chunk, self.pos[a:a + n]) if self.doc_mask else _sample(chunk, chunk)
 
     @property
     def dropped_tokens(self) -> int:
@@ -234,10 +254,10 @@ class Packer:
 
 
 def pack_documents(token_docs: Iterable[list[int]], ctx: int, eos_id: int,
-                   stats: dict | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Samples of exactly ctx positions from packed documents (see Packer). `stats`, if given, receives
-    n_sequences, n_tokens and dropped_tokens when the stream ends."""
-    packer = Packer(ctx, eos_id)
+                   stats: dict | None = None, doc_mask: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Samples of exactly ctx positions from packed documents (see Packer, also for doc_mask). `stats`, if
+    given, receives n_sequences, n_tokens and dropped_tokens when the stream ends."""
+    packer = Packer(ctx, eos_id, doc_mask)
     for ids in token_docs:
         yield from packer.add(ids)
     if stats is not None:
@@ -273,11 +293,12 @@ def chat_sequences(chats: Iterable[tuple[list[int], list[int]]], ctx: int, trunc
 
 
 def file_samples(paths, tokenizer: Tokenizer, ctx: int, template: str | None = None,
-                 truncate: bool = False, on_bad_line: str = "error") -> Iterator[dict[str, torch.Tensor]]:
+                 truncate: bool = False, on_bad_line: str = "error",
+                 doc_mask: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Samples from files in order: text records are packed ([bos if tokenizer.add_bos] + text, EOS after
-    each document), chat
+    each document; doc_mask: see Packer), chat
     records become one sample each (template from the tokenizer unless named)."""
-    packer = Packer(ctx, tokenizer._required(tokenizer.eos_id, "eos"))
+    packer = Packer(ctx, tokenizer._required(tokenizer.eos_id, "eos"), doc_mask)
     for rec in RecordReader(paths, on_bad_line):
         if rec.text is not None:
             yield from packer.add(tokenizer.encode(rec.text, bos=tokenizer.add_bos))
@@ -414,10 +435,10 @@ class Mixture:
 
 def build_mixture(spec: str, tokenizer: Tokenizer, ctx: int, template: str | None = None, seed: int = 0,
                   rank: int = 0, world_size: int = 1, cycle: bool = True, truncate: bool = False,
-                  on_bad_line: str = "error") -> Mixture:
-    """The trainer's entry point: a Mixture of file sources from a `path:weight,...` spec."""
+                  on_bad_line: str = "error", doc_mask: bool = False) -> Mixture:
+    """The trainer's entry point: a Mixture of file sources from a `path:weight,...` spec (doc_mask: Packer)."""
     sources = [Source(path, w, lambda epoch, p=path: file_samples(p, tokenizer, ctx, template, truncate,
-                                                                  on_bad_line))
+                                                                  on_bad_line, doc_mask))
                for path, w in parse_data_spec(spec)]
     return Mixture(sources, seed=seed, rank=rank, world_size=world_size, cycle=cycle)
 

@@ -121,6 +121,34 @@ def test_pack_documents_exact_and_lossless(ctx):
     assert chunks == stream[:len(chunks)]
 
 
+@pytest.mark.parametrize("ctx", [1, 7, 64])
+def test_doc_mask_packing_restarts_positions_and_masks_border_targets(ctx):
+    """Property: with doc_mask the inputs are the default packing's; positions restart at 0 exactly where
+    a document starts (and at the chunk start) and count up by one inside a document; the targets are the
+    default's except that a target starting another document is -100. The default carries no positions."""
+    rng = random.Random(ctx)
+    docs = [[rng.randrange(1000) for _ in range(rng.randrange(0, 50))] for _ in range(30)]
+    eos = 1000
+    plain = list(data.pack_documents(docs, ctx, eos))
+    masked = list(data.pack_documents(docs, ctx, eos, doc_mask=True))
+    assert len(plain) == len(masked) > 0 and all("positions" not in s for s in plain)
+    starts = []  # 1 where a stream token starts a document
+    for d in docs:
+        starts += [1] + [0] * len(d)
+    at = 0
+    for a, b in zip(plain, masked):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        first = starts[at:at + ctx + 1]  # the chunk's ctx + 1 stream tokens
+        want_pos, p = [], 0
+        for t in range(ctx):
+            p = 0 if t == 0 or first[t] else p + 1
+            want_pos.append(p)
+        assert b["positions"].tolist() == want_pos
+        want_labels = [-100 if first[t + 1] else int(a["labels"][t]) for t in range(ctx)]
+        assert b["labels"].tolist() == want_labels
+        at += ctx + 1
+
+
 def test_chat_sequences_drop_and_truncate():
     chats = [([1, 2, 3], [-100, 2, 3]), (list(range(10)), [-100] * 5 + list(range(5, 10)))]
     stats = {}
