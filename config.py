@@ -66,6 +66,13 @@ class TrainConfig:
     group_ratio: float = _f(0.25, "S²-Attn group size as a fraction of ctx", identity=True)
     full_attn_tail: float = _f(0.0, "with --attn s2: train this fraction of the steps, the last ones, with full "
                                     "attention", identity=True)
+    doc_mask: bool = _f(False, "attend within documents only: packed text carries positions that restart at 0 at "
+                               "each document start, and attention stops at document borders (no (T, T) mask); "
+                               "with --attn s2 the S² windows are cut inside each document, counted from its "
+                               "first token", identity=True)
+    pose: int | None = _f(None, "PoSE: spread the positions of each --ctx window over [0, TARGET) in 2 chunks with "
+                                "a random skip (Zhu et al. 2023); TARGET > ctx; a RoPE TYPE:auto factor uses "
+                                "TARGET", identity=True, metavar="TARGET")
     lr: float = _f(2e-4, "peak learning rate (AdamW, betas 0.9, 0.95)")
     warmup: int = _f(0, "linear warmup steps")
     schedule: str = _f("cosine", "lr after warmup: decay to 0 (cosine, linear) or constant",
@@ -266,6 +273,11 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         raise UserError(f"--full-attn-tail must be in [0, 1), got {cfg['full_attn_tail']}")
     if cfg["full_attn_tail"] and cfg["attn"] != "s2":
         raise UserError("--full-attn-tail only applies with --attn s2")
+    if cfg["pose"] is not None and cfg["pose"] <= cfg["ctx"]:
+        raise UserError(f"--pose must be a target length > --ctx {cfg['ctx']}, got {cfg['pose']}")
+    if cfg["pose"] is not None and cfg["doc_mask"]:
+        raise UserError("--pose and --doc-mask conflict: PoSE spreads one window's positions over the target, "
+                        "document masking restarts them at each document; give one")
     if not 0.0 < cfg["group_ratio"] <= 1.0:
         raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
     if cfg["data"] is None and not dry_run:

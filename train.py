@@ -34,9 +34,11 @@ from tqdm import tqdm
 import config
 import data as D
 import demo
+import doc_attn
 import lora
 import parallel
 import plan
+import pose
 import rope
 import shift_attn
 from checkpoint import atomic_path, atomic_write_text, load_model
@@ -59,7 +61,7 @@ def build_model(cfg: TrainConfig, d: Dist, dtype: torch.dtype):
                      seed=cfg.seed, memory=memory)
     mc = net.config
     mc.rope_theta, mc.rope_scaling = rope.override(mc.rope_theta, mc.rope_scaling, cfg.rope, cfg.rope_theta,
-                                                   original_len=mc.max_seq_len, ctx=cfg.ctx)
+                                                   original_len=mc.max_seq_len, ctx=cfg.pose or cfg.ctx)
     summary = lora.apply_lora(net, **cfg.lora_kwargs())
     net.to(d.device)
     return net, summary
@@ -101,7 +103,17 @@ def load_tok(cfg: TrainConfig):
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
     """The global deterministic sample stream of --data, this rank's shard (sample i -> rank i % world)."""
     return D.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
-                           rank=d.rank, world_size=d.world, truncate=cfg.truncate)
+                           rank=d.rank, world_size=d.world, truncate=cfg.truncate, doc_mask=cfg.doc_mask)
+
+
+def add_pose_positions(cfg: TrainConfig, batch: list[dict], step: int, d: Dist) -> list[dict]:
+    """--pose: each sample gets PoSE positions (pose.py) drawn from (--seed, its index in the global stream),
+    so resuming and the world size leave them unchanged. Rank r's j-th sample is global sample j * world + r."""
+    if cfg.pose is not None:
+        for i, b in enumerate(batch):
+            index = (step * cfg.grad_accum + i) * d.world + d.rank
+            b["positions"] = pose.pose_positions(b["input_ids"].numel(), cfg.pose, pose.sample_rng(cfg.seed, index))
+    return batch
 
 
 def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
@@ -282,15 +294,28 @@ def offload(cfg: TrainConfig, d: Dist):
 # ----------------------------------------------------------------------------- training
 
 
+def micro_inputs(cfg: TrainConfig, b: dict, attn_fn, d: Dist):
+    """(tokens, labels, positions, attn_fn) of one sample for the forward, on the device. positions: the
+    sample's own (--doc-mask, --pose), else None (0..T-1). --doc-mask: attention within the documents the
+    positions mark (doc_attn.py); S²-Attn (attn_fn not None) keeps the sequence's window
+    G = group_size_for(T, --group-ratio), cut inside each document."""
+    x, y = b["input_ids"][None].to(d.device), b["labels"][None].to(d.device)  # (1, T)
+    pos = b.get("positions")
+    if cfg.doc_mask and pos is not None:
+        G = shift_attn.group_size_for(pos.numel(), cfg.group_ratio)
+        attn_fn = doc_attn.document_attention(pos, None if attn_fn is None else shift_attn.make_attention(group_size=G))
+    return x, y, None if pos is None else pos[None].to(d.device), attn_fn
+
+
 def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: torch.Tensor, attn_fn) -> torch.Tensor:
     """The step's micro-steps: gradients accumulate d(sum NLL / N_sup); DDP syncs on the last one only.
     Returns this rank's NLL sum (float64)."""
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, b in enumerate(batch):
-        x, y = b["input_ids"][None].to(d.device), b["labels"][None].to(d.device)
+        x, y, pos, fn = micro_inputs(cfg, b, attn_fn, d)
         sync = i == len(batch) - 1 or d.world == 1
         with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d):
-            nll = ddp(x, attn_fn=attn_fn, labels=y, loss_chunk=cfg.loss_chunk)
+            nll = ddp(x, pos, attn_fn=fn, labels=y, loss_chunk=cfg.loss_chunk)
             (nll * (d.world / n_sup)).backward()  # DDP averages over ranks; undo it: sum / global count
         loss_sum += nll.detach().double().cpu()
     return loss_sum
@@ -308,6 +333,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     log0(d, "trainable:", json.dumps(summary))
     mixture = build_data(cfg, d, tokenizer)
     attn_fn = attention_fn(cfg)
+    if cfg.pose is not None:
+        log0(d, f"PoSE: each {cfg.ctx}-token window takes positions in 2 chunks, the second skipped by a random "
+                f"offset, covering [0, {cfg.pose}); drawn from --seed and the sample's index")
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     total = total_steps(cfg, tokenizer, d)
@@ -327,7 +355,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         t0, tokens_seen = time.perf_counter(), 0
         sparse_steps = total - round(cfg.full_attn_tail * total)  # S²-Attn (if chosen) before, full attention after
         while step < total:
-            batch = [next(stream) for _ in range(cfg.grad_accum)]
+            batch = add_pose_positions(cfg, [next(stream) for _ in range(cfg.grad_accum)], step, d)
             n_sup = parallel.all_reduce_sum(torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in batch))), d)
             if n_sup.item() == 0:
                 raise UserError(f"step {step}: no supervised tokens in this step's data (all labels are -100)")

@@ -19,12 +19,12 @@ BASE = {"model": "tiny", "ctx": 64, "data": "x.txt"}
 OLD_DEFAULTS = dict(
     model=None, data=None, ctx=None, quant="none", dtype=None, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
     lora_targets="q_proj,k_proj,v_proj,o_proj", train="", rslora=False, rope=None, rope_theta=None, attn="full",
-    group_ratio=0.25, full_attn_tail=0.0, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
+    group_ratio=0.25, full_attn_tail=0.0, doc_mask=False, pose=None, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
     steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False, loss_chunk=1024,
     mlp_chunk=0, save_attention=False, out="runs/train", save_every=0, keep=2, resume=False, merge=False,
     tokenizer=None, chat_template=None, truncate=False, nproc=None, log_every=1)
 OLD_IDENTITY = ("model", "ctx", "quant", "lora_r", "lora_alpha", "lora_targets", "train", "rope", "rope_theta",
-                "attn", "group_ratio", "full_attn_tail", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
+                "attn", "group_ratio", "full_attn_tail", "doc_mask", "pose", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
 
 
 # ----------------------------------------------------------------------------- fields
@@ -130,6 +130,8 @@ def test_resolve_order_defaults_recipe_given():
     ({"rope_theta": math.nan}, "--rope-theta must be positive"),
     ({"rope": "wobbly:3"}, "--rope 'wobbly:3'"),
     ({"rope": "linear:0.5"}, "--rope 'linear:0.5'"),
+    ({"pose": 64}, "--pose must be a target length > --ctx 64"),
+    ({"pose": 640, "doc_mask": True}, "--pose and --doc-mask conflict"),
 ])
 def test_resolve_errors_name_the_flag(given, needle):
     with pytest.raises(UserError) as e:
@@ -144,6 +146,14 @@ def test_resolve_accepts_every_recipe_and_rope_spelling():
         assert config.resolve({**BASE, "rope": spec}).rope == spec
     with pytest.raises(UserError, match="--recipe"):
         config.resolve(BASE, "magic")
+
+
+def test_doc_mask_and_pose_compose_with_s2_and_the_rope_methods():
+    assert config.resolve({**BASE, "doc_mask": True, "attn": "s2"}).doc_mask
+    for spec in ("linear:auto", "yarn:auto", "dynamic:4", "ntk:8", "llama3:8", None):
+        cfg = config.resolve({**BASE, "pose": 640, "rope": spec, "quant": "nf4", "attn": "s2"})
+        assert (cfg.pose, cfg.rope) == (640, spec)
+    assert {"--doc-mask", "--pose"} <= {o for a in config.build_parser()._actions for o in a.option_strings}
 
 
 def test_config_is_frozen():

@@ -1,6 +1,8 @@
 """train.py: user errors, the dry-run plan, single-process training, and (slow) multi-process equivalence,
 kill-and-resume determinism, the 80K path and memory scaling."""
+import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -59,6 +61,7 @@ def losses(out):
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--full-attn-tail", "0.5"], "only applies with --attn s2"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--save-every", "-1"], "--save-every must be"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--epochs", "0"], "--epochs must be"),
+    ([*TINY, "--ctx", "64", "--data", "{corpus}", "--pose", "64"], "--pose must be"),
 ])
 def test_user_errors_are_one_line(tmp_path, corpus, args, needle):
     (tmp_path / "empty.txt").write_text("")
@@ -139,7 +142,84 @@ def test_full_attention_tail_switches_the_last_steps_to_full_attention(tmp_path,
     assert s2[0] == tail[0] and abs(s2[1] - tail[1]) > 1e-4, (s2, tail)
 
 
+@pytest.fixture
+def short_docs(tmp_path):
+    """Many short documents (this project's lines cut to 10..30 bytes, one JSONL record each): every
+    64-token chunk crosses document borders."""
+    lines = [l.strip() for l in (ROOT / "model.py").read_text().splitlines() if len(l.strip()) > 10][:300]
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": l[:10 + i % 21]}) + "\n" for i, l in enumerate(lines)))
+    return path
+
+
+def test_doc_mask_and_pose_train_with_nf4_yarn_and_s2(tmp_path, short_docs):
+    """--doc-mask and --pose each change the run (attention stops at borders; positions reach 640), both
+    with NF4, a RoPE method and S²-Attn; PoSE says what it does once. Exactness is test_doc_attn's and
+    test_pose's."""
+    common = [*TINY, "--ctx", "64", "--data", str(short_docs), "--steps", "1", "--attn", "s2",
+              "--quant", "nf4", "--rope", "yarn:4"]
+    outs = {}
+    for name, extra in (("plain", []), ("doc", ["--doc-mask"]), ("pose", ["--pose", "640"])):
+        r = run([*common, *extra, "--out", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr
+        assert (r.stdout.count("PoSE:") == 1) == (name == "pose"), r.stdout
+        outs[name] = losses(tmp_path / name)
+        assert len(outs[name]) == 1 and all(math.isfinite(l) for l in outs[name])
+    # float32 on CPU is deterministic: a flag that did nothing would give the same losses bit for bit
+    assert outs["doc"] != outs["plain"] and outs["pose"] != outs["plain"], outs
+
+
+def test_pose_positions_follow_the_global_sample_and_doc_mask_chooses_document_attention():
+    """In process: rank r's micro-step i of step s is global sample (s * accum + i) * world + r, so 2 ranks
+    x accum 1 draw the positions of 1 rank x accum 2; --doc-mask with S²-Attn equals doc_attn with the
+    sequence's window G inside each document (the float64 reference is test_doc_attn's)."""
+    import config
+    import doc_attn
+    import pose
+    import shift_attn
+    import train
+    from parallel import Dist
+    cpu = torch.device("cpu")
+    cfg = config.resolve({"model": "tiny", "ctx": 64, "data": "x", "pose": 640, "grad_accum": 2})
+    one = train.add_pose_positions(cfg, [{"input_ids": torch.zeros(64)} for _ in range(2)], 3, Dist(0, 0, 1, cpu))
+    cfg2 = dataclasses.replace(cfg, grad_accum=1)
+    two = [train.add_pose_positions(cfg2, [{"input_ids": torch.zeros(64)}], 3, Dist(r, r, 2, cpu))[0]
+           for r in range(2)]
+    for a, b in zip(one, two):
+        assert torch.equal(a["positions"], b["positions"])
+    assert torch.equal(one[1]["positions"], pose.pose_positions(64, 640, pose.sample_rng(0, 7)))
+
+    cfg = config.resolve({"model": "tiny", "ctx": 40, "data": "x", "doc_mask": True, "attn": "s2"})
+    pos = torch.cat([torch.arange(n) for n in (13, 27)])
+    b = {"input_ids": torch.zeros(40, dtype=torch.long), "labels": torch.zeros(40, dtype=torch.long), "positions": pos}
+    x, y, p, fn = train.micro_inputs(cfg, b, train.attention_fn(cfg), Dist(0, 0, 1, cpu))
+    assert torch.equal(p, pos[None])
+    q, k, v = (torch.randn(1, h, 40, 8, dtype=torch.float64) for h in (4, 2, 2))
+    ref = doc_attn.document_attention(pos, shift_attn.make_attention(group_size=10))(q, k, v)  # G = 40 / 4
+    assert torch.equal(fn(q, k, v), ref)
+    assert not torch.allclose(fn(q, k, v), train.attention_fn(cfg)(q, k, v))
+
+
 # ----------------------------------------------------------------------------- slow: processes
+
+
+@pytest.mark.slow
+def test_pose_and_doc_mask_resume_reproduces_the_uninterrupted_run(tmp_path, short_docs):
+    """PoSE positions come from (--seed, sample index) and doc-mask positions from the data cursor, so
+    3 steps equal 2 steps, then --resume to 3 (bit for bit)."""
+    for extra in (["--pose", "640"], ["--doc-mask"]):
+        name = extra[0].strip("-")
+        common = [*TINY, "--ctx", "64", "--data", str(short_docs), "--lr", "1e-2", "--save-every", "1",
+                  "--schedule", "constant", *extra]  # constant: the 2-step run has the 3-step run's lrs
+        ref, out = tmp_path / f"{name}-ref", tmp_path / f"{name}-resumed"
+        assert run([*common, "--steps", "3", "--out", str(ref)]).returncode == 0
+        assert run([*common, "--steps", "2", "--out", str(out)]).returncode == 0
+        r = run([*common, "--steps", "3", "--out", str(out), "--resume"])
+        assert r.returncode == 0, r.stderr
+        a, b = adapter_tensors(ref), adapter_tensors(out)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+        assert losses(ref) == losses(out)
 
 
 @pytest.mark.slow
