@@ -25,6 +25,11 @@ Note: per-document calls, not a mask.
     and nothing of size (T, T) is ever formed. Rows with different bounds (B > 1, positions (B, T)) are
     cut one row at a time. FlexAttention would take a block mask instead, but it has no backward on CPU
     (shift_attn.py's note), and torch's varlen attention (`torch.nn.attention.varlen`) runs on CUDA only.
+
+Note: with compiled blocks (--compile) the bounds are part of the traced function, so a new number of
+    documents in a row compiles the block again (new lengths with the same count do not, after the
+    first recompile marks them dynamic); past dynamo's recompile limit the block runs eager. Results
+    are the same either way.
 """
 from __future__ import annotations
 
