@@ -295,3 +295,150 @@ def test_table_size():
     """The table covers at least 60 distinct bad inputs over every entry point."""
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
     assert {c[1] for c in CASES} == set(MAINS)
+
+
+# ----------------------------------------------------------------------------- guards (fast)
+
+
+def test_grad_watch_stops_on_non_finite_and_warns_once_on_zero(capsys):
+    from guards import GradWatch
+    from parallel import Dist
+    from errors import UserError
+    d = Dist(rank=0, local_rank=0, world=1, device=torch.device("cpu"))
+    w = GradWatch(d, zero_steps=3)
+    for step in range(1, 8):
+        w.check(step, torch.tensor(0.0), lambda: None)
+    assert capsys.readouterr().err.count("warning: gradient norm is exactly 0") == 1
+    with pytest.raises(UserError, match=r"step 9: gradient norm is nan.*ckpt-7"):
+        w.check(9, torch.tensor(float("nan")), lambda: Path("ckpt-7"))
+
+
+# ----------------------------------------------------------------------------- interrupts, resume, full disk (slow)
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [*TINY, "--lora-r", "2", "--schedule", "constant"]
+
+
+def start(args, **kw):
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, **kw)
+
+
+def finish(args):
+    p = start(args)
+    out, err = p.communicate(timeout=600)
+    return p.returncode, out, err
+
+
+def metric_lines(out: Path) -> int:
+    f = out / "metrics.jsonl"
+    return len(f.read_text().splitlines()) if f.is_file() else 0
+
+
+def wait_for_step(out: Path, k: int, proc, timeout=120.0):
+    import time
+    t = time.time()
+    while metric_lines(out) < k and proc.poll() is None and time.time() - t < timeout:
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_sigint_with_save_every_0_saves_and_resume_is_bit_identical(tmp_path, assets):
+    import random
+    import signal
+    k = random.Random().randint(2, 40)
+    args = [*RUN, "--data", str(assets / "text.txt"), "--steps", "120"]
+    code, _, err = finish([*args, "--out", str(tmp_path / "whole")])
+    assert code == 0, err[-2000:]
+    p = start([*args, "--out", str(tmp_path / "cut")])
+    wait_for_step(tmp_path / "cut", k, p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and "Traceback" not in err, (k, err[-2000:])
+    assert "--resume" in err and "checkpoint" in err, err[-1000:]
+    assert list((tmp_path / "cut").glob("ckpt-*")), f"no checkpoint after SIGINT at step ~{k}"
+    code, _, err = finish([*args, "--out", str(tmp_path / "cut"), "--resume"])
+    assert code == 0, err[-2000:]
+    a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f"SIGINT near step {k}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigint-twice", "kill-9"])
+def test_interrupted_saves_leave_no_tmp_after_resume(tmp_path, assets, how):
+    import random
+    import signal
+    import time
+    rng = random.Random()
+    args = [*RUN, "--data", str(assets / "text.txt"), "--steps", "60", "--save-every", "1", "--keep", "2"]
+    for trial in range(4):
+        out = tmp_path / f"t{trial}"
+        p = start([*args, "--out", str(out)])
+        wait_for_step(out, rng.randint(1, 20), p)
+        time.sleep(rng.random() * 0.01)
+        if how == "kill-9":
+            p.kill()
+        else:
+            p.send_signal(signal.SIGINT)
+            time.sleep(rng.random() * 0.003)
+            p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode != 0 and "Traceback" not in err, err[-2000:]
+        code, _, err = finish([*args, "--out", str(out), "--resume"])
+        assert code == 0, err[-2000:]
+        left = [str(q) for q in out.rglob(".tmp-*")]
+        assert not left, left
+
+
+@pytest.mark.slow
+def test_resume_with_a_new_lr_logs_it_and_trains_at_it(tmp_path, assets):
+    out = tmp_path / "run"
+    base = [*RUN, "--data", str(assets / "text.txt"), "--out", str(out)]
+    code, _, err = finish([*base, "--steps", "3", "--lr", "1e-3"])
+    assert code == 0, err[-2000:]
+    code, stdout, err = finish([*base, "--steps", "6", "--lr", "5e-4", "--resume"])
+    assert code == 0, err[-2000:]
+    assert "--lr 0.001 -> 0.0005" in stdout and "--steps 3 -> 6" in stdout, stdout[-1500:]
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    # constant schedule, no warmup: each record's lr is the lr of the step that follows it and of itself
+    assert [r["lr"] for r in recs] == [1e-3] * 3 + [5e-4] * 3
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    import subprocess
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield d
+    subprocess.run(["umount", str(d)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_the_previous_checkpoint_stays(small_disk, assets):
+    out = small_disk / "run"
+    args = [*RUN, "--data", str(assets / "text.txt"), "--out", str(out), "--save-every", "1", "--keep", "2"]
+    code, _, err = finish([*args, "--steps", "2"])
+    assert code == 0, err[-2000:]
+    ckpt = out / "ckpt-0000002"
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    st = os.statvfs(small_disk)
+    free = st.f_bavail * st.f_frsize
+    with open(small_disk / "filler", "wb") as f:  # leave room for metrics lines, not for another checkpoint
+        f.write(b"\0" * max(0, free - size // 2))
+    code, stdout, err = finish([*args, "--steps", "4", "--resume"])
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert "No space left on device" in errors[0], errors
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    load_file(str(ckpt / "optimizer.safetensors"))
+    load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    assert not list(out.rglob(".tmp-*"))
