@@ -86,8 +86,8 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, replace: bool = T
             shutil.rmtree(path)
         os.replace(tmp, path)
         tmp = None
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        raise UserError(f"{path}: cannot write ({getattr(e, 'strerror', None) or e})") from None
     finally:
         if tmp is not None:
             _remove(tmp)
@@ -140,12 +140,13 @@ def iter_checkpoint(path: str | os.PathLike) -> Items:
     """Yield (name, tensor, file) from a safetensors checkpoint directory or file, one tensor at a time."""
     path = Path(path)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES or path.is_dir() and not _safetensors_files(path) \
-            and any(path.glob("*" + s) for s in PICKLE_SUFFIXES):
+            and any(any(path.glob("*" + s)) for s in PICKLE_SUFFIXES):
         raise UserError(f"{path}: pickle checkpoints are never loaded (they can run code); convert once with "
                         "transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)")
     files = [path] if path.is_file() else _safetensors_files(path) if path.is_dir() else []
     if not files:
-        raise UserError(f"{path}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found")
+        what = "the weights are missing" if (path / "config.json").is_file() else "not a model"
+        raise UserError(f"{path}: {what}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found")
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:

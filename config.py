@@ -87,6 +87,7 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
     keep: int = _f(2, "checkpoints to keep")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    resume_from: str | None = _f(None, "continue from this checkpoint folder (e.g. an older intact OUT/ckpt-N)")
     merge: bool = _f(False, "also write a merged HF model to OUT/merged")
     tokenizer: str | None = _f(None, "tokenizer path (default: the model's; 'bytes' for byte level)")
     chat_template: str | None = _f(None, "llama-3, llama-2, chatml (default: from the tokenizer)")
@@ -224,6 +225,27 @@ def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+POSITIVE = ("lr", "lora_alpha")  # finite and > 0
+NON_NEGATIVE = ("clip", "weight_decay", "warmup")  # finite and >= 0
+TRAINABLE = ("embed", "norm", "lm_head")  # --train's names (lora.apply_lora's `trainable`)
+
+
+def check_numbers(cfg: dict) -> None:
+    """The numbers that must be finite and positive (or >= 0), --lora-dropout in [0, 1), --epochs finite,
+    --train's names: one UserError naming the flag, before anything loads."""
+    for key in POSITIVE + NON_NEGATIVE:
+        v = cfg[key]
+        if not (math.isfinite(v) and (v > 0 if key in POSITIVE else v >= 0)):
+            raise UserError(f"{flag(key)} must be finite and {'> 0' if key in POSITIVE else '>= 0'}, got {v}")
+    if not 0.0 <= cfg["lora_dropout"] < 1.0:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg['lora_dropout']}")
+    if cfg["epochs"] is not None and not math.isfinite(cfg["epochs"]):
+        raise UserError(f"--epochs must be finite, got {cfg['epochs']}")
+    unknown = [t for t in cfg["train"].split(",") if t and t not in TRAINABLE]
+    if unknown:
+        raise UserError(f"--train {cfg['train']!r}: unknown {unknown}; choose from {', '.join(TRAINABLE)}")
+
+
 def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run: bool = False) -> TrainConfig:
     """Defaults, then the recipe, then the given settings (None counts as not given); then every check.
 
@@ -270,6 +292,7 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
     if cfg["data"] is None and not dry_run:
         raise UserError("--data is required (e.g. --data long.jsonl:0.6,short.jsonl:0.4)")
+    check_numbers(cfg)
     theta = cfg["rope_theta"]
     if theta is not None and not (math.isfinite(theta) and theta > 0):
         raise UserError(f"--rope-theta must be positive and finite, got {theta}")

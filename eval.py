@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import rope
 import ruler
-from checkpoint import load_model
+from checkpoint import atomic_write_text, load_model, read_config
 from data import list_files
 from errors import UserError, run_cli
 from generate import generate
@@ -265,9 +265,7 @@ def git_revision() -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def label(row: dict) -> str:
@@ -408,6 +406,10 @@ def load(spec: str, adapter: str | None, args):
     tok = load_tokenizer(args.tokenizer or ("bytes" if spec in PRESETS else spec))
     # A preset is random weights for tests and dry runs: its vocabulary is sized to the tokenizer's.
     overrides = {"vocab_size": tok.vocab_size} if spec in PRESETS else {}
+    vocab = read_config(spec).vocab_size if Path(spec).is_dir() else None
+    if vocab is not None and tok.vocab_size > vocab:
+        raise UserError(f"--tokenizer {tok.name}: {tok.vocab_size} tokens, more than the vocab_size {vocab} of "
+                        f"--model {spec}; use the model's own tokenizer")
     model = load_model(spec, dtype=dtype, quant=args.quant, seed=args.seed, **overrides).eval()  # streams NF4
     if adapter is not None:
         load_adapter(model, adapter)
@@ -416,8 +418,9 @@ def load(spec: str, adapter: str | None, args):
 
 def evaluate(args) -> list[dict]:
     """Every (model, adapter) x RoPE row; identical effective settings are computed once and reused."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by the first write_json: a run that fails before any result leaves none
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
     meta = {"task": args.task, "git_revision": git_revision(), "dtype": args.dtype, "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride,

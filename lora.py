@@ -325,6 +325,9 @@ def save_adapter(model: nn.Module, dir: str | os.PathLike, base_model_path: str 
     state = {PEFT_PREFIX + n: t.contiguous() for n, t in lora_state_dict(model).items()}
     if config["ensure_weight_tying"]:  # PEFT stores the tied matrix under both names
         state[f"{PEFT_PREFIX}{LM_HEAD}.weight"] = state[f"{PEFT_PREFIX}{EMBED}.weight"].clone()
+    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"{dir}: not written: tensor {bad[0]!r} holds NaN or infinite values")
     d = Path(dir)
     with atomic_path(d / ADAPTER_WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -453,6 +456,9 @@ def load_adapter(model: nn.Module, dir: str | os.PathLike) -> dict:
                 raise UserError(f"{weights}: tensor {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix; "
                                  "not a PEFT LoRA adapter for a causal LM")
             name = key.removeprefix(PEFT_PREFIX)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UserError(f"{weights}: tensor {key!r} holds NaN or infinite values; refusing to load or "
+                                 "merge it (resume from an earlier checkpoint)")
             if tied_head and name == f"{LM_HEAD}.weight":
                 continue  # PEFT's copy of the tied matrix; the embedding is the one kept
             yield name, tensor
@@ -496,6 +502,9 @@ def export_merged(model: nn.Module, dir: str | os.PathLike, dtype: torch.dtype =
     merge_lora(model, dtype)
     dequantize_linears(model, dtype)
     model.to(dtype)
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise UserError(f"{dir}: not written: merged tensor {bad!r} holds NaN or infinite values")
     save_model(model, dir)
     return model
 

@@ -23,6 +23,7 @@ D head dim, C model dim, F ffn dim, V vocab.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -86,6 +87,7 @@ class ModelConfig:
         arch = cfg.get("model_type", "llama")
         if arch not in ("llama", "mistral") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise UserError(f"{where}: model_type {arch!r} (or attention/MLP biases) is not a Llama model this project loads")
+        check_hf_fields(cfg, where)
         try:
             theta, scaling = rope.rope_from_hf(cfg)
             n_heads = cfg["num_attention_heads"]
@@ -135,6 +137,24 @@ class ModelConfig:
             "mlp_bias": False,
             **rope.rope_to_hf(self.rope_theta, self.rope_scaling, head_dim=self.head_dim),
         }
+
+
+HF_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "intermediate_size", "max_position_embeddings")
+HF_FLOATS = ("rms_norm_eps", "rope_theta")
+
+
+def check_hf_fields(cfg: dict, where: str) -> None:
+    """Sizes are positive integers, rms_norm_eps and rope_theta positive finite numbers (a field that is
+    absent or null is left to from_hf); a UserError names the file and the field."""
+    for key in HF_INTS + HF_FLOATS:
+        v = cfg.get(key)
+        if v is None or (key in ("head_dim", "num_key_value_heads") and v == 0):
+            continue
+        kind = int if key in HF_INTS else (int, float)
+        if isinstance(v, bool) or not isinstance(v, kind) or not (math.isfinite(v) and v > 0):
+            want = "a positive integer" if key in HF_INTS else "a positive finite number"
+            raise UserError(f"{where}: field {key!r} must be {want}, got {v!r}")
 
 
 def _original_len(cfg: dict, scaling: dict | None) -> int:

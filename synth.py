@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
+        if args.n < 1:
+            raise UserError(f"--n must be >= 1, got {args.n}")
         tokenizer = load_tokenizer(args.tokenizer)
         gen = model_generate_text(args.generator, tokenizer, args.template) if args.generator else None
         counts = synth(args.docs, tokenizer, args.ctx, [k.strip() for k in args.kinds.split(",") if k.strip()],

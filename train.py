@@ -28,23 +28,25 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import config
 import data as D
 import demo
+import guards
 import lora
 import parallel
 import plan
 import rope
 import shift_attn
-from checkpoint import atomic_path, atomic_write_text, load_model
+from checkpoint import atomic_path, atomic_write_text, load_model, read_json
 from config import TrainConfig, choose_dtype
 from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions
 from parallel import Dist, log0
-from tokenizer import load_tokenizer
+from tokenizer import CHAT_TEMPLATES, load_tokenizer
 
 CKPT_PREFIX = "ckpt-"
 
@@ -96,6 +98,26 @@ def load_tok(cfg: TrainConfig):
     """--tokenizer, else the model's own (byte level for presets)."""
     spec = cfg.tokenizer or cfg.model
     return load_tokenizer("bytes" if spec in PRESETS else spec)
+
+
+def preflight(cfg: TrainConfig, tokenizer, d: Dist) -> None:
+    """Checks that need files but load no weights: the --data spec, the tokenizer against the model's
+    vocabulary, --out a folder; then `.tmp-*` debris of an interrupted write in --out is removed."""
+    D.parse_data_spec(cfg.data)
+    if cfg.chat_template is not None and cfg.chat_template not in CHAT_TEMPLATES:
+        raise UserError(f"--chat-template {cfg.chat_template!r}: unknown; choose one of {sorted(CHAT_TEMPLATES)}")
+    if cfg.model in PRESETS or Path(cfg.model).is_dir():
+        vocab = plan.model_config(cfg.model).vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise UserError(f"--tokenizer {tokenizer.name}: {tokenizer.vocab_size} tokens, more than the vocab_size "
+                            f"{vocab} of --model {cfg.model}; use the model's own tokenizer")
+    out = Path(cfg.out)
+    bad = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise UserError(f"--out {out}: {bad} is a file, not a folder")
+    if d.main:
+        for p in guards.remove_debris(out):
+            log0(d, f"removed {p} (left by an interrupted save)")
 
 
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
@@ -185,27 +207,69 @@ def check_same_run(saved: dict, cfg: TrainConfig, where: Path):
                             f"{getattr(cfg, k)!r}; use a new --out or the same flags")
 
 
+def previous_checkpoint(ckpt: Path) -> Path | None:
+    """The newest complete checkpoint beside `ckpt` and older than it."""
+    older = [p for p in sorted(ckpt.parent.glob(CKPT_PREFIX + "*")) if p.name < ckpt.name
+             and (p / "trainer_state.json").is_file()]
+    return older[-1] if older else None
+
+
+def read_tensors(path: Path, ckpt: Path) -> dict:
+    """A checkpoint's safetensors file, or one UserError naming it and the older checkpoint to use."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: unreadable ({e}){fallback_hint(ckpt)}") from None
+
+
+def fallback_hint(ckpt: Path) -> str:
+    prev = previous_checkpoint(ckpt)
+    return f"; resume from the previous intact checkpoint with --resume-from {prev}" if prev else ""
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'key old -> new' for the settings (not config.IDENTITY) a resumed run changes."""
+    skip = set(config.IDENTITY) | {"resume", "resume_from", "recipe", "out"}
+    return [f"{config.flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
+            if k not in skip and k in saved and saved[k] != v]
+
+
 def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> int:
     """The step to start from: with --resume the newest checkpoint's (adapter, optimizer, schedule, data
-    cursor and RNG restored), else 0; an --out holding another run's checkpoints is refused."""
-    ckpt = newest_checkpoint(out) if cfg.resume else None
+    cursor and RNG restored), with --resume-from that checkpoint's, else 0; an --out holding another run's
+    checkpoints is refused. The settings that may change (lr, schedule, steps, ...) are this run's from the
+    resumed step on: lr = --lr x schedule(step) with this run's schedule and total."""
+    if cfg.resume_from is not None and not (Path(cfg.resume_from) / "trainer_state.json").is_file():
+        raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
+    ckpt = Path(cfg.resume_from) if cfg.resume_from else newest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
         log0(d, f"--resume: no checkpoint in {out}; starting fresh")
     if ckpt is None:
         if out.exists() and newest_checkpoint(out) is not None:
             raise UserError(f"{out}: holds checkpoints of an earlier run; pass --resume or choose a new --out")
         return 0
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    check_same_run(state["config"], cfg, ckpt)
+    where = ckpt / "trainer_state.json"
+    try:
+        state = read_json(where, "")
+        step, saved, scheduler, cursor = state["step"], state["config"], state["scheduler"], state["data_cursor"]
+    except (UserError, KeyError) as e:
+        raise UserError(f"{where}: unreadable trainer state ({e}){fallback_hint(ckpt)}") from None
+    check_same_run(saved, cfg, ckpt)
+    optimizer, rngs = read_tensors(ckpt / "optimizer.safetensors", ckpt), read_tensors(ckpt / "rng.safetensors", ckpt)
     lora.load_adapter(net, ckpt / "adapter")
-    load_optimizer_tensors(opt, trained_names(net), load_file(str(ckpt / "optimizer.safetensors")))
-    sched.load_state_dict(state["scheduler"])
+    load_optimizer_tensors(opt, trained_names(net), optimizer)
+    sched.load_state_dict(scheduler)
+    sched.base_lrs = [cfg.lr for _ in opt.param_groups]  # this run's --lr, not the saved one
+    sched._last_lr = [cfg.lr * f(step) for f in sched.lr_lambdas]
     for g, lr in zip(opt.param_groups, sched.get_last_lr()):
-        g["lr"] = lr
-    mixture.load_state_dict(state["data_cursor"][d.rank])
-    set_rng_state(load_file(str(ckpt / "rng.safetensors"))[f"rank{d.rank}"], d)
-    log0(d, f"resumed from {ckpt} at step {state['step']}")
-    return state["step"]
+        g["lr"], g["initial_lr"] = lr, cfg.lr
+    mixture.load_state_dict(cursor[d.rank])
+    if f"rank{d.rank}" not in rngs:
+        raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{fallback_hint(ckpt)}")
+    set_rng_state(rngs[f"rank{d.rank}"], d)
+    changed = changed_settings(saved, cfg)
+    log0(d, f"resumed from {ckpt} at step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    return step
 
 
 def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
@@ -303,6 +367,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     dtype = choose_dtype(cfg.dtype, d.device)
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
+    preflight(cfg, tokenizer, d)
     net, summary = build_model(cfg, d, dtype)
     log0(d, json.dumps(cfg.to_dict(), indent=2))
     log0(d, "trainable:", json.dumps(summary))
@@ -323,7 +388,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     net.train()
     stream = iter(mixture)
     # loop: one optimizer step = grad_accum micro-steps on every rank
-    with Progress(d, total, step, cfg.log_every) as bar:
+    watch = guards.GradWatch(d)
+    with Progress(d, total, step, cfg.log_every) as bar, guards.Interrupts(d) as stop:
         t0, tokens_seen = time.perf_counter(), 0
         sparse_steps = total - round(cfg.full_attn_tail * total)  # S²-Attn (if chosen) before, full attention after
         while step < total:
@@ -338,6 +404,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                 last = newest_checkpoint(out)
                 raise UserError(f"step {step + 1}: loss is {loss}; stopping. Last good checkpoint: {last or 'none'}")
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            watch.check(step + 1, gnorm, lambda: newest_checkpoint(out))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -348,6 +415,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
             bar.update(rec)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
+            if stop.requested() and step < total:  # SIGINT/SIGTERM: this step is done; keep it and stop
+                save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
+                raise UserError(stop.message(out / f"{CKPT_PREFIX}{step:07d}", step))
         # save: the last checkpoint, then the adapter (and merged model)
         save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
     finish(cfg, net, out, d, step)
@@ -386,7 +456,9 @@ def main(argv=None):
                 raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
             demo.run(d, given, train)  # demo.py needs nothing above it: the trainer is handed in
             return
-        train(config.resolve(given, recipe, d.world), d)
+        cfg = config.resolve(given, recipe, d.world)
+        with guards.discard_if_untrained(cfg.out, d):
+            train(cfg, d)
 
     try:
         code = run_cli(body)

@@ -77,7 +77,7 @@ def test_cli_scores_equal_with_chunked_prefill(tmp_path):
     for chunk in ("0", "7"):
         assert run_main("ppl", *common, "--docs", str(docs), "--prefill-chunk", chunk, "--out", str(tmp_path / chunk)) == 0
         res[chunk] = json.loads((tmp_path / chunk / "ppl.json").read_text())
-        assert run_main("passkey", "--model", "tiny", "--lengths", "200", "--depths", "0.5", "--prefill-chunk", chunk,
+        assert run_main("passkey", "--model", "tiny", "--lengths", "256", "--depths", "0.5", "--prefill-chunk", chunk,
                         "--out", str(tmp_path / chunk)) == 0
         res[chunk + "p"] = json.loads((tmp_path / chunk / "passkey.json").read_text())
     for a, b in zip(res["0"]["rows"], res["7"]["rows"]):
