@@ -253,3 +253,28 @@ def test_smollm2_in_llama_cpp(smollm2_merged):
     agree = (theirs.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"llama.cpp: argmax agreement {agree:.3f}, max |logit diff| {(theirs - ref).abs().max().item():.3f}")
     assert agree >= 0.95
+
+
+# ----------------------------------------------------------------------------- train.py --merge --gguf
+
+
+@pytest.mark.slow  # two train.py subprocesses, ~10 s
+def test_train_merge_writes_gguf(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    _, d = tiny_dir(tmp_path, "linear")
+    (tmp_path / "corpus.txt").write_text((root / "rope.py").read_text())
+    out = tmp_path / "out"
+    common = [sys.executable, str(root / "train.py"), "--model", str(d), "--ctx", "64", "--data",
+              str(tmp_path / "corpus.txt"), "--steps", "2", "--lr", "1e-2", "--out", str(out)]
+    r = subprocess.run([*common, "--gguf", "q8_0"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 1 and "--gguf" in r.stderr and "--merge" in r.stderr
+    r = subprocess.run([*common, "--merge", "--gguf", "f32", "--dtype", "float32"], capture_output=True, text=True,
+                       timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    merged, exported = load_model(out / "merged"), load_model(out / "merged.gguf")
+    assert exported.config.rope_scaling == merged.config.rope_scaling
+    x = inputs()
+    torch.testing.assert_close(logits(exported, *x), logits(merged, *x), atol=1e-6, rtol=0)
