@@ -234,9 +234,11 @@ def test_smollm2_merged_round_trip(smollm2_merged):
     ref = logits(m, tokens, None)
     ours = logits(load_model(out, dtype=torch.float32), tokens, None)
     theirs = transformers_logits(out, m.config, tokens)
-    # f16 weights (11-bit mantissa) through 30 layers: the logits (max |l| ~ 30) move by ~0.05; stated bar 0.2,
+    # f16 weights (11-bit mantissa) through 30 layers: the logits (max |l| 42) moved by 0.052 here; stated bar 0.2,
     # with next-token argmax agreeing at >= 98% of positions.
-    for got in (ours, theirs):
+    for who, got in (("ours", ours), ("transformers", theirs)):
+        print(f"{who}: max |logit diff| {(got - ref).abs().max().item():.4f} (max |logit| {ref.abs().max().item():.1f}), "
+              f"argmax agreement {(got.argmax(-1) == ref.argmax(-1)).float().mean().item():.3f}")
         assert (got - ref).abs().max() < 0.2
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.98
     torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=0)  # same f16 weights, float32 maths
