@@ -89,6 +89,8 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
     resume_from: str | None = _f(None, "continue from this checkpoint folder (e.g. an older intact OUT/ckpt-N)")
     merge: bool = _f(False, "also write a merged HF model to OUT/merged")
+    gguf: str | None = _f(None, "with --merge, also write OUT/merged.gguf for llama.cpp/Ollama in this tensor type",
+                          choices=("f16", "bf16", "q8_0", "f32"))
     tokenizer: str | None = _f(None, "tokenizer path (default: the model's; 'bytes' for byte level)")
     chat_template: str | None = _f(None, "llama-3, llama-2, chatml (default: from the tokenizer)")
     truncate: bool = _f(False, "truncate chat samples longer than ctx (default: drop)")
@@ -290,6 +292,11 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         raise UserError("--full-attn-tail only applies with --attn s2")
     if not 0.0 < cfg["group_ratio"] <= 1.0:
         raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
+    if cfg["gguf"] is not None and not cfg["merge"]:
+        raise UserError("--gguf writes OUT/merged.gguf from the merged model and needs --merge")
+    if cfg["gguf"] is not None and cfg["tokenizer"] == "bytes":
+        raise UserError("--gguf: the byte tokenizer has no llama.cpp equivalent; pass --tokenizer with a "
+                        "tokenizer.json or tokenizer.model")
     if cfg["data"] is None and not dry_run:
         raise UserError("--data is required (e.g. --data long.jsonl:0.6,short.jsonl:0.4)")
     check_numbers(cfg)

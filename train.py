@@ -35,6 +35,7 @@ from tqdm import tqdm
 import config
 import data as D
 import demo
+import gguf_export
 import guards
 import lora
 import parallel
@@ -285,6 +286,9 @@ def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
         with atomic_path(merged, is_dir=True) as tmp:
             lora.export_merged(net, tmp, dtype=choose_dtype(cfg.dtype, d.device))
         msg += f"; merged model in {merged}"
+        if cfg.gguf:
+            gguf = gguf_export.export_gguf(merged, out / "merged.gguf", cfg.gguf, cfg.tokenizer or cfg.model)
+            msg += f"; GGUF in {gguf}"
     print(msg, flush=True)
 
 

@@ -22,7 +22,7 @@ OLD_DEFAULTS = dict(
     group_ratio=0.25, full_attn_tail=0.0, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
     steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False, loss_chunk=1024,
     mlp_chunk=0, save_attention=False, out="runs/train", save_every=0, keep=2, resume=False, resume_from=None, merge=False,
-    tokenizer=None, chat_template=None, truncate=False, nproc=None, log_every=1)
+    gguf=None, tokenizer=None, chat_template=None, truncate=False, nproc=None, log_every=1)
 OLD_IDENTITY = ("model", "ctx", "quant", "lora_r", "lora_alpha", "lora_targets", "train", "rope", "rope_theta",
                 "attn", "group_ratio", "full_attn_tail", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
 
