@@ -130,19 +130,13 @@ class Mesh:
     cp_group: object = None
 
 
-def check_context_parallel(cp: int, world: int, n_heads: int, n_kv_heads: int, ctx: int) -> None:
-    """The shapes --cp allows, each a one-line UserError: cp divides the world, the kv heads (hence the
-    query heads) and ctx."""
-    if cp < 1:
-        raise UserError(f"--cp must be >= 1, got {cp}")
-    if world % cp:
-        raise UserError(f"--cp {cp} does not divide the world size {world}; use a divisor of {world}")
+def check_context_parallel(cp: int, n_heads: int, n_kv_heads: int) -> None:
+    """The model shapes --cp allows: cp divides the kv heads and the query heads (one-line UserError naming
+    the values that do). config.resolve checks the world size and ctx."""
     if n_kv_heads % cp or n_heads % cp:
         ok = [n for n in range(1, n_kv_heads + 1) if n_kv_heads % n == 0 and n_heads % n == 0]
         raise UserError(f"--cp {cp} does not divide the model's {n_kv_heads} kv heads ({n_heads} query heads); "
                         f"--cp may be {', '.join(map(str, ok))}")
-    if ctx % cp:
-        raise UserError(f"--ctx {ctx} is not divisible by --cp {cp}; use a multiple of {cp}")
 
 
 def init_mesh(d: Dist, cp: int) -> Mesh:
