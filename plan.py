@@ -65,13 +65,13 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
 
 
 def all_to_all_bytes(cfg: TrainConfig, mcfg, dtype_bytes: int) -> int:
-    """Bytes per device of one block's Ulysses exchange at --cp N > 1 (0 at N = 1): the head-layout
-    copies of q, k, v and the output and their gradients, (T/N) (2 (H + 2 Hkv) + 2 H) D values, plus one
-    exchange's send and receive buffers, at most 2 (T/N) H D (q's)."""
+    """Bytes per device that one block's Ulysses exchange adds at --cp N > 1 (0 at N = 1): the send and
+    receive buffers of one exchange, at most 2 (T/N) H D values (q's). The head-layout q, k, v, output and
+    their gradients replace their sequence-layout twins (the all-to-all saves nothing for backward), so
+    the block's (H + 2 Hkv) D term already counts them."""
     if cfg.cp == 1:
         return 0
-    H, Hkv, D = mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
-    return cfg.ctx // cfg.cp * (2 * (H + 2 * Hkv) + 4 * H) * D * dtype_bytes
+    return cfg.ctx // cfg.cp * 2 * mcfg.n_heads * mcfg.head_dim * dtype_bytes
 
 
 def model_config(spec: str) -> ModelConfig:
