@@ -96,6 +96,8 @@ class TrainConfig:
     truncate: bool = _f(False, "truncate chat samples longer than ctx (default: drop)")
     nproc: int | None = _f(None, "world size assumed by --dry-run")
     log_every: int = _f(1, "refresh the progress line every N steps (metrics.jsonl gets every step)")
+    cp: int = _f(1, "context parallelism: ranks that share one sequence (DeepSpeed-Ulysses); world = dp x cp, "
+                    "ctx and the kv heads divisible by cp", identity=True)
     recipe: str | None = _f(None, "the recipe the run started from", derived=True)
     world_size: int = _f(1, "processes in the run", identity=True, derived=True)
 
@@ -274,7 +276,7 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         cfg["steps"] = None
     if cfg["steps"] is None and cfg["epochs"] is None:
         cfg["steps"] = 100
-    for key in ("lora_r", "grad_accum", "loss_chunk", "keep", "log_every"):
+    for key in ("lora_r", "grad_accum", "cp", "loss_chunk", "keep", "log_every"):
         if cfg[key] < 1:
             raise UserError(f"{flag(key)} must be >= 1, got {cfg[key]}")
     for key in ("mlp_chunk", "save_every"):
@@ -297,6 +299,11 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
     if cfg["gguf"] is not None and cfg["tokenizer"] == "bytes":
         raise UserError("--gguf: the byte tokenizer has no llama.cpp equivalent; pass --tokenizer with a "
                         "tokenizer.json or tokenizer.model")
+    if cfg["world_size"] % cfg["cp"]:
+        raise UserError(f"--cp {cfg['cp']} does not divide the world size {cfg['world_size']}"
+                        + (" (--nproc)" if dry_run else " (torchrun's processes)"))
+    if cfg["ctx"] % cfg["cp"]:
+        raise UserError(f"--ctx {cfg['ctx']} is not divisible by --cp {cfg['cp']}; use a multiple of {cfg['cp']}")
     if cfg["data"] is None and not dry_run:
         raise UserError("--data is required (e.g. --data long.jsonl:0.6,short.jsonl:0.4)")
     check_numbers(cfg)

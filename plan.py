@@ -1,6 +1,6 @@
 """Memory plan of one training step, per device, and `train.py --dry-run` (the plan without loading weights).
 
-Notation: T ctx (tokens per micro-step), C model dim, F MLP hidden dim, L layers, V vocab, H query heads,
+Notation: T ctx (tokens per micro-step), N context-parallel ranks (--cp), T/N the tokens a device holds, C model dim, F MLP hidden dim, L layers, V vocab, H query heads,
 Hkv kv heads, D head dim.
 """
 from __future__ import annotations
@@ -32,8 +32,11 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
       + 6 F) values; with --mlp-chunk c < T the MLP keeps c x 6 F of them and T x 8 C more instead
       (the chunks' outputs, the gradients assembled from them). The MLP's gate/up/activation/product and
       their gradients dominate without chunking.
+    With --cp N every activation term counts T/N tokens (a device holds a sequence shard; attention's
+    head shard (H/N heads, T tokens) has as many values as the shard's H heads), and the block's backward
+    adds the Ulysses exchange (all_to_all_bytes).
     """
-    T, C, F, L, V = cfg.ctx, mcfg.dim, mcfg.ffn_dim, mcfg.n_layers, mcfg.vocab_size
+    T, C, F, L, V = cfg.ctx // cfg.cp, mcfg.dim, mcfg.ffn_dim, mcfg.n_layers, mcfg.vocab_size
     H, Hkv, D = mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
     linear = L * (C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F)
     embed = V * C * (1 if mcfg.tie_embeddings else 2)
@@ -43,6 +46,7 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
         block = (T * (8 * C + (H + 2 * Hkv) * D) + chunk * 6 * F) * dtype_bytes
     else:
         block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
+    block += all_to_all_bytes(cfg, mcfg, dtype_bytes)
     held = {
         "weights": linear * weight_bits / 8 + (embed + L * 2 * C + C) * dtype_bytes,
         "trained params (fp32)": trainable * 4,
@@ -58,6 +62,16 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
                                               + 4 * T * C * dtype_bytes,
     }
     return {**held, **transient, "total": sum(held.values()) + max(transient.values())}
+
+
+def all_to_all_bytes(cfg: TrainConfig, mcfg, dtype_bytes: int) -> int:
+    """Bytes per device that one block's Ulysses exchange adds at --cp N > 1 (0 at N = 1): the send and
+    receive buffers of one exchange, at most 2 (T/N) H D values (q's). The head-layout q, k, v, output and
+    their gradients replace their sequence-layout twins (the all-to-all saves nothing for backward), so
+    the block's (H + 2 Hkv) D term already counts them."""
+    if cfg.cp == 1:
+        return 0
+    return cfg.ctx // cfg.cp * 2 * mcfg.n_heads * mcfg.head_dim * dtype_bytes
 
 
 def model_config(spec: str) -> ModelConfig:
@@ -76,7 +90,11 @@ def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     plan = memory_plan(cfg, mcfg, torch.finfo(dtype).bits // 8, trainable)
     print(json.dumps(cfg.to_dict(), indent=2))
-    print(f"\nmemory plan per device ({cfg.world_size} device(s), ctx {cfg.ctx}, {dtype}):")
+    mesh = f", dp {cfg.world_size // cfg.cp} x cp {cfg.cp}: {cfg.ctx // cfg.cp} tokens per device" if cfg.cp > 1 else ""
+    print(f"\nmemory plan per device ({cfg.world_size} device(s), ctx {cfg.ctx}{mesh}, {dtype}):")
     for k, v in plan.items():
         print(f"  {k:34s} {v / 2**30:9.2f} GiB")
+        if k == "one block's backward" and cfg.cp > 1:
+            a2a = all_to_all_bytes(cfg, mcfg, torch.finfo(dtype).bits // 8)
+            print(f"    {'of which all-to-all buffers':32s} {a2a / 2**30:9.2f} GiB")
     return plan, summary

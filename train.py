@@ -73,6 +73,47 @@ def attention_fn(cfg: TrainConfig):
     return shift_attn.make_attention(group_ratio=cfg.group_ratio) if cfg.attn == "s2" else None
 
 
+def context_parallel_attention(cfg: TrainConfig, mesh: parallel.Mesh, n_heads: int):
+    """With --cp: (training attention, full attention), each the Ulysses exchange around whole-sequence
+    attention on this rank's H/cp heads; S²-Attn is told where those heads sit (its shifted half is the
+    model's heads >= H // 2)."""
+    border = n_heads // 2 - mesh.cp_rank * (n_heads // mesh.cp)
+    sparse = shift_attn.make_attention(group_ratio=cfg.group_ratio, border=border) if cfg.attn == "s2" \
+        else shift_attn.causal_attention
+    return tuple(parallel.context_parallel_attention(f, mesh.cp_group) for f in (sparse, shift_attn.causal_attention))
+
+
+def check_context_parallel(cfg: TrainConfig, mc=None):
+    """--cp against the model's heads (from its config alone, before any weights load; a GGUF file is
+    checked once loaded, as `mc`) and RoPE (dynamic NTK rescales by each shard's own length: refused)."""
+    if cfg.cp == 1 or (mc is None and str(cfg.model).endswith(".gguf")):
+        return
+    mc = mc or plan.model_config(cfg.model)
+    parallel.check_context_parallel(cfg.cp, mc.n_heads, mc.n_kv_heads)
+    if (mc.rope_scaling or {}).get("rope_type") == "dynamic":
+        raise UserError(f"--cp {cfg.cp} with dynamic NTK RoPE: each shard would rescale for its own length; "
+                        f"use --rope ntk:FACTOR (static) or --cp 1")
+
+
+def shard_batch(batch: list[dict], mesh: parallel.Mesh, d: Dist) -> list[dict]:
+    """Each sample cut into this cp rank's tokens [i T/N, (i+1) T/N) with their labels and true positions.
+    A sample shorter than a multiple of N (a chat sample) is first padded with unsupervised tokens at its
+    end, which causal attention never lets earlier tokens see."""
+    if mesh.cp == 1:
+        return batch
+    out = []
+    for b in batch:
+        T = b["input_ids"].numel()
+        pad = -T % mesh.cp
+        if pad:
+            log0(d, f"cp {mesh.cp}: a {T}-token sample padded with {pad} unsupervised tokens")
+        x = torch.nn.functional.pad(b["input_ids"], (0, pad))
+        y = torch.nn.functional.pad(b["labels"], (0, pad), value=-100)
+        out.append({"input_ids": parallel.shard_sequence(x, mesh), "labels": parallel.shard_sequence(y, mesh),
+                    "positions": parallel.shard_sequence(torch.arange(T + pad), mesh)})
+    return out
+
+
 def make_schedule(cfg: TrainConfig, total_steps: int):
     """lr multiplier: linear warmup, then cosine/linear decay to 0 or constant."""
     warm = cfg.warmup
@@ -122,9 +163,10 @@ def preflight(cfg: TrainConfig, tokenizer, d: Dist) -> None:
 
 
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
-    """The global deterministic sample stream of --data, this rank's shard (sample i -> rank i % world)."""
+    """The global deterministic sample stream of --data, this dp group's shard (sample i -> group i % dp);
+    the cp ranks of a group (rank = dp_rank * cp + cp_rank) read the same samples."""
     return D.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
-                           rank=d.rank, world_size=d.world, truncate=cfg.truncate)
+                           rank=d.rank // cfg.cp, world_size=d.world // cfg.cp, truncate=cfg.truncate)
 
 
 def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
@@ -135,7 +177,7 @@ def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
             for p, _ in D.parse_data_spec(cfg.data))
     if n == 0:
         raise UserError(f"--data {cfg.data}: no training sequence of ctx {cfg.ctx} tokens could be built")
-    return max(1, math.ceil(cfg.epochs * n / (cfg.grad_accum * d.world)))
+    return max(1, math.ceil(cfg.epochs * n / (cfg.grad_accum * d.world // cfg.cp)))
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
@@ -356,9 +398,10 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, b in enumerate(batch):
         x, y = b["input_ids"][None].to(d.device), b["labels"][None].to(d.device)
+        pos = b["positions"].to(d.device) if "positions" in b else None  # a --cp shard's true positions
         sync = i == len(batch) - 1 or d.world == 1
         with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d):
-            nll = ddp(x, attn_fn=attn_fn, labels=y, loss_chunk=cfg.loss_chunk)
+            nll = ddp(x, pos, attn_fn=attn_fn, labels=y, loss_chunk=cfg.loss_chunk)
             (nll * (d.world / n_sup)).backward()  # DDP averages over ranks; undo it: sum / global count
         loss_sum += nll.detach().double().cpu()
     return loss_sum
@@ -372,11 +415,17 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
     preflight(cfg, tokenizer, d)
+    check_context_parallel(cfg)
+    mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
+    check_context_parallel(cfg, net.config)
     log0(d, json.dumps(cfg.to_dict(), indent=2))
     log0(d, "trainable:", json.dumps(summary))
     mixture = build_data(cfg, d, tokenizer)
-    attn_fn = attention_fn(cfg)
+    attn_fn, full_fn = attention_fn(cfg), None
+    if mesh.cp > 1:
+        attn_fn, full_fn = context_parallel_attention(cfg, mesh, net.config.n_heads)
+        log0(d, f"mesh: dp {mesh.dp} x cp {mesh.cp}; {cfg.ctx // mesh.cp} tokens of each sequence per rank")
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     total = total_steps(cfg, tokenizer, d)
@@ -397,11 +446,11 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         t0, tokens_seen = time.perf_counter(), 0
         sparse_steps = total - round(cfg.full_attn_tail * total)  # S²-Attn (if chosen) before, full attention after
         while step < total:
-            batch = [next(stream) for _ in range(cfg.grad_accum)]
+            batch = shard_batch([next(stream) for _ in range(cfg.grad_accum)], mesh, d)
             n_sup = parallel.all_reduce_sum(torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in batch))), d)
             if n_sup.item() == 0:
                 raise UserError(f"step {step}: no supervised tokens in this step's data (all labels are -100)")
-            loss_sum = forward_backward(cfg, d, ddp, batch, n_sup, attn_fn if step < sparse_steps else None)
+            loss_sum = forward_backward(cfg, d, ddp, batch, n_sup, attn_fn if step < sparse_steps else full_fn)
             tokens_seen += sum(b["input_ids"].numel() for b in batch)
             loss = parallel.all_reduce_sum(loss_sum, d).item() / n_sup.item()
             if not math.isfinite(loss):

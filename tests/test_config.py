@@ -23,6 +23,7 @@ OLD_DEFAULTS = dict(
     steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False, loss_chunk=1024,
     mlp_chunk=0, save_attention=False, out="runs/train", save_every=0, keep=2, resume=False, resume_from=None, merge=False,
     gguf=None, tokenizer=None, chat_template=None, truncate=False, nproc=None, log_every=1)
+ADDED = dict(cp=1)  # settings added since, after the old ones; a checkpoint without them reads their default
 OLD_IDENTITY = ("model", "ctx", "quant", "lora_r", "lora_alpha", "lora_targets", "train", "rope", "rope_theta",
                 "attn", "group_ratio", "full_attn_tail", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
 
@@ -31,11 +32,11 @@ OLD_IDENTITY = ("model", "ctx", "quant", "lora_r", "lora_alpha", "lora_targets",
 
 
 def test_fields_keep_the_settings_defaults_and_checkpoint_keys():
-    assert config.DEFAULTS == OLD_DEFAULTS
-    assert list(config.DEFAULTS) == list(OLD_DEFAULTS)  # the printed/saved order
-    assert set(config.IDENTITY) == set(OLD_IDENTITY)
+    assert config.DEFAULTS == {**OLD_DEFAULTS, **ADDED}
+    assert list(config.DEFAULTS) == [*OLD_DEFAULTS, *ADDED]  # the printed/saved order
+    assert set(config.IDENTITY) == set(OLD_IDENTITY) | {"cp"}
     cfg = config.resolve(BASE)
-    assert list(cfg.to_dict()) == [*OLD_DEFAULTS, "recipe", "world_size"]  # trainer_state.json's "config"
+    assert list(cfg.to_dict()) == [*OLD_DEFAULTS, *ADDED, "recipe", "world_size"]  # trainer_state.json's "config"
     assert TrainConfig(**cfg.to_dict()) == cfg
 
 
@@ -130,11 +131,21 @@ def test_resolve_order_defaults_recipe_given():
     ({"rope_theta": math.nan}, "--rope-theta must be positive"),
     ({"rope": "wobbly:3"}, "--rope 'wobbly:3'"),
     ({"rope": "linear:0.5"}, "--rope 'linear:0.5'"),
+    ({"cp": 0}, "--cp must be >= 1"),
+    ({"cp": 2}, "--cp 2 does not divide the world size 1"),
 ])
 def test_resolve_errors_name_the_flag(given, needle):
     with pytest.raises(UserError) as e:
         config.resolve({**BASE, **given})
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resolve_checks_cp_against_world_and_ctx():
+    assert config.resolve({**BASE, "cp": 2}, world_size=4).cp == 2
+    with pytest.raises(UserError, match=r"^--ctx 66 is not divisible by --cp 4; use a multiple of 4$"):
+        config.resolve({**BASE, "cp": 4, "ctx": 66}, world_size=4)
+    with pytest.raises(UserError, match=r"--cp 3 does not divide the world size 8 \(--nproc\)"):
+        config.resolve({"model": "tiny", "ctx": 64, "cp": 3, "nproc": 8}, dry_run=True)
 
 
 def test_resolve_accepts_every_recipe_and_rope_spelling():

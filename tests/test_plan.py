@@ -34,3 +34,20 @@ def test_dry_run_returns_the_plan_it_prints(capsys):
     assert p["total"] == sum(v for k, v in p.items() if k not in ("total", "one block's backward",
                                                                      "loss (chunk x V logits + 4 T x C)")) + \
         max(p["one block's backward"], p["loss (chunk x V logits + 4 T x C)"])
+
+
+def test_context_parallel_plan_divides_activations_and_adds_the_exchange():
+    """--cp 8: checkpoints and the loss's 4 T x C count T/8 tokens; the block's backward is the T/8 block
+    plus the all-to-all term; weights and optimizer state do not change. 1M tokens fit 80 GB with
+    --mlp-chunk (Llama-3-8B, the 80K recipe)."""
+    base = dict(model="llama-3-8b", ctx=1048576, nproc=8)
+    one = plan.dry_run(config.resolve({**base, "ctx": 131072}, "llama3-80k", dry_run=True))[0]
+    cp8 = plan.dry_run(config.resolve({**base, "cp": 8}, "llama3-80k", dry_run=True))[0]
+    a2a = plan.all_to_all_bytes(config.resolve({**base, "cp": 8}, "llama3-80k", dry_run=True),
+                                plan.model_config("llama-3-8b"), 2)
+    assert a2a == 131072 * 2 * 32 * 128 * 2  # send + receive buffers of q's exchange, bf16
+    assert cp8["block checkpoints"] == one["block checkpoints"]
+    assert cp8["weights"] == one["weights"] and cp8["AdamW moments (fp32)"] == one["AdamW moments (fp32)"]
+    assert cp8["one block's backward"] == one["one block's backward"] + a2a
+    chunked = plan.dry_run(config.resolve({**base, "cp": 8, "mlp_chunk": 4096}, "llama3-80k", dry_run=True))[0]
+    assert cp8["total"] > 80e9 > chunked["total"]
