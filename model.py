@@ -232,7 +232,8 @@ def attention_saving_contexts():
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * g, normalised in float32 and cast back before the gain."""
+    """y = x / sqrt(mean(x^2) + eps) * g, normalised in float32 and cast back before the gain; a float32
+    gain (a trained master weight over a 16-bit model, lora.py) is rounded to x's dtype first."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -242,7 +243,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)
 
 
 class KVCache(nn.Module):

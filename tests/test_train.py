@@ -218,3 +218,29 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 def test_peak_memory_grows_linearly_with_context(tmp_path):
     m16, m32 = _peak_rss_mb(16384, tmp_path), _peak_rss_mb(32768, tmp_path)
     assert m32 <= 2.1 * m16, (m16, m32)
+
+
+def test_bf16_trained_norms_move_and_follow_the_float32_run(tmp_path, corpus):
+    """--dtype bfloat16: trained norms and embedding are float32 masters (lora.py), so one AdamW step of
+    lr 2e-3 moves a norm gain of 1.0 (in bf16, 1.0 - 2e-3 rounds back to 1.0: the gains stayed exactly 1).
+
+    Reference: the same run in float32. AdamW's first step is lr * g / (|g| + eps), i.e. +-lr per element,
+    so the two runs' norm updates must agree in sign wherever bf16's gradient is not drowned by its 8-bit
+    rounding (>= 90% of elements), and their losses (2 steps) within 2% relative: bf16 keeps 8 significant
+    bits (2^-8 = 0.4% per rounding); a wrong master (no update, or a double one) moves far more."""
+    common = [*TINY, "--ctx", "64", "--data", str(corpus), "--steps", "2", "--lr", "2e-3", "--schedule", "constant",
+              "--train", "norm,embed"]
+    for dt in ("bfloat16", "float32"):
+        r = run([*common, "--dtype", dt, "--out", str(tmp_path / dt)])
+        assert r.returncode == 0, r.stderr
+    bf, fp = adapter_tensors(tmp_path / "bfloat16"), adapter_tensors(tmp_path / "float32")
+    norms = [k for k in bf if "norm" in k]
+    assert norms and all(bf[k].dtype == torch.float32 for k in bf)
+    moved = torch.cat([(bf[k] - 1).flatten() for k in norms])
+    assert (moved != 0).all() and moved.abs().median() > 2e-3, moved  # every gain moved, most by ~2 x 2e-3
+    off_grid = (moved + 1 != (moved + 1).bfloat16().float()).float().mean()  # not bf16 values: float32 masters
+    assert off_grid >= 0.9, off_grid
+    same_sign = torch.cat([((bf[k] - 1).sign() == (fp[k] - 1).sign()).flatten() for k in norms]).float().mean()
+    assert same_sign >= 0.9, same_sign
+    lb, lf = losses(tmp_path / "bfloat16"), losses(tmp_path / "float32")
+    assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(lb, lf)), (lb, lf)
