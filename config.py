@@ -266,6 +266,9 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         raise UserError(f"--full-attn-tail must be in [0, 1), got {cfg['full_attn_tail']}")
     if cfg["full_attn_tail"] and cfg["attn"] != "s2":
         raise UserError("--full-attn-tail only applies with --attn s2")
+    if cfg["compile"] and cfg["save_attention"]:  # model.attention_saving_contexts acts on eager ATen ops only
+        raise UserError("--save-attention does not combine with --compile (its selective checkpointing policy sees "
+                        "ATen ops one by one; a compiled block runs as one graph): drop one of them")
     if not 0.0 < cfg["group_ratio"] <= 1.0:
         raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
     if cfg["data"] is None and not dry_run:

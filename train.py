@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 import config
@@ -68,6 +69,16 @@ def build_model(cfg: TrainConfig, d: Dist, dtype: torch.dtype):
 def attention_fn(cfg: TrainConfig):
     """S²-Attn for --attn s2, else None (the model's full causal attention)."""
     return shift_attn.make_attention(group_ratio=cfg.group_ratio) if cfg.attn == "s2" else None
+
+
+def attention_backends(cfg: TrainConfig, d: Dist, net):
+    """SDPA limited to its fused kernels while training on CUDA (shift_attn.training_backends), so a fallback
+    to the math kernel's (T, T) scores is an error, not a silent O(T^2) allocation; float32 with GQA beyond
+    shift_attn.MATH_MAX_CTX is a UserError here."""
+    mc = net.config
+    backends = shift_attn.training_backends(choose_dtype(cfg.dtype, d.device), d.device.type,
+                                            mc.n_heads != mc.n_kv_heads, cfg.ctx)
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
 def make_schedule(cfg: TrainConfig, total_steps: int):
@@ -289,7 +300,8 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
     for i, b in enumerate(batch):
         x, y = b["input_ids"][None].to(d.device), b["labels"][None].to(d.device)
         sync = i == len(batch) - 1 or d.world == 1
-        with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d):
+        with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d), \
+                attention_backends(cfg, d, getattr(ddp, "module", ddp)):  # backward too: it recomputes blocks
             nll = ddp(x, attn_fn=attn_fn, labels=y, loss_chunk=cfg.loss_chunk)
             (nll * (d.world / n_sup)).backward()  # DDP averages over ranks; undo it: sum / global count
         loss_sum += nll.detach().double().cpu()
@@ -304,6 +316,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
     net, summary = build_model(cfg, d, dtype)
+    attention_backends(cfg, d, net)  # refuses float32 + GQA at long context on CUDA before any step
     log0(d, json.dumps(cfg.to_dict(), indent=2))
     log0(d, "trainable:", json.dumps(summary))
     mixture = build_data(cfg, d, tokenizer)
