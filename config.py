@@ -217,6 +217,20 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- resolution
 
 
+def choose_device(name: str | None = None) -> torch.device:
+    """--device, else CUDA when present and the CPU otherwise; a CUDA device on a machine without one is a
+    UserError. The one place entry points pick a device (the trainer's comes from parallel.init_distributed)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """--dtype, else bfloat16 on CUDA and float32 on CPU."""
     if name is None:

@@ -45,6 +45,7 @@ from tqdm import tqdm
 import rope
 import ruler
 from checkpoint import load_model
+from config import choose_device, choose_dtype
 from data import list_files
 from errors import UserError
 from generate import generate
@@ -168,7 +169,7 @@ def run_ppl(model, tokenizer, args, theta, scaling, stream, memo: dict) -> dict:
         set_rope(model, theta, fixed_rope(theta, scaling, L))
         nll = n = 0
         for start, first in tqdm(windows(stream, L, args.windows, args.stride), desc=f"ppl L={L}", leave=False):
-            tokens = torch.tensor(stream[start:start + L])
+            tokens = torch.tensor(stream[start:start + L], device=args.device)
             key = memo_key(model, start, L, first)
             if key not in memo:
                 h = hidden.get(memo_key(model, start))
@@ -352,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the checkpoint's own")
     ap.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base")
     ap.add_argument("--quant", choices=("nf4",), default=None, help="quantize the base weights to NF4")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--out", default="runs/eval", help="output directory (JSON and PNG)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step; 0 = one pass")
@@ -376,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    args.device = choose_device(args.device)
+    args.dtype = args.dtype or str(choose_dtype(None, args.device)).removeprefix("torch.")
     args.lengths = parse_ints(args.lengths, "--lengths", minimum=2)
     args.depths = parse_depths(args.depths)
     args.adapter = args.adapter or ["none"] * len(args.model)
@@ -408,7 +413,8 @@ def load(spec: str, adapter: str | None, args):
     tok = load_tokenizer(args.tokenizer or ("bytes" if spec in PRESETS else spec))
     # A preset is random weights for tests and dry runs: its vocabulary is sized to the tokenizer's.
     overrides = {"vocab_size": tok.vocab_size} if spec in PRESETS else {}
-    model = load_model(spec, dtype=dtype, quant=args.quant, seed=args.seed, **overrides).eval()  # streams NF4
+    model = load_model(spec, dtype=dtype, device=args.device, quant=args.quant, seed=args.seed,
+                       **overrides).eval()  # streams NF4
     if adapter is not None:
         load_adapter(model, adapter)
     return model, tok
@@ -418,7 +424,8 @@ def evaluate(args) -> list[dict]:
     """Every (model, adapter) x RoPE row; identical effective settings are computed once and reused."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"task": args.task, "git_revision": git_revision(), "dtype": args.dtype, "quant": args.quant,
+    meta = {"task": args.task, "git_revision": git_revision(), "device": str(args.device), "dtype": args.dtype,
+            "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride,
             "docs": args.docs or "python stdlib *.py (sorted)"}

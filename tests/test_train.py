@@ -244,3 +244,28 @@ def test_bf16_trained_norms_move_and_follow_the_float32_run(tmp_path, corpus):
     assert same_sign >= 0.9, same_sign
     lb, lf = losses(tmp_path / "bfloat16"), losses(tmp_path / "float32")
     assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(lb, lf)), (lb, lf)
+
+
+def test_checkpoint_records_the_dtype_and_resumes_across_device_types(tmp_path, corpus):
+    """trainer_state.json holds the dtype actually used (float32 on CPU, not None), so resuming where the
+    default differs (bfloat16 on CUDA) is a one-line error naming dtype; rng.safetensors holds one state per
+    device type, so a checkpoint with a CUDA state (written here by hand, as a CUDA run writes it) resumes
+    on the CPU, which restores the CPU state and skips the CUDA one."""
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "out"
+    common = [*TINY, "--ctx", "64", "--data", str(corpus), "--out", str(out)]
+    assert run([*common, "--steps", "1"]).returncode == 0
+    ckpt = out / "ckpt-0000001"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["config"]["dtype"] == "float32"
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    assert sorted(rng) == ["rank0"] and rng["rank0"].numel() == torch.get_rng_state().numel()
+    save_file({**rng, "rank0.cuda": torch.zeros(16, dtype=torch.uint8)}, str(ckpt / "rng.safetensors"))
+    r = run([*common, "--steps", "2", "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert len(losses(out)) == 2
+    state["config"]["dtype"] = "bfloat16"  # as a CUDA run records it
+    (out / "ckpt-0000002" / "trainer_state.json").write_text(json.dumps(state))
+    r = run([*common, "--steps", "3", "--resume"])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "dtype='bfloat16'" in last, r.stderr
