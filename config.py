@@ -222,6 +222,20 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- resolution
 
 
+def choose_device(name: str | None = None) -> torch.device:
+    """--device, else CUDA when present and the CPU otherwise; a CUDA device on a machine without one is a
+    UserError. The one place entry points pick a device (the trainer's comes from parallel.init_distributed)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """--dtype, else bfloat16 on CUDA and float32 on CPU."""
     if name is None:
@@ -292,6 +306,9 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         raise UserError(f"--full-attn-tail must be in [0, 1), got {cfg['full_attn_tail']}")
     if cfg["full_attn_tail"] and cfg["attn"] != "s2":
         raise UserError("--full-attn-tail only applies with --attn s2")
+    if cfg["compile"] and cfg["save_attention"]:  # model.attention_saving_contexts acts on eager ATen ops only
+        raise UserError("--save-attention does not combine with --compile (its selective checkpointing policy sees "
+                        "ATen ops one by one; a compiled block runs as one graph): drop one of them")
     if not 0.0 < cfg["group_ratio"] <= 1.0:
         raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
     if cfg["gguf"] is not None and not cfg["merge"]:

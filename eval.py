@@ -45,6 +45,7 @@ from tqdm import tqdm
 import rope
 import ruler
 from checkpoint import atomic_write_text, load_model, read_config
+from config import choose_device, choose_dtype
 from data import list_files
 from errors import UserError, run_cli
 from generate import generate
@@ -168,7 +169,7 @@ def run_ppl(model, tokenizer, args, theta, scaling, stream, memo: dict) -> dict:
         set_rope(model, theta, fixed_rope(theta, scaling, L))
         nll = n = 0
         for start, first in tqdm(windows(stream, L, args.windows, args.stride), desc=f"ppl L={L}", leave=False):
-            tokens = torch.tensor(stream[start:start + L])
+            tokens = torch.tensor(stream[start:start + L], device=args.device)
             key = memo_key(model, start, L, first)
             if key not in memo:
                 h = hidden.get(memo_key(model, start))
@@ -350,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the checkpoint's own")
     ap.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base")
     ap.add_argument("--quant", choices=("nf4",), default=None, help="quantize the base weights to NF4")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--out", default="runs/eval", help="output directory (JSON and PNG)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step; 0 = one pass")
@@ -374,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    args.device = choose_device(args.device)
+    args.dtype = args.dtype or str(choose_dtype(None, args.device)).removeprefix("torch.")
     args.lengths = parse_ints(args.lengths, "--lengths", minimum=2)
     args.depths = parse_depths(args.depths)
     args.adapter = args.adapter or ["none"] * len(args.model)
@@ -410,7 +415,8 @@ def load(spec: str, adapter: str | None, args):
     if vocab is not None and tok.vocab_size > vocab:
         raise UserError(f"--tokenizer {tok.name}: {tok.vocab_size} tokens, more than the vocab_size {vocab} of "
                         f"--model {spec}; use the model's own tokenizer")
-    model = load_model(spec, dtype=dtype, quant=args.quant, seed=args.seed, **overrides).eval()  # streams NF4
+    model = load_model(spec, dtype=dtype, device=args.device, quant=args.quant, seed=args.seed,
+                       **overrides).eval()  # streams NF4
     if adapter is not None:
         load_adapter(model, adapter)
     return model, tok
@@ -421,7 +427,8 @@ def evaluate(args) -> list[dict]:
     out = Path(args.out)  # created by the first write_json: a run that fails before any result leaves none
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
-    meta = {"task": args.task, "git_revision": git_revision(), "dtype": args.dtype, "quant": args.quant,
+    meta = {"task": args.task, "git_revision": git_revision(), "device": str(args.device), "dtype": args.dtype,
+            "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride,
             "docs": args.docs or "python stdlib *.py (sorted)"}

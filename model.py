@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
@@ -202,8 +203,14 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     """Causal attention of T new queries, written at cache slots [start, start + T), over S = start + T
     cached keys.
 
-    q (B, H, T, D), k/v (B, Hkv, S, D). Query i sees keys in slots j <= start + i; the (T, S) boolean mask is the
-    only extra memory, so a prefill chunk costs O(T * S), never O(S^2).
+    q (B, H, T, D), k/v (B, Hkv, S, D). Query i sees keys in slots j <= start + i: the causal mask aligned to
+    the lower right corner of the (T, S) scores, so a prefill chunk costs O(T * S), never O(S^2).
+
+    Note: on CUDA the mask is torch.nn.attention.bias.causal_lower_right, which SDPA serves with the flash
+    kernel (GQA included) or the memory-efficient one, never forming the mask or the scores: a boolean
+    mask would rule flash out (32 heads x 2K x 80K float32 scores: 21 GB per layer for a 2K chunk at 80K). Where
+    neither fused kernel applies (CPU, float32 with GQA) the bias materializes the same (T, S) boolean
+    mask and warns why, so off CUDA we pass that mask ourselves.
     """
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
@@ -211,6 +218,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if q.device.type == "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
     mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # mask (T, S)
 
@@ -252,7 +261,8 @@ def attention_saving_contexts():
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * g, normalised in float32 and cast back before the gain."""
+    """y = x / sqrt(mean(x^2) + eps) * g, normalised in float32 and cast back before the gain; a float32
+    gain (a trained master weight over a 16-bit model, lora.py) is rounded to x's dtype first."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -262,7 +272,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)
 
 
 class KVCache(nn.Module):

@@ -69,10 +69,15 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+from errors import UserError
 
 # ----------------------------------------------------------------------------- constants
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # attn_fn(q, k, v) -> out
+FUSED_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+MATH_MAX_CTX = 4096  # float32 + GQA on CUDA runs SDPA's math kernel: (H, T, T) float32 scores, 2 GiB/layer at 4096
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -101,6 +106,28 @@ def s2_mask(n_heads: int, seq_len: int, group_size: int) -> torch.Tensor:
         ids = window_ids(seq_len, group_size, shifted=h >= n_heads // 2)  # (T,)
         masks.append(causal & (ids[:, None] == ids[None, :]))
     return torch.stack(masks)  # (H, T, T)
+
+
+def training_backends(dtype: torch.dtype, device_type: str, gqa: bool, ctx: int) -> list[SDPBackend] | None:
+    """The SDPA backends training attention may use (torch.nn.attention.sdpa_kernel), None for no limit.
+
+    On CUDA the fused kernels never form (T, T) scores; restricting SDPA to them turns a silent fallback
+    to the math kernel (O(T^2) memory: 26 GB of float32 scores per head at T = 80K) into an error.
+    What each fused kernel takes (torch 2.13, aten/src/ATen/native/transformers/cuda/sdp_utils.cpp):
+    flash and cuDNN fp16/bf16 only; memory-efficient fp32 too, but not `enable_gqa` with fewer kv heads.
+    So float32 with GQA reaches only the math kernel: allowed (None) up to MATH_MAX_CTX tokens, a
+    UserError above (use --dtype bfloat16, the CUDA default). Off CUDA: None (CPU has one flash kernel).
+    """
+    if device_type != "cuda":
+        return None
+    if dtype in (torch.float16, torch.bfloat16):
+        return list(FUSED_BACKENDS)
+    if not gqa:
+        return [SDPBackend.EFFICIENT_ATTENTION]
+    if ctx <= MATH_MAX_CTX:
+        return None
+    raise UserError(f"--dtype {str(dtype).removeprefix('torch.')} with grouped-query attention on CUDA reaches "
+                    f"only SDPA's math kernel ((T, T) scores); --ctx {ctx} > {MATH_MAX_CTX} needs --dtype bfloat16")
 
 
 def head_pieces(n_heads: int, n_kv_heads: int, border: int | None = None) -> list[tuple[int, int, bool]]:
@@ -207,9 +234,18 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(outs, dim=1)  # (B, H, T, D)
 
 
+@torch.compiler.disable
 def _ratio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ratio: float,
                      border: int | None = None) -> torch.Tensor:
-    """S2-Attn with G = group_size_for(T, group_ratio), T read from q at call time."""
+    """S2-Attn with G = group_size_for(T, group_ratio), T read from q at call time.
+
+    Note: eager inside a compiled block (torch.compiler.disable). G and the window cuts are Python ints
+    of T; traced, they put guards on T (is there a ragged tail, how T * ratio rounds), so new lengths kept
+    recompiling the block (6 graphs over 10 irregular lengths in the test, still rising) until dynamo's
+    recompile limit, after which it runs eagerly without a word. Left out of the graph, the block compiles
+    into the pieces around attention, dynamic in T after the second length; the attention itself loses
+    nothing (the module note: SDPA is the same ATen kernel compiled or not).
+    """
     return shifted_sparse_attention(q, k, v, group_size_for(q.shape[2], group_ratio), border)
 
 

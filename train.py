@@ -19,6 +19,7 @@ micro-steps, all ranks), so 2 ranks x accum 1 and 1 rank x accum 2 take the same
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import resource
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 import config
@@ -114,6 +116,16 @@ def shard_batch(batch: list[dict], mesh: parallel.Mesh, d: Dist) -> list[dict]:
     return out
 
 
+def attention_backends(cfg: TrainConfig, d: Dist, net):
+    """SDPA limited to its fused kernels while training on CUDA (shift_attn.training_backends), so a fallback
+    to the math kernel's (T, T) scores is an error, not a silent O(T^2) allocation; float32 with GQA beyond
+    shift_attn.MATH_MAX_CTX is a UserError here."""
+    mc = net.config
+    backends = shift_attn.training_backends(choose_dtype(cfg.dtype, d.device), d.device.type,
+                                            mc.n_heads != mc.n_kv_heads, cfg.ctx)
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
+
+
 def make_schedule(cfg: TrainConfig, total_steps: int):
     """lr multiplier: linear warmup, then cosine/linear decay to 0 or constant."""
     warm = cfg.warmup
@@ -183,19 +195,28 @@ def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
 # ----------------------------------------------------------------------------- checkpoints and resume
 
 
-def rng_state(d: Dist) -> torch.Tensor:
-    """This rank's torch CPU (and CUDA) RNG state as one uint8 tensor."""
-    s = [torch.get_rng_state()]
+def rng_state(d: Dist) -> dict[str, torch.Tensor]:
+    """This rank's RNG states by device type, uint8 tensors: "cpu", and "cuda" on a CUDA rank."""
+    s = {"cpu": torch.get_rng_state()}
     if d.device.type == "cuda":
-        s.append(torch.cuda.get_rng_state(d.device))
-    return torch.cat(s)
+        s["cuda"] = torch.cuda.get_rng_state(d.device)
+    return s
 
 
-def set_rng_state(state: torch.Tensor, d: Dist):
-    n = torch.get_rng_state().numel()
-    torch.set_rng_state(state[:n].clone())
-    if d.device.type == "cuda":
-        torch.cuda.set_rng_state(state[n:].clone(), d.device)
+def rng_tensors(rngs: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """rng.safetensors: rank{i} the CPU state, rank{i}.cuda the CUDA one (when the run had it)."""
+    return {f"rank{i}" if kind == "cpu" else f"rank{i}.{kind}": t for kind, ts in rngs.items() for i, t in enumerate(ts)}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], d: Dist):
+    """Restore this rank's states from rng.safetensors; a state of a device type this run lacks is skipped
+    (a CPU checkpoint resumed on CUDA keeps the CUDA generator of --seed, and the reverse drops it).
+    A CPU+CUDA state concatenated in rank{i} (the earlier layout) is split at the CPU state's size."""
+    cpu, n = tensors[f"rank{d.rank}"], torch.get_rng_state().numel()
+    torch.set_rng_state(cpu[:n].clone())
+    cuda = tensors.get(f"rank{d.rank}.cuda", cpu[n:] if cpu.numel() > n else None)
+    if d.device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda.clone(), d.device)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
@@ -222,13 +243,13 @@ def save_checkpoint(out: Path, step: int, net, opt, sched, mixture, cfg: TrainCo
     """Every rank: gather the data cursors and RNG states (ranks stand at different places of the global
     stream). Rank 0: write adapter + trainer state as `ckpt-STEP` (atomically), keep the newest --keep."""
     cursor = parallel.gather_objects(mixture.state_dict(), d)
-    rngs = parallel.gather_tensors(rng_state(d), d)
+    rngs = {kind: parallel.gather_tensors(s, d) for kind, s in rng_state(d).items()}
     if not d.main:
         return
     with atomic_path(out / f"{CKPT_PREFIX}{step:07d}", is_dir=True) as tmp:
         lora.save_adapter(net, tmp / "adapter", base_model_path=cfg.model)
         save_file(optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
-        save_file({f"rank{i}": r for i, r in enumerate(rngs)}, str(tmp / "rng.safetensors"))
+        save_file(rng_tensors(rngs), str(tmp / "rng.safetensors"))
         state = {"step": step, "scheduler": sched.state_dict(), "data_cursor": cursor, "config": cfg.to_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     for old in sorted(out.glob(CKPT_PREFIX + "*"))[:-cfg.keep]:
@@ -309,7 +330,7 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     mixture.load_state_dict(cursor[d.rank])
     if f"rank{d.rank}" not in rngs:
         raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{fallback_hint(ckpt)}")
-    set_rng_state(rngs[f"rank{d.rank}"], d)
+    set_rng_state(rngs, d)
     changed = changed_settings(saved, cfg)
     log0(d, f"resumed from {ckpt} at step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
     return step
@@ -400,7 +421,8 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
         x, y = b["input_ids"][None].to(d.device), b["labels"][None].to(d.device)
         pos = b["positions"].to(d.device) if "positions" in b else None  # a --cp shard's true positions
         sync = i == len(batch) - 1 or d.world == 1
-        with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d):
+        with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d), \
+                attention_backends(cfg, d, getattr(ddp, "module", ddp)):  # backward too: it recomputes blocks
             nll = ddp(x, pos, attn_fn=attn_fn, labels=y, loss_chunk=cfg.loss_chunk)
             (nll * (d.world / n_sup)).backward()  # DDP averages over ranks; undo it: sum / global count
         loss_sum += nll.detach().double().cpu()
@@ -412,6 +434,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     # setup: seed, tokenizer, model (RoPE change, LoRA), this rank's data, optimizer and schedule
     torch.manual_seed(cfg.seed)
     dtype = choose_dtype(cfg.dtype, d.device)
+    cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))  # checkpoints record the dtype used
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
     preflight(cfg, tokenizer, d)
@@ -419,6 +442,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
     check_context_parallel(cfg, net.config)
+    attention_backends(cfg, d, net)  # refuses float32 + GQA at long context on CUDA before any step
     log0(d, json.dumps(cfg.to_dict(), indent=2))
     log0(d, "trainable:", json.dumps(summary))
     mixture = build_data(cfg, d, tokenizer)

@@ -241,3 +241,9 @@ def test_readme_recipe_table_matches_recipes():
         got = {k: getattr(cfg, k) for k in want}
         got["train"] = {t for t in cfg.train.split(",") if t}
         assert got == want, name
+
+
+def test_save_attention_with_compile_is_refused():
+    from config import resolve
+    with pytest.raises(UserError, match="--save-attention does not combine with --compile"):
+        resolve({"model": "tiny", "ctx": 64, "data": "x", "compile": True, "save_attention": True})

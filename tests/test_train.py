@@ -308,3 +308,54 @@ def test_cp_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert losses(tmp_path / "ref") == losses(out)
+
+
+def test_bf16_trained_norms_move_and_follow_the_float32_run(tmp_path, corpus):
+    """--dtype bfloat16: trained norms and embedding are float32 masters (lora.py), so one AdamW step of
+    lr 2e-3 moves a norm gain of 1.0 (in bf16, 1.0 - 2e-3 rounds back to 1.0: the gains stayed exactly 1).
+
+    Reference: the same run in float32. AdamW's first step is lr * g / (|g| + eps), i.e. +-lr per element,
+    so the two runs' norm updates must agree in sign wherever bf16's gradient is not drowned by its 8-bit
+    rounding (>= 90% of elements), and their losses (2 steps) within 2% relative: bf16 keeps 8 significant
+    bits (2^-8 = 0.4% per rounding); a wrong master (no update, or a double one) moves far more."""
+    common = [*TINY, "--ctx", "64", "--data", str(corpus), "--steps", "2", "--lr", "2e-3", "--schedule", "constant",
+              "--train", "norm,embed"]
+    for dt in ("bfloat16", "float32"):
+        r = run([*common, "--dtype", dt, "--out", str(tmp_path / dt)])
+        assert r.returncode == 0, r.stderr
+    bf, fp = adapter_tensors(tmp_path / "bfloat16"), adapter_tensors(tmp_path / "float32")
+    norms = [k for k in bf if "norm" in k]
+    assert norms and all(bf[k].dtype == torch.float32 for k in bf)
+    moved = torch.cat([(bf[k] - 1).flatten() for k in norms])
+    assert (moved != 0).all() and moved.abs().median() > 2e-3, moved  # every gain moved, most by ~2 x 2e-3
+    off_grid = (moved + 1 != (moved + 1).bfloat16().float()).float().mean()  # not bf16 values: float32 masters
+    assert off_grid >= 0.9, off_grid
+    same_sign = torch.cat([((bf[k] - 1).sign() == (fp[k] - 1).sign()).flatten() for k in norms]).float().mean()
+    assert same_sign >= 0.9, same_sign
+    lb, lf = losses(tmp_path / "bfloat16"), losses(tmp_path / "float32")
+    assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(lb, lf)), (lb, lf)
+
+
+def test_checkpoint_records_the_dtype_and_resumes_across_device_types(tmp_path, corpus):
+    """trainer_state.json holds the dtype actually used (float32 on CPU, not None), so resuming where the
+    default differs (bfloat16 on CUDA) is a one-line error naming dtype; rng.safetensors holds one state per
+    device type, so a checkpoint with a CUDA state (written here by hand, as a CUDA run writes it) resumes
+    on the CPU, which restores the CPU state and skips the CUDA one."""
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "out"
+    common = [*TINY, "--ctx", "64", "--data", str(corpus), "--out", str(out)]
+    assert run([*common, "--steps", "1"]).returncode == 0
+    ckpt = out / "ckpt-0000001"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["config"]["dtype"] == "float32"
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    assert sorted(rng) == ["rank0"] and rng["rank0"].numel() == torch.get_rng_state().numel()
+    save_file({**rng, "rank0.cuda": torch.zeros(16, dtype=torch.uint8)}, str(ckpt / "rng.safetensors"))
+    r = run([*common, "--steps", "2", "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert len(losses(out)) == 2
+    state["config"]["dtype"] = "bfloat16"  # as a CUDA run records it
+    (out / "ckpt-0000002" / "trainer_state.json").write_text(json.dumps(state))
+    r = run([*common, "--steps", "3", "--resume"])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "dtype='bfloat16'" in last, r.stderr
