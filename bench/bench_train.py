@@ -122,7 +122,8 @@ def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attenti
     with torch.device("meta"):
         net = M.Transformer(mcfg)
     trainable = lora.apply_lora(net, r=8, alpha=16)["trainable"]
-    return plan.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")["total"] / 2**20
+    p = plan.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")
+    return (p["total"] - p["process itself (cpu)"]) / 2**20  # measured here: model + step, not the interpreter
 
 
 def model_flops(T: int, r: int = 8) -> float:
