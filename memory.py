@@ -63,7 +63,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def memory_label(rec: dict) -> str:
-    """The progress bar's memory text for a `peak_memory` record: `alloc=..G/res=..G` or `rss=..G`."""
+    """The progress bar's memory text for a `peak_memory` record, naming what it shows."""
     if "peak_alloc_gb" in rec:
-        return f"alloc={rec['peak_alloc_gb']:.2f}G/res={rec['peak_reserved_gb']:.2f}G"
-    return f"rss={rec['peak_rss_gb']:.2f}G"
+        return f"peak alloc {rec['peak_alloc_gb']:.2f}G, reserved {rec['peak_reserved_gb']:.2f}G"
+    return f"peak rss {rec['peak_rss_gb']:.2f}G"

@@ -51,5 +51,5 @@ def test_setting_returns_freed_tensors_that_glibc_defaults_keep():
 def test_peak_memory_on_cpu_names_the_resident_set():
     rec = memory.peak_memory(torch.device("cpu"))
     assert list(rec) == ["peak_rss_gb"] and 0.05 < rec["peak_rss_gb"] < 64, rec
-    assert memory.memory_label(rec) == f"rss={rec['peak_rss_gb']:.2f}G"
-    assert memory.memory_label({"peak_alloc_gb": 1.0, "peak_reserved_gb": 1.5}) == "alloc=1.00G/res=1.50G"
+    assert memory.memory_label(rec) == f"peak rss {rec['peak_rss_gb']:.2f}G"
+    assert memory.memory_label({"peak_alloc_gb": 1.0, "peak_reserved_gb": 1.5}) == "peak alloc 1.00G, reserved 1.50G"

@@ -1,8 +1,16 @@
 """plan.py: the memory plan of `train.py --dry-run`, built from the config and the model shape alone."""
+import json
 import re
+import sys
+from pathlib import Path
+
+import pytest
 
 import config
 import plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_memory  # noqa: E402  (bench/ is not a package)
 
 
 def dry_run_output(capsys, recipe, **given):
@@ -35,3 +43,14 @@ def test_dry_run_returns_the_plan_it_prints(capsys):
                                                                      "loss (chunk x V logits + 4 T x C)")
                              and not k.startswith("host:")) + \
         max(p["one block's backward"], p["loss (chunk x V logits + 4 T x C)"])
+
+
+@pytest.mark.slow
+def test_cpu_plan_within_15_percent_of_a_train_py_run():
+    """The cheapest point of bench/RESULTS.md's plan table: `train.py --steps 1` on the benchmark shape
+    (hidden 512, 4 layers, vocab 32000) at 2K, full attention, in a fresh process with train.py's allocator
+    setting. Reference: the process's peak RSS; tolerance 15%, the plan's target (measured +1%)."""
+    argv = bench_memory.train_args("bench", 2048, "full", None, str(Path(json.__file__).parent))
+    measured = bench_memory.run_point(argv, default_allocator=False)
+    planned = bench_memory.planned_mib(argv)["total"]
+    assert abs(planned / measured["peak_mib"] - 1) < 0.15, (planned, measured)
