@@ -49,13 +49,11 @@ cfg = {cfg!r}
 base_rss = kib('VmRSS')
 if impl == 'ours':
     import model as M, lora, quant4
-    net = M.Transformer(M.ModelConfig(**cfg)).init_weights(0).to(dtype)
+    memory = M.MemoryOptions(checkpointing=True, mlp_chunk=mlp_chunk, save_attention=save_attention)
+    net = M.Transformer(M.ModelConfig(**cfg), memory).init_weights(0).to(dtype)
     if quant == 'nf4':
         quant4.quantize_model(net)
     lora.apply_lora(net, r=8, alpha=16)
-    net.checkpointing = True
-    net.mlp_chunk = mlp_chunk
-    net.save_attention = save_attention
     net.train()
     def step(x):
         loss = net(x, labels=x, loss_chunk=1024) / x.numel()
