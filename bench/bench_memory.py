@@ -63,7 +63,7 @@ def run_point(argv: list[str], default_allocator: bool) -> dict:
                             argv=argv + ["--out", out])
         env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
         before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
