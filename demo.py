@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import memory
 import model as llama
 import rope
 from checkpoint import SAFETENSORS_SINGLE, atomic_path, atomic_write_text, load_model, read_config, save_model
@@ -444,6 +445,7 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object]) -
 
 
 def main(argv=None):
+    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     ap = argparse.ArgumentParser(description="Remake the demo's base (`python train.py` with no --model runs the demo).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pretrain", help="train the base from scratch (the shipped demo/ was made by this)")

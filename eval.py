@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import memory
 import rope
 import ruler
 from checkpoint import atomic_write_text, load_model, read_config
@@ -470,6 +471,7 @@ def evaluate(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     args = build_parser().parse_args(argv)
     return run_cli(lambda: (check_args(args), evaluate(args)))
 

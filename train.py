@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import resource
 import shutil
 import sys
 import time
@@ -40,6 +39,7 @@ import demo
 import gguf_export
 import guards
 import lora
+import memory
 import parallel
 import plan
 import rope
@@ -375,12 +375,6 @@ class MetricsLog:
                 f.write(json.dumps(rec) + "\n")
 
 
-def peak_memory_gb(d: Dist) -> float:
-    if d.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(d.device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 class Progress:
     """The progress bar on rank 0 (stderr), its postfix refreshed every --log-every steps; a no-op elsewhere."""
 
@@ -393,7 +387,7 @@ class Progress:
             self.bar.update(1)
             if rec["step"] % self.every == 0 or rec["step"] == self.total:
                 self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                     mem=f"{rec['peak_mem_gb']:.2f}G")
+                                     mem=memory.memory_label(rec))
 
     def __enter__(self):
         return self
@@ -487,7 +481,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
             opt.zero_grad(set_to_none=True)
             step += 1
             rec = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                   "tokens_per_s": tokens_seen * d.world / (time.perf_counter() - t0), "peak_mem_gb": peak_memory_gb(d)}
+                   "tokens_per_s": tokens_seen * d.world / (time.perf_counter() - t0), **memory.peak_memory(d.device)}
             metrics.write(rec)
             bar.update(rec)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
@@ -515,6 +509,7 @@ def suggest_base(spec: str | None, target_len: int) -> float:
 
 
 def main(argv=None):
+    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     given = vars(config.build_parser(__doc__.split("\n")[0]).parse_args(argv))
     recipe, dry_run, target = given.pop("recipe", None), given.pop("dry_run"), given.pop("suggest_base")
     d = None

@@ -23,7 +23,7 @@ LAYERS = {
     "model": 2,
     "checkpoint": 3, "lora": 3,
     "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "ruler": 4, "generate": 4, "gguf_export": 4,
-    "parallel": 5, "plan": 5, "config": 5, "guards": 5,
+    "parallel": 5, "plan": 5, "config": 5, "guards": 5, "memory": 5,
     "eval": 6,
     "demo": 7,
     "train": 8,  # `python train.py` with no --model runs the demo: train.main -> demo -> eval
