@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import quant4
+import rope
 from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions, ModelConfig, Transformer
 
@@ -86,8 +88,8 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, replace: bool = T
             shutil.rmtree(path)
         os.replace(tmp, path)
         tmp = None
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        raise UserError(f"{path}: cannot write ({getattr(e, 'strerror', None) or e})") from None
     finally:
         if tmp is not None:
             _remove(tmp)
@@ -140,12 +142,13 @@ def iter_checkpoint(path: str | os.PathLike) -> Items:
     """Yield (name, tensor, file) from a safetensors checkpoint directory or file, one tensor at a time."""
     path = Path(path)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES or path.is_dir() and not _safetensors_files(path) \
-            and any(path.glob("*" + s) for s in PICKLE_SUFFIXES):
+            and any(any(path.glob("*" + s)) for s in PICKLE_SUFFIXES):
         raise UserError(f"{path}: pickle checkpoints are never loaded (they can run code); convert once with "
                         "transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)")
     files = [path] if path.is_file() else _safetensors_files(path) if path.is_dir() else []
     if not files:
-        raise UserError(f"{path}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found")
+        what = "the weights are missing" if (path / "config.json").is_file() else "not a model"
+        raise UserError(f"{path}: {what}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found")
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
@@ -250,7 +253,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Items]:
             ffn_dim=int(meta["llama.feed_forward_length"]),
             norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-            max_seq_len=int(meta.get("llama.context_length", 4096)),
+            **_gguf_rope(path, meta, reader, dim // n_heads if "llama.rope.dimension_count" not in meta
+                         else int(meta["llama.rope.dimension_count"])),
             tie_embeddings="output.weight" not in names,
             bos_id=_field(reader, "tokenizer.ggml.bos_token_id"), eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         )
@@ -261,6 +265,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Items]:
 
     def tensors():
         for t in reader.tensors:
+            if t.name == "rope_freqs.weight":  # read into cfg.rope_scaling by _gguf_rope
+                continue
             parts = t.name.split(".")
             if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
                 name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
@@ -284,6 +290,47 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Items]:
             yield name, w, str(path)
 
     return cfg, tensors()
+
+
+def _gguf_rope(path: Path, meta: dict, reader, head_dim: int) -> dict:
+    """rope_scaling and max_seq_len (L0) of ModelConfig from llama.cpp's RoPE keys.
+
+    rope.scaling.type linear / yarn with factor s and original_context_length L0 (default
+    context_length / s); a `rope_freqs` table (Llama 3.1: llama.cpp divides theta_i by f_i) is read as
+    llama3 scaling with s = max f_i, low/high frequency factors 1 and 4 and L0 from
+    original_context_length or from a blended channel (1/f = (1 - g)/s + g, L0 = lambda (1 + 3 g)),
+    and accepted only if that rule reproduces the table to 1e-5.
+    """
+    ctx = int(meta.get("llama.context_length", 4096))
+    kind = meta.get("llama.rope.scaling.type", "none")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        f = torch.from_numpy(freqs.data.copy()).float().reshape(-1)
+        theta = float(meta.get("llama.rope.freq_base", 10000.0))
+        s = float(f.max())
+        plain = rope.default_inv_freq(head_dim, theta)
+        original = meta.get("llama.rope.scaling.original_context_length")
+        blended = ((f > 1 + 1e-6) & (f < s * (1 - 1e-6))).nonzero()
+        if original is None and len(blended):
+            i = int(blended[0])
+            g = (1 / float(f[i]) - 1 / s) / (1 - 1 / s)
+            original = round(2 * math.pi / float(plain[i]) * (1 + 3 * g))
+        original = int(original or ctx / s)
+        scaling = {"rope_type": "llama3", "factor": s, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": original}
+        if s < 1 or f.numel() != head_dim // 2 or not torch.allclose(
+                plain / rope.rope_frequencies(head_dim, theta, scaling)[0], f, rtol=1e-5):
+            raise UserError(f"{path}: rope_freqs is not a Llama-3.1 frequency table (low 1, high 4); "
+                            "such a table cannot be loaded")
+        return {"rope_scaling": scaling, "max_seq_len": original}
+    if kind in ("linear", "yarn"):
+        s = float(meta.get("llama.rope.scaling.factor", 1.0))
+        original = int(meta.get("llama.rope.scaling.original_context_length") or ctx / s)
+        return {"rope_scaling": {"rope_type": kind, "factor": s, "original_max_position_embeddings": original},
+                "max_seq_len": original}
+    if kind != "none":
+        raise UserError(f"{path}: llama.rope.scaling.type {kind!r} is not supported (none, linear, yarn)")
+    return {"max_seq_len": ctx}
 
 
 def _field(reader, key):

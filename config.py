@@ -66,13 +66,6 @@ class TrainConfig:
     group_ratio: float = _f(0.25, "S²-Attn group size as a fraction of ctx", identity=True)
     full_attn_tail: float = _f(0.0, "with --attn s2: train this fraction of the steps, the last ones, with full "
                                     "attention", identity=True)
-    doc_mask: bool = _f(False, "attend within documents only: packed text carries positions that restart at 0 at "
-                               "each document start, and attention stops at document borders (no (T, T) mask); "
-                               "with --attn s2 the S² windows are cut inside each document, counted from its "
-                               "first token", identity=True)
-    pose: int | None = _f(None, "PoSE: spread the positions of each --ctx window over [0, TARGET) in 2 chunks with "
-                                "a random skip (Zhu et al. 2023); TARGET > ctx; a RoPE TYPE:auto factor uses "
-                                "TARGET", identity=True, metavar="TARGET")
     lr: float = _f(2e-4, "peak learning rate (AdamW, betas 0.9, 0.95)")
     warmup: int = _f(0, "linear warmup steps")
     schedule: str = _f("cosine", "lr after warmup: decay to 0 (cosine, linear) or constant",
@@ -94,12 +87,24 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
     keep: int = _f(2, "checkpoints to keep")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    resume_from: str | None = _f(None, "continue from this checkpoint folder (e.g. an older intact OUT/ckpt-N)")
     merge: bool = _f(False, "also write a merged HF model to OUT/merged")
+    gguf: str | None = _f(None, "with --merge, also write OUT/merged.gguf for llama.cpp/Ollama in this tensor type",
+                          choices=("f16", "bf16", "q8_0", "f32"))
     tokenizer: str | None = _f(None, "tokenizer path (default: the model's; 'bytes' for byte level)")
     chat_template: str | None = _f(None, "llama-3, llama-2, chatml (default: from the tokenizer)")
     truncate: bool = _f(False, "truncate chat samples longer than ctx (default: drop)")
     nproc: int | None = _f(None, "world size assumed by --dry-run")
     log_every: int = _f(1, "refresh the progress line every N steps (metrics.jsonl gets every step)")
+    cp: int = _f(1, "context parallelism: ranks that share one sequence (DeepSpeed-Ulysses); world = dp x cp, "
+                    "ctx and the kv heads divisible by cp", identity=True)
+    doc_mask: bool = _f(False, "attend within documents only: packed text carries positions that restart at 0 at "
+                               "each document start, and attention stops at document borders (no (T, T) mask); "
+                               "with --attn s2 the S² windows are cut inside each document, counted from its "
+                               "first token", identity=True)
+    pose: int | None = _f(None, "PoSE: spread the positions of each --ctx window over [0, TARGET) in 2 chunks with "
+                                "a random skip (Zhu et al. 2023); TARGET > ctx; a RoPE TYPE:auto factor uses "
+                                "TARGET", identity=True, metavar="TARGET")
     recipe: str | None = _f(None, "the recipe the run started from", derived=True)
     world_size: int = _f(1, "processes in the run", identity=True, derived=True)
 
@@ -224,11 +229,46 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- resolution
 
 
+def choose_device(name: str | None = None) -> torch.device:
+    """--device, else CUDA when present and the CPU otherwise; a CUDA device on a machine without one is a
+    UserError. The one place entry points pick a device (the trainer's comes from parallel.init_distributed)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """--dtype, else bfloat16 on CUDA and float32 on CPU."""
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+POSITIVE = ("lr", "lora_alpha")  # finite and > 0
+NON_NEGATIVE = ("clip", "weight_decay", "warmup")  # finite and >= 0
+TRAINABLE = ("embed", "norm", "lm_head")  # --train's names (lora.apply_lora's `trainable`)
+
+
+def check_numbers(cfg: dict) -> None:
+    """The numbers that must be finite and positive (or >= 0), --lora-dropout in [0, 1), --epochs finite,
+    --train's names: one UserError naming the flag, before anything loads."""
+    for key in POSITIVE + NON_NEGATIVE:
+        v = cfg[key]
+        if not (math.isfinite(v) and (v > 0 if key in POSITIVE else v >= 0)):
+            raise UserError(f"{flag(key)} must be finite and {'> 0' if key in POSITIVE else '>= 0'}, got {v}")
+    if not 0.0 <= cfg["lora_dropout"] < 1.0:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg['lora_dropout']}")
+    if cfg["epochs"] is not None and not math.isfinite(cfg["epochs"]):
+        raise UserError(f"--epochs must be finite, got {cfg['epochs']}")
+    unknown = [t for t in cfg["train"].split(",") if t and t not in TRAINABLE]
+    if unknown:
+        raise UserError(f"--train {cfg['train']!r}: unknown {unknown}; choose from {', '.join(TRAINABLE)}")
 
 
 def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run: bool = False) -> TrainConfig:
@@ -257,7 +297,7 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         cfg["steps"] = None
     if cfg["steps"] is None and cfg["epochs"] is None:
         cfg["steps"] = 100
-    for key in ("lora_r", "grad_accum", "loss_chunk", "keep", "log_every"):
+    for key in ("lora_r", "grad_accum", "cp", "loss_chunk", "keep", "log_every"):
         if cfg[key] < 1:
             raise UserError(f"{flag(key)} must be >= 1, got {cfg[key]}")
     for key in ("mlp_chunk", "save_every"):
@@ -273,6 +313,9 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         raise UserError(f"--full-attn-tail must be in [0, 1), got {cfg['full_attn_tail']}")
     if cfg["full_attn_tail"] and cfg["attn"] != "s2":
         raise UserError("--full-attn-tail only applies with --attn s2")
+    if cfg["compile"] and cfg["save_attention"]:  # model.attention_saving_contexts acts on eager ATen ops only
+        raise UserError("--save-attention does not combine with --compile (its selective checkpointing policy sees "
+                        "ATen ops one by one; a compiled block runs as one graph): drop one of them")
     if cfg["pose"] is not None and cfg["pose"] <= cfg["ctx"]:
         raise UserError(f"--pose must be a target length > --ctx {cfg['ctx']}, got {cfg['pose']}")
     if cfg["pose"] is not None and cfg["doc_mask"]:
@@ -280,8 +323,22 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
                         "document masking restarts them at each document; give one")
     if not 0.0 < cfg["group_ratio"] <= 1.0:
         raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
+    if cfg["gguf"] is not None and not cfg["merge"]:
+        raise UserError("--gguf writes OUT/merged.gguf from the merged model and needs --merge")
+    if cfg["gguf"] is not None and cfg["tokenizer"] == "bytes":
+        raise UserError("--gguf: the byte tokenizer has no llama.cpp equivalent; pass --tokenizer with a "
+                        "tokenizer.json or tokenizer.model")
+    if cfg["world_size"] % cfg["cp"]:
+        raise UserError(f"--cp {cfg['cp']} does not divide the world size {cfg['world_size']}"
+                        + (" (--nproc)" if dry_run else " (torchrun's processes)"))
+    if cfg["ctx"] % cfg["cp"]:
+        raise UserError(f"--ctx {cfg['ctx']} is not divisible by --cp {cfg['cp']}; use a multiple of {cfg['cp']}")
+    if cfg["doc_mask"] and cfg["cp"] > 1:
+        raise UserError(f"--doc-mask does not combine with --cp {cfg['cp']} (each shard's attention would need the "
+                        f"whole sequence's document borders); use --cp 1")
     if cfg["data"] is None and not dry_run:
         raise UserError("--data is required (e.g. --data long.jsonl:0.6,short.jsonl:0.4)")
+    check_numbers(cfg)
     theta = cfg["rope_theta"]
     if theta is not None and not (math.isfinite(theta) and theta > 0):
         raise UserError(f"--rope-theta must be positive and finite, got {theta}")

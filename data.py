@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from errors import UserError, run_cli
-from tokenizer import IGNORE_INDEX, Tokenizer, chat_template_for, encode_chat, load_tokenizer
+from tokenizer import CHAT_TEMPLATES, IGNORE_INDEX, Tokenizer, chat_template_for, encode_chat, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
 
@@ -321,10 +322,12 @@ def parse_data_spec(spec: str) -> list[tuple[str, float]]:
         try:
             weight = float(w) if path else 1.0
         except ValueError:
+            if not Path(part).exists():  # a path holding ':' is fine; anything else after ':' is a bad weight
+                raise UserError(f"data spec {part!r}: weight {w!r} is not a number; write path:weight") from None
             path, weight = part, 1.0
         path = path or part
-        if not weight > 0:
-            raise UserError(f"data spec {part!r}: weight must be > 0")
+        if not (math.isfinite(weight) and weight > 0):
+            raise UserError(f"data spec {part!r}: weight must be > 0 and finite")
         if not Path(path).exists():
             raise UserError(f"data spec {part!r}: {path} not found")
         out.append((path, weight))
@@ -494,8 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: print(format_stats(token_stats(args.file, load_tokenizer(args.tokenizer), args.template,
-                                                          args.on_bad_line))))
+
+    def body():
+        if args.template is not None and args.template not in CHAT_TEMPLATES:
+            raise UserError(f"--template {args.template!r}: unknown; choose one of {sorted(CHAT_TEMPLATES)}")
+        print(format_stats(token_stats(args.file, load_tokenizer(args.tokenizer), args.template, args.on_bad_line)))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

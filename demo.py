@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import memory
 import model as llama
 import rope
 from checkpoint import SAFETENSORS_SINGLE, atomic_path, atomic_write_text, load_model, read_config, save_model
@@ -313,10 +314,12 @@ def evaluate(net, filler: np.ndarray, L: int, factors: tuple[int, ...], n_window
     return row
 
 
-def load_base(path: Path, cfg: TrainConfig | None = None, quant: str | None = None) -> llama.Transformer:
-    """The base in float32 (NF4 linears with quant="nf4"); with a training config, its RoPE changed as
-    the trainer changes it (--rope, --rope-theta, `:auto` factors), nothing trained."""
-    net = load_model(str(path), dtype=torch.float32, quant=None if quant == "none" else quant)
+def load_base(path: Path, cfg: TrainConfig | None = None, quant: str | None = None,
+              device: torch.device | str = "cpu") -> llama.Transformer:
+    """The base in float32 on `device` (NF4 linears with quant="nf4"); with a training config, its RoPE
+    changed as the trainer changes it (--rope, --rope-theta, `:auto` factors), nothing trained. The
+    evaluations move their token tensors to the model's device (token_nll, greedy_hits)."""
+    net = load_model(str(path), dtype=torch.float32, device=device, quant=None if quant == "none" else quant)
     if cfg is not None:
         mc = net.config
         mc.rope_theta, mc.rope_scaling = rope.override(mc.rope_theta, mc.rope_scaling, cfg.rope, cfg.rope_theta,
@@ -395,9 +398,10 @@ def prepare(d: Dist, flags: dict) -> DemoRun:
         out.mkdir(parents=True, exist_ok=True)
         write_extension_data(out / "data.jsonl", corpus_bytes(stdlib_split()[0]), cfg.ctx,
                              cfg.steps * cfg.grad_accum * d.world, TRAIN_SEED + 7)
-        run.rows["base"] = evaluate(load_base(base_dir), run.filler, L, FACTORS, n_windows, n_keys)
+        run.rows["base"] = evaluate(load_base(base_dir, device=d.device), run.filler, L, FACTORS, n_windows, n_keys)
         if untrained:
-            run.rows["base, RoPE extended, untrained"] = evaluate(load_base(base_dir, cfg), run.filler, L, FACTORS,
+            run.rows["base, RoPE extended, untrained"] = evaluate(load_base(base_dir, cfg, device=d.device), run.filler,
+                                                                  L, FACTORS,
                                                                   n_windows, n_keys)
         print(f"evaluated the base in {time.time() - t0:.0f}s", flush=True)
     barrier(d)
@@ -410,7 +414,7 @@ def finish(d: Dist, run: DemoRun) -> dict | None:
     if not d.main:
         return None
     cfg, out = run.cfg, run.out
-    net = load_base(run.base_dir, cfg, quant=cfg.quant)
+    net = load_base(run.base_dir, cfg, quant=cfg.quant, device=d.device)
     load_adapter(net, Path(cfg.out) / "adapter")
     L = net.config.max_seq_len
     rows = run.rows
@@ -441,6 +445,7 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object]) -
 
 
 def main(argv=None):
+    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     ap = argparse.ArgumentParser(description="Remake the demo's base (`python train.py` with no --model runs the demo).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pretrain", help="train the base from scratch (the shipped demo/ was made by this)")

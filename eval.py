@@ -42,9 +42,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import memory
 import rope
 import ruler
-from checkpoint import load_model
+from checkpoint import atomic_write_text, load_model, read_config
+from config import choose_device, choose_dtype
 from data import list_files
 from errors import UserError, run_cli
 from generate import generate
@@ -168,7 +170,7 @@ def run_ppl(model, tokenizer, args, theta, scaling, stream, memo: dict) -> dict:
         set_rope(model, theta, fixed_rope(theta, scaling, L))
         nll = n = 0
         for start, first in tqdm(windows(stream, L, args.windows, args.stride), desc=f"ppl L={L}", leave=False):
-            tokens = torch.tensor(stream[start:start + L])
+            tokens = torch.tensor(stream[start:start + L], device=args.device)
             key = memo_key(model, start, L, first)
             if key not in memo:
                 h = hidden.get(memo_key(model, start))
@@ -265,9 +267,7 @@ def git_revision() -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def label(row: dict) -> str:
@@ -352,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the checkpoint's own")
     ap.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base")
     ap.add_argument("--quant", choices=("nf4",), default=None, help="quantize the base weights to NF4")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--out", default="runs/eval", help="output directory (JSON and PNG)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step; 0 = one pass")
@@ -376,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    args.device = choose_device(args.device)
+    args.dtype = args.dtype or str(choose_dtype(None, args.device)).removeprefix("torch.")
     args.lengths = parse_ints(args.lengths, "--lengths", minimum=2)
     args.depths = parse_depths(args.depths)
     args.adapter = args.adapter or ["none"] * len(args.model)
@@ -408,7 +412,12 @@ def load(spec: str, adapter: str | None, args):
     tok = load_tokenizer(args.tokenizer or ("bytes" if spec in PRESETS else spec))
     # A preset is random weights for tests and dry runs: its vocabulary is sized to the tokenizer's.
     overrides = {"vocab_size": tok.vocab_size} if spec in PRESETS else {}
-    model = load_model(spec, dtype=dtype, quant=args.quant, seed=args.seed, **overrides).eval()  # streams NF4
+    vocab = read_config(spec).vocab_size if Path(spec).is_dir() else None
+    if vocab is not None and tok.vocab_size > vocab:
+        raise UserError(f"--tokenizer {tok.name}: {tok.vocab_size} tokens, more than the vocab_size {vocab} of "
+                        f"--model {spec}; use the model's own tokenizer")
+    model = load_model(spec, dtype=dtype, device=args.device, quant=args.quant, seed=args.seed,
+                       **overrides).eval()  # streams NF4
     if adapter is not None:
         load_adapter(model, adapter)
     return model, tok
@@ -416,9 +425,11 @@ def load(spec: str, adapter: str | None, args):
 
 def evaluate(args) -> list[dict]:
     """Every (model, adapter) x RoPE row; identical effective settings are computed once and reused."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"task": args.task, "git_revision": git_revision(), "dtype": args.dtype, "quant": args.quant,
+    out = Path(args.out)  # created by the first write_json: a run that fails before any result leaves none
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    meta = {"task": args.task, "git_revision": git_revision(), "device": str(args.device), "dtype": args.dtype,
+            "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride,
             "docs": args.docs or "python stdlib *.py (sorted)"}
@@ -460,6 +471,7 @@ def evaluate(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     args = build_parser().parse_args(argv)
     return run_cli(lambda: (check_args(args), evaluate(args)))
 

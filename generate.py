@@ -24,7 +24,11 @@ from tokenizer import load_tokenizer
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:
-    """Greedy at temperature 0; else nucleus sampling (Holtzman et al. 2020) from logits (V,)."""
+    """Greedy at temperature 0; else nucleus sampling (Holtzman et al. 2020) from logits (V,).
+
+    The draw happens on the generator's device (the V probabilities move there when they are elsewhere,
+    e.g. CUDA logits and a CPU generator), so one seeded generator gives the same tokens on any device.
+    """
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -32,6 +36,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
         sorted_p, idx = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest prefix with mass >= top_p
         probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -14,6 +14,16 @@ LongLoRA (Chen et al. 2023, Sec. 3.3, "Improved LoRA for long context") addition
 embeddings and the normalization layers in full; `apply_lora(trainable=("embed", "norm"))` does that.
 Merging folds the update into the weight: W' = W0 + s * B A (computed in float32).
 
+Note: float32 master weights. Every trained tensor is kept in float32 whatever the base dtype: in bf16,
+1.0 + 2e-3 rounds back to 1.0 (8 significant bits), so a bf16 norm gain or embedding under AdamW at the
+recipes' learning rates would never move. LoRA's A and B are float32 by default (PEFT's
+`autocast_adapter_dtype`); a trained embedding, norm or head over a 16-bit base is upcast in place and its
+module rounds it to the activations' dtype at use (MasterEmbedding, MasterLinear, model.RMSNorm), so the
+forward is exactly the 16-bit model with the rounded weights, the gradient reaches the float32 tensor
+through the cast, and AdamW and the micro-step accumulation act on float32. This is simpler than a
+separate float32 copy inside the optimizer (no copy-back step, no second tensor to checkpoint), and it is
+what plan.memory_plan assumes (trained parameters, gradients and moments in float32).
+
 Adapter files follow PEFT 0.21 (`PeftModel.from_pretrained` loads ours; we load PEFT's):
     adapter_config.json          peft_type LORA, r, lora_alpha, target_modules, use_rslora, modules_to_save
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight  (r, I)
@@ -184,6 +194,61 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}"
 
 
+class MasterEmbedding(nn.Embedding):
+    """An embedding whose trained weight is a float32 master: rows are looked up, then rounded to
+    `compute_dtype` (the base's activation dtype); identical to looking up the rounded table."""
+
+    def __init__(self, weight: nn.Parameter, compute_dtype: torch.dtype):
+        super().__init__(*weight.shape, device="meta")
+        self.weight = weight  # the same Parameter (a tied head keeps sharing it)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens).to(self.compute_dtype)  # (B, T) -> (B, T, C)
+
+
+class MasterLinear(nn.Linear):
+    """A bias-free linear whose trained weight is a float32 master, rounded to the input's dtype at use."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype))  # (N, C) -> (N, V)
+
+
+def _use_masters(model: nn.Module, extras: dict[str, nn.Parameter]) -> None:
+    """Upcast 16-bit trained extras to float32 in place; give their embedding/head a casting module."""
+    low = {id(p): p.dtype for p in extras.values() if p.dtype in (torch.bfloat16, torch.float16)}
+    if not low:
+        return
+    for p in extras.values():
+        if id(p) in low:
+            p.data = p.data.float()
+    for name, m in list(model.named_modules()):
+        w = getattr(m, "weight", None)
+        if w is None or id(w) not in low:
+            continue
+        if type(m) is nn.Embedding:
+            _replace(model, name, MasterEmbedding(w, low[id(w)]))
+        elif type(m) is nn.Linear and m.bias is None:
+            _replace(model, name, MasterLinear(w))
+        elif not name.rpartition(".")[2] in NORM_NAMES:  # model.RMSNorm casts its gain itself
+            raise ValueError(f"apply_lora: no float32-master form for trained module {name} ({type(m).__name__})")
+
+
+def release_masters(model: nn.Module) -> nn.Module:
+    """Replace MasterEmbedding/MasterLinear by the plain modules over the same weights (before export)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (MasterEmbedding, MasterLinear)):
+            plain = (nn.Embedding(*m.weight.shape, device="meta") if isinstance(m, MasterEmbedding)
+                     else nn.Linear(m.in_features, m.out_features, bias=False, device="meta"))
+            plain.weight = m.weight
+            _replace(model, name, plain)
+    return model
+
+
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """(qualified name, LoRALinear) in model order."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
@@ -238,7 +303,8 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
 
     targets: leaf names among LLAMA_LINEARS, or "all-linear" (the 7 projections; never lm_head).
     trainable: extra full parameters to train: "embed", "norm", "lm_head" (LongLoRA Sec. 3.3 uses embed+norm).
-    dtype: adapter dtype (default: the base weight's float dtype, fp32 over a 4-bit base).
+    dtype: adapter dtype (default float32: master weights, see the module note); trained extras of a
+    16-bit base are upcast to float32 (MasterEmbedding, MasterLinear).
     A is drawn from one generator seeded with `seed`, layer by layer in model order.
     Returns the summary {"lora", "embed", "norm", "lm_head", "trainable", "total", "percent"}.
     """
@@ -256,9 +322,10 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     for name, base in found:
-        _replace(model, name, LoRALinear(base, r, alpha, dropout, rslora, dtype, g))
+        _replace(model, name, LoRALinear(base, r, alpha, dropout, rslora, dtype or torch.float32, g))
     for p in extras.values():
         p.requires_grad_(True)
+    _use_masters(model, extras)
     return _summary(model)
 
 
@@ -325,6 +392,9 @@ def save_adapter(model: nn.Module, dir: str | os.PathLike, base_model_path: str 
     state = {PEFT_PREFIX + n: t.contiguous() for n, t in lora_state_dict(model).items()}
     if config["ensure_weight_tying"]:  # PEFT stores the tied matrix under both names
         state[f"{PEFT_PREFIX}{LM_HEAD}.weight"] = state[f"{PEFT_PREFIX}{EMBED}.weight"].clone()
+    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"{dir}: not written: tensor {bad[0]!r} holds NaN or infinite values")
     d = Path(dir)
     with atomic_path(d / ADAPTER_WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -453,6 +523,9 @@ def load_adapter(model: nn.Module, dir: str | os.PathLike) -> dict:
                 raise UserError(f"{weights}: tensor {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix; "
                                  "not a PEFT LoRA adapter for a causal LM")
             name = key.removeprefix(PEFT_PREFIX)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UserError(f"{weights}: tensor {key!r} holds NaN or infinite values; refusing to load or "
+                                 "merge it (resume from an earlier checkpoint)")
             if tied_head and name == f"{LM_HEAD}.weight":
                 continue  # PEFT's copy of the tied matrix; the embedding is the one kept
             yield name, tensor
@@ -495,7 +568,11 @@ def export_merged(model: nn.Module, dir: str | os.PathLike, dtype: torch.dtype =
     """
     merge_lora(model, dtype)
     dequantize_linears(model, dtype)
+    release_masters(model)
     model.to(dtype)
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise UserError(f"{dir}: not written: merged tensor {bad!r} holds NaN or infinite values")
     save_model(model, dir)
     return model
 

@@ -23,12 +23,14 @@ D head dim, C model dim, F ffn dim, V vocab.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
@@ -86,6 +88,7 @@ class ModelConfig:
         arch = cfg.get("model_type", "llama")
         if arch not in ("llama", "mistral") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise UserError(f"{where}: model_type {arch!r} (or attention/MLP biases) is not a Llama model this project loads")
+        check_hf_fields(cfg, where)
         try:
             theta, scaling = rope.rope_from_hf(cfg)
             n_heads = cfg["num_attention_heads"]
@@ -137,6 +140,24 @@ class ModelConfig:
         }
 
 
+HF_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "intermediate_size", "max_position_embeddings")
+HF_FLOATS = ("rms_norm_eps", "rope_theta")
+
+
+def check_hf_fields(cfg: dict, where: str) -> None:
+    """Sizes are positive integers, rms_norm_eps and rope_theta positive finite numbers (a field that is
+    absent or null is left to from_hf); a UserError names the file and the field."""
+    for key in HF_INTS + HF_FLOATS:
+        v = cfg.get(key)
+        if v is None or (key in ("head_dim", "num_key_value_heads") and v == 0):
+            continue
+        kind = int if key in HF_INTS else (int, float)
+        if isinstance(v, bool) or not isinstance(v, kind) or not (math.isfinite(v) and v > 0):
+            want = "a positive integer" if key in HF_INTS else "a positive finite number"
+            raise UserError(f"{where}: field {key!r} must be {want}, got {v!r}")
+
+
 def _original_len(cfg: dict, scaling: dict | None) -> int:
     """The pre-extension context: a scaling's original length if it names one, else max_position_embeddings."""
     if scaling and scaling.get("original_max_position_embeddings"):
@@ -182,8 +203,14 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     """Causal attention of T new queries, written at cache slots [start, start + T), over S = start + T
     cached keys.
 
-    q (B, H, T, D), k/v (B, Hkv, S, D). Query i sees keys in slots j <= start + i; the (T, S) boolean mask is the
-    only extra memory, so a prefill chunk costs O(T * S), never O(S^2).
+    q (B, H, T, D), k/v (B, Hkv, S, D). Query i sees keys in slots j <= start + i: the causal mask aligned to
+    the lower right corner of the (T, S) scores, so a prefill chunk costs O(T * S), never O(S^2).
+
+    Note: on CUDA the mask is torch.nn.attention.bias.causal_lower_right, which SDPA serves with the flash
+    kernel (GQA included) or the memory-efficient one, never forming the mask or the scores: a boolean
+    mask would rule flash out (32 heads x 2K x 80K float32 scores: 21 GB per layer for a 2K chunk at 80K). Where
+    neither fused kernel applies (CPU, float32 with GQA) the bias materializes the same (T, S) boolean
+    mask and warns why, so off CUDA we pass that mask ourselves.
     """
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
@@ -191,6 +218,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if q.device.type == "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
     mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # mask (T, S)
 
@@ -232,7 +261,8 @@ def attention_saving_contexts():
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * g, normalised in float32 and cast back before the gain."""
+    """y = x / sqrt(mean(x^2) + eps) * g, normalised in float32 and cast back before the gain; a float32
+    gain (a trained master weight over a 16-bit model, lora.py) is rounded to x's dtype first."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -242,7 +272,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -426,5 +456,5 @@ class Transformer(nn.Module):
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.copy_(torch.randn(p.shape, generator=g).mul_(std))  # in place: one temporary, not two
         return self

@@ -5,6 +5,20 @@ torchrun sets RANK (global process index), LOCAL_RANK (index on this node, = the
 plain `python` run is world 1 and never creates a process group. On CUDA the group is
 "cpu:gloo,cuda:nccl": NCCL takes CUDA tensors only, while the trainer's token counts, data cursors and
 RNG states are CPU tensors or Python objects, which go through gloo.
+
+Context parallelism (DeepSpeed-Ulysses, Jacobs et al. 2023, "DeepSpeed Ulysses: System Optimizations for
+Enabling Training of Extreme Long Sequence Transformer Models", Sec. 3): the world is a 2-D mesh
+dp x cp (`Mesh`); the N = cp ranks of one row hold one sequence, rank i its tokens [i T/N, (i+1) T/N)
+with their true positions. Everything but attention is position-wise and runs on the shard. Attention
+(`context_parallel_attention`) exchanges sequence shards for head shards with one all-to-all,
+    (B, H, T/N, D) on each rank  ->  (B, H/N, T, D) on each rank,
+runs the ordinary attention on whole sequences, and turns the output back with a second all-to-all.
+Per layer and rank the forward exchanges q, k, v and the output, (2 H + 2 Hkv) T D / N values, of which
+(N - 1)/N leave the rank; the backward moves as much again (and a checkpointed block's recompute repeats
+the forward's three input exchanges).
+
+Notation: B batch, T tokens of the whole sequence, N context-parallel ranks, H query heads, Hkv kv heads,
+D head dim.
 """
 from __future__ import annotations
 
@@ -14,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from errors import UserError
 
 
 @dataclass
@@ -106,3 +122,93 @@ def log0(d: Dist, *msg) -> None:
     """print on rank 0 only, flushed."""
     if d.main:
         print(*msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- context parallelism
+
+
+@dataclass
+class Mesh:
+    """This rank's place in the dp x cp mesh: rank = dp_rank * cp + cp_rank (row-major, as
+    init_device_mesh lays it out). cp_group is the process group of this rank's row (None for cp 1)."""
+
+    dp: int
+    cp: int
+    dp_rank: int
+    cp_rank: int
+    cp_group: object = None
+
+
+def check_context_parallel(cp: int, n_heads: int, n_kv_heads: int) -> None:
+    """The model shapes --cp allows: cp divides the kv heads and the query heads (one-line UserError naming
+    the values that do). config.resolve checks the world size and ctx."""
+    if n_kv_heads % cp or n_heads % cp:
+        ok = [n for n in range(1, n_kv_heads + 1) if n_kv_heads % n == 0 and n_heads % n == 0]
+        raise UserError(f"--cp {cp} does not divide the model's {n_kv_heads} kv heads ({n_heads} query heads); "
+                        f"--cp may be {', '.join(map(str, ok))}")
+
+
+def init_mesh(d: Dist, cp: int) -> Mesh:
+    """The dp x cp mesh of the run (torch.distributed.device_mesh, dims named "dp" and "cp"); world 1 or
+    cp 1 needs no mesh and creates no group."""
+    if cp == 1:
+        return Mesh(d.world, 1, d.rank, 0)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(d.device.type, (d.world // cp, cp), mesh_dim_names=("dp", "cp"))
+    return Mesh(d.world // cp, cp, mesh.get_local_rank("dp"), mesh.get_local_rank("cp"), mesh.get_group("cp"))
+
+
+def shard_sequence(x: torch.Tensor, mesh: Mesh, dim: int = -1) -> torch.Tensor:
+    """This cp rank's contiguous piece [i T/N, (i+1) T/N) of x along `dim` (T divisible by N)."""
+    return x.chunk(mesh.cp, dim=dim)[mesh.cp_rank] if mesh.cp > 1 else x
+
+
+class _AllToAll(torch.autograd.Function):
+    """Split x into N pieces along scatter_dim, send piece j to rank j of the group, concatenate what
+    arrives (in rank order) along gather_dim. The backward is the transposed exchange: the same call with
+    the two dims swapped."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim: int, gather_dim: int, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return exchange(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+def exchange(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """The all-to-all of `_AllToAll` without autograd: one all_to_all_single over a contiguous buffer
+    whose leading dim is the N pieces."""
+    n = dist.get_world_size(group)
+    send = torch.stack(x.chunk(n, dim=scatter_dim)).contiguous()  # (N, ..., size / N along scatter_dim, ...)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Autograd-aware all-to-all (see `_AllToAll`); gloo on CPU, NCCL on CUDA."""
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+def context_parallel_attention(attn_fn, group):
+    """attn_fn(q, k, v) on whole sequences, for a model whose ranks hold sequence shards.
+
+    Takes q (B, H, T/N, D), k/v (B, Hkv, T/N, D) on each of the N ranks of `group` (rank i holding tokens
+    [i T/N, (i+1) T/N), RoPE already applied with their true positions) and returns this rank's rows of
+    attn_fn's output, (B, H, T/N, D):
+        q (B, H, T/N, D) --all-to-all--> (B, H/N, T, D)   heads [r H/N, (r+1) H/N) of rank r
+        k, v (B, Hkv, T/N, D) ---------> (B, Hkv/N, T, D)  their kv heads (query head h uses h // (H/Hkv))
+        out = attn_fn(q, k, v)          (B, H/N, T, D)    the whole sequence: causal masks, S²-Attn windows
+        out --all-to-all--> (B, H, T/N, D)
+    Exact for any attention that treats heads alike (causal SDPA); one whose rule depends on the model-wide
+    head index (S²-Attn's shifted half) must be built for rank r's heads (shift_attn.make_attention's
+    border). H and Hkv must divide by N (check_context_parallel).
+    """
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (all_to_all(x, 1, 2, group) for x in (q, k, v))  # (B, H/N, T, D), (B, Hkv/N, T, D) x 2
+        return all_to_all(attn_fn(q, k, v), 2, 1, group)  # (B, H/N, T, D) -> (B, H, T/N, D)
+    return attention

@@ -1,11 +1,12 @@
 """Memory plan of one training step, per device, and `train.py --dry-run` (the plan without loading weights).
 
-Notation: T ctx (tokens per micro-step), C model dim, F MLP hidden dim, L layers, V vocab, H query heads,
+Notation: T ctx (tokens per micro-step), N context-parallel ranks (--cp), T/N the tokens a device holds, C model dim, F MLP hidden dim, L layers, V vocab, H query heads,
 Hkv kv heads, D head dim.
 """
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -16,14 +17,23 @@ from model import PRESETS, ModelConfig, Transformer
 
 WORKSPACE = {"cpu": 100 * 2**20,  # allocator and autograd bookkeeping of a CPU step beside the planned tensors
              "cuda": 2**30}  # an estimate: CUDA context, cuBLAS and allocator slack
+PROCESS_BASE = {"cpu": 226 * 2**20,  # RSS of `import train` (interpreter, torch, the project) before any tensor
+                "cuda": 0}  # host memory: not on the device
+DDP_BUCKET_CAP = 25 * 2**20  # torch DDP's default bucket_cap_mb
 
 
-def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device: str = "cuda") -> dict[str, float]:
-    """Bytes per device for one training step (the README's memory model; bench/bench_train.py checks it).
+def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device: str = "cuda",
+                own_trainable: int = 0) -> dict[str, float]:
+    """Bytes per device for one training step (the README's memory model; bench/bench_train.py and
+    bench/bench_memory.py check it on CPU).
 
     Held through the step: weights (NF4 linears at 4.127 bits, see quant4.bits_per_parameter; embeddings,
-    norms and an untied head in the base dtype), trained parameters in float32 with their gradients and two
-    AdamW moments, and one (T, C) checkpoint per block. On top, the larger of two transient phases:
+    norms and an untied head in the base dtype), the trained parameters with their gradients and two AdamW
+    moments (all float32: lora.py keeps every trained tensor as a float32 master; `own_trainable` of the
+    `trainable` parameters are the model's own embeddings, norms or head, whose float32 master replaces
+    the base-dtype tensor, so the weights term leaves them out), and one (T, C) checkpoint per block. On CPU the
+    process itself (interpreter and libraries, PROCESS_BASE) is counted, so the total is the process's
+    peak RSS under memory.return_freed_memory. On top, the larger of two transient phases:
     - the loss: one chunk's float32 logits, turned into the softmax-gradient in place (model.py's frozen-head
       NLL), plus their copy in the model dtype when that is not float32 (chunk x V x (4 + 2) bytes in
       bf16), beside the last block's output, the final norm's input and output and the stored gradient
@@ -32,8 +42,16 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
       + 6 F) values; with --mlp-chunk c < T the MLP keeps c x 6 F of them and T x 8 C more instead
       (the chunks' outputs, the gradients assembled from them). The MLP's gate/up/activation/product and
       their gradients dominate without chunking.
+    With --cp N every activation term counts T/N tokens (a device holds a sequence shard; attention's
+    head shard (H/N heads, T tokens) has as many values as the shard's H heads), and the block's backward
+    adds the Ulysses exchange (all_to_all_bytes).
+    CUDA-only terms, estimates not yet measured on a GPU: FlashAttention-2's backward workspace in the
+    block's backward (a float32 dq accumulator and its softmax statistics, ~8 T H D bytes); with world > 1,
+    DDP's gradient buckets (a flat copy of the trained gradients, at least one 25 MiB bucket); and, outside
+    the device total, the pinned host memory of --offload (one buffer per block checkpoint, which the
+    CUDA host allocator rounds up to a power of two).
     """
-    T, C, F, L, V = cfg.ctx, mcfg.dim, mcfg.ffn_dim, mcfg.n_layers, mcfg.vocab_size
+    T, C, F, L, V = cfg.ctx // cfg.cp, mcfg.dim, mcfg.ffn_dim, mcfg.n_layers, mcfg.vocab_size
     H, Hkv, D = mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
     linear = L * (C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F)
     embed = V * C * (1 if mcfg.tie_embeddings else 2)
@@ -43,21 +61,41 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
         block = (T * (8 * C + (H + 2 * Hkv) * D) + chunk * 6 * F) * dtype_bytes
     else:
         block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
+    block += all_to_all_bytes(cfg, mcfg, dtype_bytes)
+    cuda = device == "cuda"
+    if cuda:
+        block += 8 * T * H * D  # FlashAttention-2 backward workspace (estimate)
+    trained = trainable * 4  # float32 masters (lora.py's module note)
+    checkpoint_bytes = T * C * dtype_bytes
     held = {
-        "weights": linear * weight_bits / 8 + (embed + L * 2 * C + C) * dtype_bytes,
-        "trained params (fp32)": trainable * 4,
-        "gradients (fp32)": trainable * 4,
-        "AdamW moments (fp32)": trainable * 8,
-        "block checkpoints": L * T * C * dtype_bytes if cfg.checkpointing and not cfg.offload else 0,
+        "weights": linear * weight_bits / 8 + (embed + L * 2 * C + C - own_trainable) * dtype_bytes,
+        "trained params": trained,
+        "gradients": trained,
+        "AdamW moments": 2 * trained,
+        "block checkpoints": L * checkpoint_bytes if cfg.checkpointing and not cfg.offload else 0,
         "saved attention outputs": L * T * H * (D * dtype_bytes + 4) if cfg.checkpointing and cfg.save_attention else 0,
         f"runtime workspace ({device})": WORKSPACE[device],
+        f"process itself ({device})": PROCESS_BASE[device],
+        "DDP gradient buckets (cuda, estimate)": max(trained, DDP_BUCKET_CAP) if cuda and cfg.world_size > 1 else 0,
     }
     transient = {  # phases that do not overlap: only the larger counts
         "one block's backward": block if cfg.checkpointing else block * L,
         "loss (chunk x V logits + 4 T x C)": min(T, cfg.loss_chunk) * V * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
                                               + 4 * T * C * dtype_bytes,
     }
-    return {**held, **transient, "total": sum(held.values()) + max(transient.values())}
+    pinned = L * 2 ** math.ceil(math.log2(checkpoint_bytes)) if cuda and cfg.offload and cfg.checkpointing else 0
+    return {**held, **transient, "total": sum(held.values()) + max(transient.values()),
+            "host: pinned --offload buffers (estimate)": pinned}
+
+
+def all_to_all_bytes(cfg: TrainConfig, mcfg, dtype_bytes: int) -> int:
+    """Bytes per device that one block's Ulysses exchange adds at --cp N > 1 (0 at N = 1): the send and
+    receive buffers of one exchange, at most 2 (T/N) H D values (q's). The head-layout q, k, v, output and
+    their gradients replace their sequence-layout twins (the all-to-all saves nothing for backward), so
+    the block's (H + 2 Hkv) D term already counts them."""
+    if cfg.cp == 1:
+        return 0
+    return cfg.ctx // cfg.cp * 2 * mcfg.n_heads * mcfg.head_dim * dtype_bytes
 
 
 def model_config(spec: str) -> ModelConfig:
@@ -74,9 +112,14 @@ def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
         net = Transformer(mcfg)
         summary = lora.apply_lora(net, **cfg.lora_kwargs())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    plan = memory_plan(cfg, mcfg, torch.finfo(dtype).bits // 8, trainable)
+    own = summary["embed"] + summary["norm"] + summary["lm_head"]
+    plan = memory_plan(cfg, mcfg, torch.finfo(dtype).bits // 8, trainable, own_trainable=own)
     print(json.dumps(cfg.to_dict(), indent=2))
-    print(f"\nmemory plan per device ({cfg.world_size} device(s), ctx {cfg.ctx}, {dtype}):")
+    mesh = f", dp {cfg.world_size // cfg.cp} x cp {cfg.cp}: {cfg.ctx // cfg.cp} tokens per device" if cfg.cp > 1 else ""
+    print(f"\nmemory plan per device ({cfg.world_size} device(s), ctx {cfg.ctx}{mesh}, {dtype}):")
     for k, v in plan.items():
-        print(f"  {k:34s} {v / 2**30:9.2f} GiB")
+        print(f"  {k:42s} {v / 2**30:9.2f} GiB")
+        if k == "one block's backward" and cfg.cp > 1:
+            a2a = all_to_all_bytes(cfg, mcfg, torch.finfo(dtype).bits // 8)
+            print(f"    {'of which all-to-all buffers':40s} {a2a / 2**30:9.2f} GiB")
     return plan, summary

@@ -343,14 +343,20 @@ def dequant_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def compiled_dequant_matmul() -> Callable[[torch.Tensor, NF4Tensor], torch.Tensor]:
+def compiled_dequant_matmul(backend="inductor") -> Callable[[torch.Tensor, NF4Tensor], torch.Tensor]:
     """dequant_matmul under torch.compile(fullgraph=True): Inductor fuses unpack, table look-up, scaling
     and the dtype cast into one kernel producing W for the matmul.
 
     Note: built lazily on first use and memoised (so importing this file never touches dynamo, and every
     Linear4bit shares one compiled function and its cache). Opt-in via Linear4bit(compile=True).
+
+    Note: dynamic=None (automatic dynamic shapes), not dynamic=False. Every layer shape and every input
+    length is a new input shape; with static shapes each one was a recompile, and a Llama block's 4 or 5
+    weight shapes times a few lengths passed dynamo's recompile limit (8), which fullgraph=True turns into
+    an error. With dynamic=None sizes turn symbolic after the first change, and it recompiles only when a
+    size changes kind (double-quant block counts: one, several, a ragged last block; 6 graphs for 12 shapes).
     """
-    return torch.compile(dequant_matmul, fullgraph=True, dynamic=False)
+    return torch.compile(dequant_matmul, fullgraph=True, dynamic=None, backend=backend)
 
 
 # ----------------------------------------------------------------------------- modules

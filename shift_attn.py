@@ -69,10 +69,15 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+from errors import UserError
 
 # ----------------------------------------------------------------------------- constants
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # attn_fn(q, k, v) -> out
+FUSED_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+MATH_MAX_CTX = 4096  # float32 + GQA on CUDA runs SDPA's math kernel: (H, T, T) float32 scores, 2 GiB/layer at 4096
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -103,16 +108,39 @@ def s2_mask(n_heads: int, seq_len: int, group_size: int) -> torch.Tensor:
     return torch.stack(masks)  # (H, T, T)
 
 
-def head_pieces(n_heads: int, n_kv_heads: int) -> list[tuple[int, int, bool]]:
+def training_backends(dtype: torch.dtype, device_type: str, gqa: bool, ctx: int) -> list[SDPBackend] | None:
+    """The SDPA backends training attention may use (torch.nn.attention.sdpa_kernel), None for no limit.
+
+    On CUDA the fused kernels never form (T, T) scores; restricting SDPA to them turns a silent fallback
+    to the math kernel (O(T^2) memory: 26 GB of float32 scores per head at T = 80K) into an error.
+    What each fused kernel takes (torch 2.13, aten/src/ATen/native/transformers/cuda/sdp_utils.cpp):
+    flash and cuDNN fp16/bf16 only; memory-efficient fp32 too, but not `enable_gqa` with fewer kv heads.
+    So float32 with GQA reaches only the math kernel: allowed (None) up to MATH_MAX_CTX tokens, a
+    UserError above (use --dtype bfloat16, the CUDA default). Off CUDA: None (CPU has one flash kernel).
+    """
+    if device_type != "cuda":
+        return None
+    if dtype in (torch.float16, torch.bfloat16):
+        return list(FUSED_BACKENDS)
+    if not gqa:
+        return [SDPBackend.EFFICIENT_ATTENTION]
+    if ctx <= MATH_MAX_CTX:
+        return None
+    raise UserError(f"--dtype {str(dtype).removeprefix('torch.')} with grouped-query attention on CUDA reaches "
+                    f"only SDPA's math kernel ((T, T) scores); --ctx {ctx} > {MATH_MAX_CTX} needs --dtype bfloat16")
+
+
+def head_pieces(n_heads: int, n_kv_heads: int, border: int | None = None) -> list[tuple[int, int, bool]]:
     """Cut heads [0, H) into runs (start, end, shifted) that each map uniformly onto kv heads.
 
-    Cuts are at H // 2 (plain | shifted) and at the kv-group borders either side of it, so every run
-    is either a whole number of kv groups or lies inside one kv group (see the module note).
+    Cuts are at the border (plain | shifted; default H // 2) and at the kv-group borders either side of
+    it, so every run is either a whole number of kv groups or lies inside one kv group (see the module
+    note). A border outside [0, H] is clamped: all heads plain (border >= H) or all shifted (<= 0).
     """
     rep = n_heads // n_kv_heads
-    border = n_heads // 2
+    border = n_heads // 2 if border is None else min(max(border, 0), n_heads)
     cuts = sorted({0, n_heads, border, border // rep * rep, -(-border // rep) * rep})
-    return [(a, b, a >= border) for a, b in zip(cuts, cuts[1:])]
+    return [(a, b, a >= border) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def _check_group_size(group_size: int) -> None:
@@ -184,16 +212,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             group_size: int) -> torch.Tensor:
+                             group_size: int, border: int | None = None) -> torch.Tensor:
     """S2-Attn (module docstring) with window size G = group_size; q (B, H, T, D), k, v (B, Hkv, T, D).
 
-    RoPE must already be applied with the true positions. Returns (B, H, T, D) in q's dtype.
+    border: the first shifted head of this call, default H // 2. A call that holds heads [h0, h0 + H) of
+    a model with Hm heads (one head shard of context parallelism) passes Hm // 2 - h0, so each head keeps
+    its model-wide plain/shifted role. RoPE must already be applied with the true positions. Returns
+    (B, H, T, D) in q's dtype.
     """
     _check_qkv(q, k, v)
     _check_group_size(group_size)
     H, Hkv = q.shape[1], k.shape[1]
     rep = H // Hkv
-    pieces = head_pieces(H, Hkv)
+    pieces = head_pieces(H, Hkv, border)
     outs = []
     q_pieces = q.split([end - start for start, end, _ in pieces], dim=1)  # (B, end - start, T, D) each
     for (start, end, shifted), q_piece in zip(pieces, q_pieces):
@@ -203,27 +234,39 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(outs, dim=1)  # (B, H, T, D)
 
 
-def _ratio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ratio: float) -> torch.Tensor:
-    """S2-Attn with G = group_size_for(T, group_ratio), T read from q at call time."""
-    return shifted_sparse_attention(q, k, v, group_size_for(q.shape[2], group_ratio))
+@torch.compiler.disable
+def _ratio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ratio: float,
+                     border: int | None = None) -> torch.Tensor:
+    """S2-Attn with G = group_size_for(T, group_ratio), T read from q at call time.
+
+    Note: eager inside a compiled block (torch.compiler.disable). G and the window cuts are Python ints
+    of T; traced, they put guards on T (is there a ragged tail, how T * ratio rounds), so new lengths kept
+    recompiling the block (6 graphs over 10 irregular lengths in the test, still rising) until dynamo's
+    recompile limit, after which it runs eagerly without a word. Left out of the graph, the block compiles
+    into the pieces around attention, dynamic in T after the second length; the attention itself loses
+    nothing (the module note: SDPA is the same ATen kernel compiled or not).
+    """
+    return shifted_sparse_attention(q, k, v, group_size_for(q.shape[2], group_ratio), border)
 
 
-def make_attention(group_size: int | None = None, group_ratio: float | None = None) -> AttnFn:
+def make_attention(group_size: int | None = None, group_ratio: float | None = None,
+                   border: int | None = None) -> AttnFn:
     """An `attn_fn(q, k, v) -> out` for the model's attention seam.
 
     group_size: S2-Attn with a fixed window G (even, >= 2).
     group_ratio: S2-Attn with G = group_size_for(T, ratio), the even number nearest T * ratio, at least 2,
         from T at call time
         (LongLoRA trains with ratio 1/4); ratio in (0, 1].
-    Neither: full causal attention. Both: ValueError.
+    border: the first shifted head of each call (see shifted_sparse_attention), default H // 2.
+    Neither size nor ratio: full causal attention. Both: ValueError.
     """
     if group_size is not None and group_ratio is not None:
         raise ValueError("make_attention: give group_size or group_ratio, not both")
     if group_size is not None:
         _check_group_size(group_size)
-        return functools.partial(shifted_sparse_attention, group_size=int(group_size))
+        return functools.partial(shifted_sparse_attention, group_size=int(group_size), border=border)
     if group_ratio is not None:
         if not 0.0 < group_ratio <= 1.0:
             raise ValueError(f"group_ratio must be in (0, 1] (LongLoRA uses 0.25), got {group_ratio!r}")
-        return functools.partial(_ratio_attention, group_ratio=group_ratio)
+        return functools.partial(_ratio_attention, group_ratio=group_ratio, border=border)
     return causal_attention

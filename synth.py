@@ -8,21 +8,42 @@ Multi-Detail QA and Biography Summarization. Here the same three kinds are made 
     answer is known exactly; or
   - with a generator model (`--generator`, any model checkpoint.load_model reads): it writes a question
     and answer (or a summary) about chunks of the document, as GPT-4 did; its raw reply is kept in meta.
+  - with a server speaking OpenAI-compatible chat completions (`--generator-url http://host:port/v1
+    --generator-model NAME`: vLLM, llama.cpp's server, Ollama, an API), over plain HTTP with the
+    standard library: POST URL/chat/completions, the reply is choices[0].message.content; the API key
+    comes from the environment variable named by --api-key-env (none is fine for local servers); each
+    request has a timeout and is retried on 429, 5xx and connection errors with exponential backoff
+    (delay = backoff * 2^attempt, at most 60 s or the server's Retry-After, at most --retries times).
 Each sample is one conversation (user: document + question, assistant: answer) of at most ctx tokens.
+
+Resumable output: completed samples are appended to OUT.partial as whole JSON lines, each flushed and
+fsync'ed before the next is written, in completion order (with --concurrency N threads work on N
+sample indices at once); a sample whose replies could not be parsed is recorded as {"failed": index}.
+A rerun with the same arguments reads OUT.partial, drops a torn last line (a kill mid-write), and
+computes only the indices not yet there, so each sample is made and written once. When all n are done
+OUT is written atomically (checkpoint.atomic_path) with the samples in index order and OUT.partial is
+removed; OUT itself is therefore never half-written.
 
 Command line:
     python synth.py --docs DIR_OR_FILES --tokenizer PATH --ctx 65536 --kinds single,multi,summary \
-        --out long.jsonl [--generator MODEL] [--seed 0] [--n 8]
+        --out long.jsonl [--generator MODEL | --generator-url URL --generator-model NAME] [--concurrency 8] \
+        [--seed 0] [--n 8]
 """
 from __future__ import annotations
 
 import argparse
 import bisect
 import json
+import os
 import random
 import re
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,6 +66,8 @@ QA_PROMPT = ("Read the passage below and write one question that can be answered
              "answer.\nReply exactly in this format:\nQuestion: <question>\nAnswer: <answer>\n\n"
              "Passage:\n{chunk}")
 SUMMARY_PROMPT = "Summarize the passage below in two or three sentences.\n\nPassage:\n{chunk}"
+RETRY_STATUS = (429, 500, 502, 503, 504)  # rate limit and server errors: retried with backoff
+MAX_BACKOFF_S = 60.0
 
 # ----------------------------------------------------------------------------- synthetic long data
 # Llama-3-80K's recipe (Single-Detail QA, Multi-Detail QA, summarization) made verifiable without a
@@ -177,7 +200,7 @@ def _chunks(lines: list[tuple[int, int, str, int]], n: int, chunk_tokens: int, r
 
 def synth_sample(docs: _DocLines, tokenizer: Tokenizer, template: str, ctx: int, kind: str, seed: int,
                  index: int, generate_text: Callable[[str], str] | None = None, generator_name: str | None = None,
-                 chunk_tokens: int = 2048) -> dict | None:
+                 chunk_tokens: int = 2048, generator_info: dict | None = None) -> dict | None:
     """One long chat sample of at most ctx tokens (None if the generator's replies could not be parsed).
 
     The user turn is the document span followed by the question(s); the assistant turn is the
@@ -193,6 +216,7 @@ def synth_sample(docs: _DocLines, tokenizer: Tokenizer, template: str, ctx: int,
     start_file = rng.randrange(len(docs.files))
     meta = dict(kind=kind, generator=generator_name, seed=seed, index=index, template=template,
                 tokenizer=tokenizer.name)
+    meta.update(generator_info or {})  # e.g. generator_url and generator_model of an HTTP generator
     if generate_text is None:
         facts, question, answer_lines = _facts(kind, rng)
         depths = sorted(round(rng.uniform(0.05, 0.95), 4) for _ in facts)
@@ -290,6 +314,110 @@ def model_generate_text(model_path: str, tokenizer: Tokenizer, template: str | N
     return generate_text
 
 
+def http_generate_text(url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 120.0,
+                       retries: int = 5, backoff: float = 1.0, max_tokens: int = 512,
+                       temperature: float = 0.0) -> Callable[[str], str]:
+    """generate_text(prompt): one chat completion from an OpenAI-compatible server at `url` (.../v1).
+
+    Request: POST url/chat/completions {"model", "messages": [{"role": "user", "content": prompt}],
+    "max_tokens", "temperature"}, with "Authorization: Bearer $KEY" when the environment variable
+    `api_key_env` is set. Reply: choices[0].message.content. 429, 5xx, timeouts and connection errors are
+    retried up to `retries` times, sleeping min(backoff * 2^attempt, 60 s) or the server's numeric
+    Retry-After (capped the same way); any other HTTP error, or a reply off the schema, is a UserError.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"--generator-url {url!r}: must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+    endpoint = url.rstrip("/") + "/chat/completions"
+    key = os.environ.get(api_key_env) if api_key_env else None
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def generate_text(prompt: str) -> str:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": max_tokens, "temperature": temperature}).encode()
+        for attempt in range(retries + 1):
+            wait = min(backoff * 2 ** attempt, MAX_BACKOFF_S)
+            try:
+                req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    reply = json.loads(r.read().decode("utf-8"))
+                break
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:200].decode("utf-8", "replace")
+                if e.code not in RETRY_STATUS:
+                    raise UserError(f"--generator-url {endpoint}: HTTP {e.code} ({detail})") from None
+                error = f"HTTP {e.code} ({detail})"
+                after = e.headers.get("Retry-After", "") if e.headers else ""
+                wait = min(float(after), MAX_BACKOFF_S) if after.replace(".", "", 1).isdigit() else wait
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                error = str(getattr(e, "reason", e))
+            except json.JSONDecodeError as e:
+                raise UserError(f"--generator-url {endpoint}: reply is not JSON ({e})") from None
+            if attempt == retries:
+                raise UserError(f"--generator-url {endpoint}: {error}; gave up after {retries + 1} attempts")
+            time.sleep(wait)
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise UserError(f"--generator-url {endpoint}: reply has no choices[0].message.content: "
+                            f"{json.dumps(reply)[:200]}") from None
+        return content if isinstance(content, str) else ""
+
+    return generate_text
+
+
+def read_partial(path: Path) -> dict[int, dict]:
+    """index -> row of the complete lines of OUT.partial (a torn last line is cut off the file)."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    keep = data[:data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    done = {}
+    for line in keep.decode("utf-8").splitlines():
+        row = json.loads(line)
+        done[row["failed"] if "failed" in row else row["meta"]["index"]] = row
+    return done
+
+
+def write_resumable(out, n: int, make: Callable[[int], dict | None], concurrency: int = 1) -> dict:
+    """Rows make(0..n-1) to `out` in index order through OUT.partial (see the module docstring)."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    done = read_partial(partial)
+    todo = [i for i in range(n) if i not in done]
+    lock, f = threading.Lock(), None
+
+    def run(i):
+        nonlocal f
+        row = make(i)
+        row = row if row is not None else {"failed": i}
+        with lock:
+            if f is None:  # opened on the first result, so a run failing at once leaves no file
+                f = open(partial, "a", encoding="utf-8")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            done[i] = row
+
+    try:
+        if concurrency <= 1:
+            for i in todo:
+                run(i)
+        else:
+            with ThreadPoolExecutor(concurrency) as pool:
+                for fut in [pool.submit(run, i) for i in todo]:
+                    fut.result()
+    finally:
+        if f is not None:
+            f.close()
+    rows = [done[i] for i in range(n) if "failed" not in done[i]]
+    write_jsonl(out, rows)
+    partial.unlink(missing_ok=True)
+    return dict(written=len(rows), failed=n - len(rows))
+
+
 def write_jsonl(out, rows: Iterable[dict]) -> int:
     """Write rows to `out` atomically (checkpoint.atomic_path): the file appears complete or not at all."""
     n = 0
@@ -302,8 +430,10 @@ def write_jsonl(out, rows: Iterable[dict]) -> int:
 
 def synth(docs, tokenizer: Tokenizer, ctx: int, kinds: list[str], out, n: int, seed: int = 0,
           template: str | None = None, generate_text: Callable[[str], str] | None = None,
-          generator_name: str | None = None) -> dict:
-    """Write n long chat samples (kinds cycled) to `out` as JSONL; returns counts."""
+          generator_name: str | None = None, generator_info: dict | None = None, concurrency: int = 1) -> dict:
+    """Write n long chat samples (kinds cycled) to `out` as JSONL, resumably; returns counts."""
+    if concurrency < 1:
+        raise UserError(f"--concurrency must be >= 1, got {concurrency}")
     for k in kinds:
         if k not in SYNTH_KINDS:
             raise UserError(f"--kinds: {k!r} unknown; choose from {','.join(SYNTH_KINDS)}")
@@ -311,18 +441,12 @@ def synth(docs, tokenizer: Tokenizer, ctx: int, kinds: list[str], out, n: int, s
         raise UserError(f"--ctx {ctx}: synth needs at least 1024 tokens per sample")
     template = chat_template_for(tokenizer, template)
     lines = _DocLines(list_files(docs), tokenizer)
-    counts = dict(written=0, failed=0)
 
-    def rows():
-        for i in range(n):
-            s = synth_sample(lines, tokenizer, template, ctx, kinds[i % len(kinds)], seed, i, generate_text,
-                             generator_name)
-            counts["failed"] += s is None
-            if s is not None:
-                yield s
+    def make(i):
+        return synth_sample(lines, tokenizer, template, ctx, kinds[i % len(kinds)], seed, i, generate_text,
+                            generator_name, generator_info=generator_info)
 
-    counts["written"] = write_jsonl(out, rows())
-    return counts
+    return write_resumable(out, n, make, concurrency)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -339,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=None, help=f"chat template, one of {sorted(CHAT_TEMPLATES)}")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--n", type=int, default=8, help="number of samples (kinds cycled)")
+    h = s.add_argument_group("OpenAI-compatible generator server")
+    h.add_argument("--generator-url", default=None, help="chat-completions base URL, e.g. http://127.0.0.1:8000/v1")
+    h.add_argument("--generator-model", default=None, help="model name the server serves")
+    h.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    h.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    h.add_argument("--retries", type=int, default=5, help="retries on 429/5xx/connection errors (backoff 1, 2, 4 s...)")
+    h.add_argument("--concurrency", type=int, default=1, help="samples made at once (threads)")
     return s
 
 
@@ -346,10 +477,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
+        if args.n < 1:
+            raise UserError(f"--n must be >= 1, got {args.n}")
         tokenizer = load_tokenizer(args.tokenizer)
-        gen = model_generate_text(args.generator, tokenizer, args.template) if args.generator else None
+        name, info = args.generator, None
+        if args.generator_url:
+            if args.generator or not args.generator_model:
+                raise UserError("--generator-url needs --generator-model NAME and excludes --generator")
+            gen = http_generate_text(args.generator_url, args.generator_model, args.api_key_env, args.timeout,
+                                     args.retries)
+            name, info = args.generator_model, dict(generator_url=args.generator_url,
+                                                    generator_model=args.generator_model)
+        else:
+            gen = model_generate_text(args.generator, tokenizer, args.template) if args.generator else None
         counts = synth(args.docs, tokenizer, args.ctx, [k.strip() for k in args.kinds.split(",") if k.strip()],
-                       args.out, args.n, args.seed, args.template, gen, args.generator)
+                       args.out, args.n, args.seed, args.template, gen, name, info, args.concurrency)
         print(f"wrote {counts['written']} samples to {args.out} ({counts['failed']} failed to parse)")
 
     return run_cli(body)

@@ -105,7 +105,10 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list
     filler = tokenizer.encode(" " + PASSKEY_FILLER)
     needle = tokenizer.encode(" " + PASSKEY_NEEDLE.format(key=key))
     question = tokenizer.encode(" " + PASSKEY_QUESTION)
-    n_total = max(0, round((length - len(intro) - len(needle) - len(question)) / len(filler)))
+    fixed = len(intro) + len(needle) + len(question)
+    if fixed > length:
+        raise UserError(f"--lengths {length}: too short for the passkey prompt ({fixed} tokens without filler)")
+    n_total = max(0, round((length - fixed) / len(filler)))
     n_before = round(depth * n_total)
     ids = intro + filler * n_before
     pos = len(ids)
@@ -152,7 +155,10 @@ def kv_prompt(tokenizer, length: int, depth: float, rng: random.Random, template
     while True:
         k, v = new_uuid(), new_uuid()
         ids = tokenizer.encode(f'{", " if pairs else ""}"{k}": "{v}"')
-        if used + len(ids) > length and pairs:
+        if used + len(ids) > length:
+            if not pairs:
+                raise UserError(f"--lengths {length}: too short for the kv prompt ({used + len(ids)} tokens "
+                                 "for one pair)")
             break
         pairs.append((k, v, ids))
         used += len(ids)

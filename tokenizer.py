@@ -239,7 +239,10 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str):
         import sentencepiece
 
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:  # sentencepiece reports a corrupt file as RuntimeError
+            raise UserError(f"{path}: not a readable SentencePiece tokenizer.model ({e})") from None
         self.name = path
         self.vocab_size = self._sp.get_piece_size()
         self.special_tokens = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)

@@ -19,34 +19,39 @@ micro-steps, all ranks), so 2 ranks x accum 1 and 1 rank x accum 2 take the same
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 import config
 import data as D
 import demo
 import doc_attn
+import gguf_export
+import guards
 import lora
+import memory
 import parallel
 import plan
 import pose
 import rope
 import shift_attn
-from checkpoint import atomic_path, atomic_write_text, load_model
+from checkpoint import atomic_path, atomic_write_text, load_model, read_json
 from config import TrainConfig, choose_dtype
 from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions
 from parallel import Dist, log0
-from tokenizer import load_tokenizer
+from tokenizer import CHAT_TEMPLATES, load_tokenizer
 
 CKPT_PREFIX = "ckpt-"
 
@@ -70,6 +75,59 @@ def build_model(cfg: TrainConfig, d: Dist, dtype: torch.dtype):
 def attention_fn(cfg: TrainConfig):
     """S²-Attn for --attn s2, else None (the model's full causal attention)."""
     return shift_attn.make_attention(group_ratio=cfg.group_ratio) if cfg.attn == "s2" else None
+
+
+def context_parallel_attention(cfg: TrainConfig, mesh: parallel.Mesh, n_heads: int):
+    """With --cp: (training attention, full attention), each the Ulysses exchange around whole-sequence
+    attention on this rank's H/cp heads; S²-Attn is told where those heads sit (its shifted half is the
+    model's heads >= H // 2)."""
+    border = n_heads // 2 - mesh.cp_rank * (n_heads // mesh.cp)
+    sparse = shift_attn.make_attention(group_ratio=cfg.group_ratio, border=border) if cfg.attn == "s2" \
+        else shift_attn.causal_attention
+    return tuple(parallel.context_parallel_attention(f, mesh.cp_group) for f in (sparse, shift_attn.causal_attention))
+
+
+def check_context_parallel(cfg: TrainConfig, mc=None):
+    """--cp against the model's heads (from its config alone, before any weights load; a GGUF file is
+    checked once loaded, as `mc`) and RoPE (dynamic NTK rescales by each shard's own length: refused)."""
+    if cfg.cp == 1 or (mc is None and str(cfg.model).endswith(".gguf")):
+        return
+    mc = mc or plan.model_config(cfg.model)
+    parallel.check_context_parallel(cfg.cp, mc.n_heads, mc.n_kv_heads)
+    if (mc.rope_scaling or {}).get("rope_type") == "dynamic":
+        raise UserError(f"--cp {cfg.cp} with dynamic NTK RoPE: each shard would rescale for its own length; "
+                        f"use --rope ntk:FACTOR (static) or --cp 1")
+
+
+def shard_batch(batch: list[dict], mesh: parallel.Mesh, d: Dist) -> list[dict]:
+    """Each sample cut into this cp rank's tokens [i T/N, (i+1) T/N) with their labels and true positions.
+    A sample shorter than a multiple of N (a chat sample) is first padded with unsupervised tokens at its
+    end, which causal attention never lets earlier tokens see."""
+    if mesh.cp == 1:
+        return batch
+    out = []
+    for b in batch:
+        T = b["input_ids"].numel()
+        pad = -T % mesh.cp
+        if pad:
+            log0(d, f"cp {mesh.cp}: a {T}-token sample padded with {pad} unsupervised tokens")
+        x = torch.nn.functional.pad(b["input_ids"], (0, pad))
+        y = torch.nn.functional.pad(b["labels"], (0, pad), value=-100)
+        pos = b["positions"] if "positions" in b else torch.arange(T)  # --pose's, else 0..T-1
+        pos = torch.cat([pos, pos[-1] + 1 + torch.arange(pad)])  # the padding continues them
+        out.append({"input_ids": parallel.shard_sequence(x, mesh), "labels": parallel.shard_sequence(y, mesh),
+                    "positions": parallel.shard_sequence(pos, mesh)})
+    return out
+
+
+def attention_backends(cfg: TrainConfig, d: Dist, net):
+    """SDPA limited to its fused kernels while training on CUDA (shift_attn.training_backends), so a fallback
+    to the math kernel's (T, T) scores is an error, not a silent O(T^2) allocation; float32 with GQA beyond
+    shift_attn.MATH_MAX_CTX is a UserError here."""
+    mc = net.config
+    backends = shift_attn.training_backends(choose_dtype(cfg.dtype, d.device), d.device.type,
+                                            mc.n_heads != mc.n_kv_heads, cfg.ctx)
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
 def make_schedule(cfg: TrainConfig, total_steps: int):
@@ -100,18 +158,42 @@ def load_tok(cfg: TrainConfig):
     return load_tokenizer("bytes" if spec in PRESETS else spec)
 
 
+def preflight(cfg: TrainConfig, tokenizer, d: Dist) -> None:
+    """Checks that need files but load no weights: the --data spec, the tokenizer against the model's
+    vocabulary, --out a folder; then `.tmp-*` debris of an interrupted write in --out is removed."""
+    D.parse_data_spec(cfg.data)
+    if cfg.chat_template is not None and cfg.chat_template not in CHAT_TEMPLATES:
+        raise UserError(f"--chat-template {cfg.chat_template!r}: unknown; choose one of {sorted(CHAT_TEMPLATES)}")
+    if cfg.model in PRESETS or Path(cfg.model).is_dir():
+        vocab = plan.model_config(cfg.model).vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise UserError(f"--tokenizer {tokenizer.name}: {tokenizer.vocab_size} tokens, more than the vocab_size "
+                            f"{vocab} of --model {cfg.model}; use the model's own tokenizer")
+    out = Path(cfg.out)
+    bad = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise UserError(f"--out {out}: {bad} is a file, not a folder")
+    if d.main:
+        for p in guards.remove_debris(out):
+            log0(d, f"removed {p} (left by an interrupted save)")
+
+
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
-    """The global deterministic sample stream of --data, this rank's shard (sample i -> rank i % world)."""
+    """The global deterministic sample stream of --data, this dp group's shard (sample i -> group i % dp);
+    the cp ranks of a group (rank = dp_rank * cp + cp_rank) read the same samples."""
     return D.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
-                           rank=d.rank, world_size=d.world, truncate=cfg.truncate, doc_mask=cfg.doc_mask)
+                           rank=d.rank // cfg.cp, world_size=d.world // cfg.cp, truncate=cfg.truncate,
+                           doc_mask=cfg.doc_mask)
 
 
 def add_pose_positions(cfg: TrainConfig, batch: list[dict], step: int, d: Dist) -> list[dict]:
     """--pose: each sample gets PoSE positions (pose.py) drawn from (--seed, its index in the global stream),
-    so resuming and the world size leave them unchanged. Rank r's j-th sample is global sample j * world + r."""
+    so resuming and the world size leave them unchanged. Data group g's j-th sample is global sample
+    j * dp + g (build_data); its cp ranks draw the same positions, then shard them."""
     if cfg.pose is not None:
+        dp, group = d.world // cfg.cp, d.rank // cfg.cp
         for i, b in enumerate(batch):
-            index = (step * cfg.grad_accum + i) * d.world + d.rank
+            index = (step * cfg.grad_accum + i) * dp + group
             b["positions"] = pose.pose_positions(b["input_ids"].numel(), cfg.pose, pose.sample_rng(cfg.seed, index))
     return batch
 
@@ -124,25 +206,34 @@ def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
             for p, _ in D.parse_data_spec(cfg.data))
     if n == 0:
         raise UserError(f"--data {cfg.data}: no training sequence of ctx {cfg.ctx} tokens could be built")
-    return max(1, math.ceil(cfg.epochs * n / (cfg.grad_accum * d.world)))
+    return max(1, math.ceil(cfg.epochs * n / (cfg.grad_accum * d.world // cfg.cp)))
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
 
 
-def rng_state(d: Dist) -> torch.Tensor:
-    """This rank's torch CPU (and CUDA) RNG state as one uint8 tensor."""
-    s = [torch.get_rng_state()]
+def rng_state(d: Dist) -> dict[str, torch.Tensor]:
+    """This rank's RNG states by device type, uint8 tensors: "cpu", and "cuda" on a CUDA rank."""
+    s = {"cpu": torch.get_rng_state()}
     if d.device.type == "cuda":
-        s.append(torch.cuda.get_rng_state(d.device))
-    return torch.cat(s)
+        s["cuda"] = torch.cuda.get_rng_state(d.device)
+    return s
 
 
-def set_rng_state(state: torch.Tensor, d: Dist):
-    n = torch.get_rng_state().numel()
-    torch.set_rng_state(state[:n].clone())
-    if d.device.type == "cuda":
-        torch.cuda.set_rng_state(state[n:].clone(), d.device)
+def rng_tensors(rngs: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """rng.safetensors: rank{i} the CPU state, rank{i}.cuda the CUDA one (when the run had it)."""
+    return {f"rank{i}" if kind == "cpu" else f"rank{i}.{kind}": t for kind, ts in rngs.items() for i, t in enumerate(ts)}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], d: Dist):
+    """Restore this rank's states from rng.safetensors; a state of a device type this run lacks is skipped
+    (a CPU checkpoint resumed on CUDA keeps the CUDA generator of --seed, and the reverse drops it).
+    A CPU+CUDA state concatenated in rank{i} (the earlier layout) is split at the CPU state's size."""
+    cpu, n = tensors[f"rank{d.rank}"], torch.get_rng_state().numel()
+    torch.set_rng_state(cpu[:n].clone())
+    cuda = tensors.get(f"rank{d.rank}.cuda", cpu[n:] if cpu.numel() > n else None)
+    if d.device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda.clone(), d.device)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
@@ -169,13 +260,13 @@ def save_checkpoint(out: Path, step: int, net, opt, sched, mixture, cfg: TrainCo
     """Every rank: gather the data cursors and RNG states (ranks stand at different places of the global
     stream). Rank 0: write adapter + trainer state as `ckpt-STEP` (atomically), keep the newest --keep."""
     cursor = parallel.gather_objects(mixture.state_dict(), d)
-    rngs = parallel.gather_tensors(rng_state(d), d)
+    rngs = {kind: parallel.gather_tensors(s, d) for kind, s in rng_state(d).items()}
     if not d.main:
         return
     with atomic_path(out / f"{CKPT_PREFIX}{step:07d}", is_dir=True) as tmp:
         lora.save_adapter(net, tmp / "adapter", base_model_path=cfg.model)
         save_file(optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
-        save_file({f"rank{i}": r for i, r in enumerate(rngs)}, str(tmp / "rng.safetensors"))
+        save_file(rng_tensors(rngs), str(tmp / "rng.safetensors"))
         state = {"step": step, "scheduler": sched.state_dict(), "data_cursor": cursor, "config": cfg.to_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     for old in sorted(out.glob(CKPT_PREFIX + "*"))[:-cfg.keep]:
@@ -197,27 +288,69 @@ def check_same_run(saved: dict, cfg: TrainConfig, where: Path):
                             f"{getattr(cfg, k)!r}; use a new --out or the same flags")
 
 
+def previous_checkpoint(ckpt: Path) -> Path | None:
+    """The newest complete checkpoint beside `ckpt` and older than it."""
+    older = [p for p in sorted(ckpt.parent.glob(CKPT_PREFIX + "*")) if p.name < ckpt.name
+             and (p / "trainer_state.json").is_file()]
+    return older[-1] if older else None
+
+
+def read_tensors(path: Path, ckpt: Path) -> dict:
+    """A checkpoint's safetensors file, or one UserError naming it and the older checkpoint to use."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: unreadable ({e}){fallback_hint(ckpt)}") from None
+
+
+def fallback_hint(ckpt: Path) -> str:
+    prev = previous_checkpoint(ckpt)
+    return f"; resume from the previous intact checkpoint with --resume-from {prev}" if prev else ""
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'key old -> new' for the settings (not config.IDENTITY) a resumed run changes."""
+    skip = set(config.IDENTITY) | {"resume", "resume_from", "recipe", "out"}
+    return [f"{config.flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
+            if k not in skip and k in saved and saved[k] != v]
+
+
 def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> int:
     """The step to start from: with --resume the newest checkpoint's (adapter, optimizer, schedule, data
-    cursor and RNG restored), else 0; an --out holding another run's checkpoints is refused."""
-    ckpt = newest_checkpoint(out) if cfg.resume else None
+    cursor and RNG restored), with --resume-from that checkpoint's, else 0; an --out holding another run's
+    checkpoints is refused. The settings that may change (lr, schedule, steps, ...) are this run's from the
+    resumed step on: lr = --lr x schedule(step) with this run's schedule and total."""
+    if cfg.resume_from is not None and not (Path(cfg.resume_from) / "trainer_state.json").is_file():
+        raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
+    ckpt = Path(cfg.resume_from) if cfg.resume_from else newest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
         log0(d, f"--resume: no checkpoint in {out}; starting fresh")
     if ckpt is None:
         if out.exists() and newest_checkpoint(out) is not None:
             raise UserError(f"{out}: holds checkpoints of an earlier run; pass --resume or choose a new --out")
         return 0
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    check_same_run(state["config"], cfg, ckpt)
+    where = ckpt / "trainer_state.json"
+    try:
+        state = read_json(where, "")
+        step, saved, scheduler, cursor = state["step"], state["config"], state["scheduler"], state["data_cursor"]
+    except (UserError, KeyError) as e:
+        raise UserError(f"{where}: unreadable trainer state ({e}){fallback_hint(ckpt)}") from None
+    check_same_run(saved, cfg, ckpt)
+    optimizer, rngs = read_tensors(ckpt / "optimizer.safetensors", ckpt), read_tensors(ckpt / "rng.safetensors", ckpt)
     lora.load_adapter(net, ckpt / "adapter")
-    load_optimizer_tensors(opt, trained_names(net), load_file(str(ckpt / "optimizer.safetensors")))
-    sched.load_state_dict(state["scheduler"])
+    load_optimizer_tensors(opt, trained_names(net), optimizer)
+    sched.load_state_dict(scheduler)
+    sched.base_lrs = [cfg.lr for _ in opt.param_groups]  # this run's --lr, not the saved one
+    sched._last_lr = [cfg.lr * f(step) for f in sched.lr_lambdas]
     for g, lr in zip(opt.param_groups, sched.get_last_lr()):
-        g["lr"] = lr
-    mixture.load_state_dict(state["data_cursor"][d.rank])
-    set_rng_state(load_file(str(ckpt / "rng.safetensors"))[f"rank{d.rank}"], d)
-    log0(d, f"resumed from {ckpt} at step {state['step']}")
-    return state["step"]
+        g["lr"], g["initial_lr"] = lr, cfg.lr
+    mixture.load_state_dict(cursor[d.rank])
+    if f"rank{d.rank}" not in rngs:
+        raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{fallback_hint(ckpt)}")
+    set_rng_state(rngs, d)
+    changed = changed_settings(saved, cfg)
+    log0(d, f"resumed from {ckpt} at step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    return step
 
 
 def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
@@ -233,6 +366,9 @@ def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
         with atomic_path(merged, is_dir=True) as tmp:
             lora.export_merged(net, tmp, dtype=choose_dtype(cfg.dtype, d.device))
         msg += f"; merged model in {merged}"
+        if cfg.gguf:
+            gguf = gguf_export.export_gguf(merged, out / "merged.gguf", cfg.gguf, cfg.tokenizer or cfg.model)
+            msg += f"; GGUF in {gguf}"
     print(msg, flush=True)
 
 
@@ -256,12 +392,6 @@ class MetricsLog:
                 f.write(json.dumps(rec) + "\n")
 
 
-def peak_memory_gb(d: Dist) -> float:
-    if d.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(d.device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 class Progress:
     """The progress bar on rank 0 (stderr), its postfix refreshed every --log-every steps; a no-op elsewhere."""
 
@@ -274,7 +404,7 @@ class Progress:
             self.bar.update(1)
             if rec["step"] % self.every == 0 or rec["step"] == self.total:
                 self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                     mem=f"{rec['peak_mem_gb']:.2f}G")
+                                     mem=memory.memory_label(rec))
 
     def __enter__(self):
         return self
@@ -304,7 +434,7 @@ def micro_inputs(cfg: TrainConfig, b: dict, attn_fn, d: Dist):
     if cfg.doc_mask and pos is not None:
         G = shift_attn.group_size_for(pos.numel(), cfg.group_ratio)
         attn_fn = doc_attn.document_attention(pos, None if attn_fn is None else shift_attn.make_attention(group_size=G))
-    return x, y, None if pos is None else pos[None].to(d.device), attn_fn
+    return x, y, None if pos is None else pos.to(d.device), attn_fn  # positions (T,)
 
 
 def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: torch.Tensor, attn_fn) -> torch.Tensor:
@@ -312,9 +442,10 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
     Returns this rank's NLL sum (float64)."""
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, b in enumerate(batch):
-        x, y, pos, fn = micro_inputs(cfg, b, attn_fn, d)
+        x, y, pos, fn = micro_inputs(cfg, b, attn_fn, d)  # positions: --doc-mask, --pose, a --cp shard's
         sync = i == len(batch) - 1 or d.world == 1
-        with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d):
+        with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d), \
+                attention_backends(cfg, d, getattr(ddp, "module", ddp)):  # backward too: it recomputes blocks
             nll = ddp(x, pos, attn_fn=fn, labels=y, loss_chunk=cfg.loss_chunk)
             (nll * (d.world / n_sup)).backward()  # DDP averages over ranks; undo it: sum / global count
         loss_sum += nll.detach().double().cpu()
@@ -326,13 +457,22 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     # setup: seed, tokenizer, model (RoPE change, LoRA), this rank's data, optimizer and schedule
     torch.manual_seed(cfg.seed)
     dtype = choose_dtype(cfg.dtype, d.device)
+    cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))  # checkpoints record the dtype used
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
+    preflight(cfg, tokenizer, d)
+    check_context_parallel(cfg)
+    mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
+    check_context_parallel(cfg, net.config)
+    attention_backends(cfg, d, net)  # refuses float32 + GQA at long context on CUDA before any step
     log0(d, json.dumps(cfg.to_dict(), indent=2))
     log0(d, "trainable:", json.dumps(summary))
     mixture = build_data(cfg, d, tokenizer)
-    attn_fn = attention_fn(cfg)
+    attn_fn, full_fn = attention_fn(cfg), None
+    if mesh.cp > 1:
+        attn_fn, full_fn = context_parallel_attention(cfg, mesh, net.config.n_heads)
+        log0(d, f"mesh: dp {mesh.dp} x cp {mesh.cp}; {cfg.ctx // mesh.cp} tokens of each sequence per rank")
     if cfg.pose is not None:
         log0(d, f"PoSE: each {cfg.ctx}-token window takes positions in 2 chunks, the second skipped by a random "
                 f"offset, covering [0, {cfg.pose}); drawn from --seed and the sample's index")
@@ -351,31 +491,37 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     net.train()
     stream = iter(mixture)
     # loop: one optimizer step = grad_accum micro-steps on every rank
-    with Progress(d, total, step, cfg.log_every) as bar:
+    watch = guards.GradWatch(d)
+    with Progress(d, total, step, cfg.log_every) as bar, guards.Interrupts(d) as stop:
         t0, tokens_seen = time.perf_counter(), 0
         sparse_steps = total - round(cfg.full_attn_tail * total)  # S²-Attn (if chosen) before, full attention after
         while step < total:
-            batch = add_pose_positions(cfg, [next(stream) for _ in range(cfg.grad_accum)], step, d)
+            batch = shard_batch(add_pose_positions(cfg, [next(stream) for _ in range(cfg.grad_accum)], step, d),
+                                mesh, d)
             n_sup = parallel.all_reduce_sum(torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in batch))), d)
             if n_sup.item() == 0:
                 raise UserError(f"step {step}: no supervised tokens in this step's data (all labels are -100)")
-            loss_sum = forward_backward(cfg, d, ddp, batch, n_sup, attn_fn if step < sparse_steps else None)
+            loss_sum = forward_backward(cfg, d, ddp, batch, n_sup, attn_fn if step < sparse_steps else full_fn)
             tokens_seen += sum(b["input_ids"].numel() for b in batch)
             loss = parallel.all_reduce_sum(loss_sum, d).item() / n_sup.item()
             if not math.isfinite(loss):
                 last = newest_checkpoint(out)
                 raise UserError(f"step {step + 1}: loss is {loss}; stopping. Last good checkpoint: {last or 'none'}")
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            watch.check(step + 1, gnorm, lambda: newest_checkpoint(out))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             rec = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                   "tokens_per_s": tokens_seen * d.world / (time.perf_counter() - t0), "peak_mem_gb": peak_memory_gb(d)}
+                   "tokens_per_s": tokens_seen * d.world / (time.perf_counter() - t0), **memory.peak_memory(d.device)}
             metrics.write(rec)
             bar.update(rec)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
+            if stop.requested() and step < total:  # SIGINT/SIGTERM: this step is done; keep it and stop
+                save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
+                raise UserError(stop.message(out / f"{CKPT_PREFIX}{step:07d}", step))
         # save: the last checkpoint, then the adapter (and merged model)
         save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
     finish(cfg, net, out, d, step)
@@ -396,6 +542,7 @@ def suggest_base(spec: str | None, target_len: int) -> float:
 
 
 def main(argv=None):
+    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     given = vars(config.build_parser(__doc__.split("\n")[0]).parse_args(argv))
     recipe, dry_run, target = given.pop("recipe", None), given.pop("dry_run"), given.pop("suggest_base")
     d = None
@@ -414,7 +561,9 @@ def main(argv=None):
                 raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
             demo.run(d, given, train)  # demo.py needs nothing above it: the trainer is handed in
             return
-        train(config.resolve(given, recipe, d.world), d)
+        cfg = config.resolve(given, recipe, d.world)
+        with guards.discard_if_untrained(cfg.out, d):
+            train(cfg, d)
 
     try:
         code = run_cli(body)

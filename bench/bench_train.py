@@ -2,9 +2,10 @@
 
     python bench/bench_train.py [--lengths 2048,4096,8192,16384,32768] [--speed-len 4096] [--impl ours,hf]
                                 [--quant none|nf4] [--dtype float32|bfloat16] [--mlp-chunk N] [--save-attention]
-                                [--results bench/RESULTS.md]
+                                [--shape bench|smollm2-135m|llama3-8b-shape] [--results bench/RESULTS.md]
 
-Config: Llama, hidden 512, 4 layers, 8 heads, 2 kv heads, ffn 1408, vocab 32000, untied; LoRA r=8
+Config (--shape bench): Llama, hidden 512, 4 layers, 8 heads, 2 kv heads, ffn 1408, vocab 32000, untied
+(--shape smollm2-135m, llama3-8b-shape: SHAPES); LoRA r=8
 on q,k,v,o; gradient checkpointing; SDPA; batch 1. Ours: chunked float32 loss (1024-token chunks). Theirs:
 LlamaForCausalLM(attn_implementation="sdpa") + PEFT, gradient_checkpointing_enable(), loss from labels.
 With --quant nf4: our NF4 base vs bitsandbytes' Linear4bit (nf4, double quant) via PEFT's QLoRA path.
@@ -27,6 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=4096)
+SHAPES = {  # --shape: the benchmark config, the shipped model's shape, Llama-3-8B's proportions reduced
+    "bench": CONFIG,
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                         max_seq_len=8192, tie_embeddings=True),
+    "llama3-8b-shape": dict(vocab_size=128256, dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=3584,
+                            max_seq_len=8192),
+}
 
 CHILD = r"""
 import json, sys, time, torch
@@ -42,7 +50,7 @@ base_rss = kib('VmRSS')
 if impl == 'ours':
     import model as M, lora, quant4
     memory = M.MemoryOptions(checkpointing=True, mlp_chunk=mlp_chunk, save_attention=save_attention)
-    net = M.Transformer(M.ModelConfig(**cfg), memory=memory).init_weights(0).to(dtype)
+    net = M.Transformer(M.ModelConfig(**cfg), memory).init_weights(0).to(dtype)
     if quant == 'nf4':
         quant4.quantize_model(net)
     lora.apply_lora(net, r=8, alpha=16)
@@ -54,7 +62,8 @@ else:
     import transformers, peft
     hc = transformers.LlamaConfig(vocab_size=cfg['vocab_size'], hidden_size=cfg['dim'], num_hidden_layers=cfg['n_layers'],
         num_attention_heads=cfg['n_heads'], num_key_value_heads=cfg['n_kv_heads'], intermediate_size=cfg['ffn_dim'],
-        max_position_embeddings=cfg['max_seq_len'], tie_word_embeddings=False, attn_implementation='sdpa')
+        max_position_embeddings=cfg['max_seq_len'], tie_word_embeddings=cfg.get('tie_embeddings', False),
+        attn_implementation='sdpa')
     net = transformers.LlamaForCausalLM(hc).to(dtype)
     if quant == 'nf4':
         import bitsandbytes as bnb
@@ -94,8 +103,8 @@ print(json.dumps(dict(model_mib=model_rss / 1024, step_peak_mib=peak_step / 1024
 
 
 def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: int = 0,
-              save_attention: bool = False) -> dict:
-    code = CHILD.format(root=str(ROOT), impl=impl, T=T, quant=quant, dtype=dtype, steps=steps, cfg=CONFIG,
+              save_attention: bool = False, shape: dict = CONFIG) -> dict:
+    code = CHILD.format(root=str(ROOT), impl=impl, T=T, quant=quant, dtype=dtype, steps=steps, cfg=shape,
                         mlp_chunk=mlp_chunk, save_attention=save_attention)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks via mmap: RSS follows live memory
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -104,7 +113,8 @@ def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attention: bool = False) -> float:
+def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attention: bool = False,
+                shape: dict = CONFIG) -> float:
     """plan.memory_plan for the same config, in MiB."""
     sys.path.insert(0, str(ROOT))
     import torch
@@ -116,19 +126,19 @@ def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attenti
 
     cfg = TrainConfig(ctx=T, quant=quant, loss_chunk=1024, checkpointing=True, mlp_chunk=mlp_chunk,
                       save_attention=save_attention)
-    mcfg = M.ModelConfig(**CONFIG)
+    mcfg = M.ModelConfig(**shape)
     with torch.device("meta"):
         net = M.Transformer(mcfg)
     trainable = lora.apply_lora(net, r=8, alpha=16)["trainable"]
-    return plan.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")["total"] / 2**20
+    p = plan.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")
+    return (p["total"] - p["process itself (cpu)"]) / 2**20  # measured here: model + step, not the interpreter
 
 
-def model_flops(T: int, r: int = 8) -> float:
+def model_flops(T: int, r: int = 8, c: dict = CONFIG) -> float:
     """FLOPs of one training step's forward and required backward, without recomputation (the MFU
     convention): frozen linears 4 P T (forward + input gradient, no weight gradient), LoRA on q,k,v,o
     6 r (in + out) T, the frozen head 4 V C T, causal attention 6 T^2 H D per layer (PaLM's 12 L H D T^2,
     halved for the causal mask: QK^T and PV forward, four T^2 matmuls backward)."""
-    c = CONFIG
     C, F, H, Hkv, L, V = c["dim"], c["ffn_dim"], c["n_heads"], c["n_kv_heads"], c["n_layers"], c["vocab_size"]
     D = C // H
     P = C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F
@@ -165,9 +175,10 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--mlp-chunk", type=int, default=0, help="ours: MLP in chunks of this many tokens (0: off)")
     ap.add_argument("--save-attention", action="store_true", help="ours: keep attention outputs (no attention recompute)")
+    ap.add_argument("--shape", default="bench", choices=list(SHAPES), help="model shape (see SHAPES)")
     ap.add_argument("--results", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
-    impls = args.impl.split(",")
+    impls, shape = args.impl.split(","), SHAPES[args.shape]
     peak = matmul_peak(args.dtype)
     lines = [f"### Training step, {args.dtype}, quant={args.quant} ({datetime.date.today()}, {platform.machine()}, "
              f"`python bench/bench_train.py {' '.join(sys.argv[1:])}`)", "",
@@ -178,18 +189,28 @@ def main():
     rows = {}
     for T in (int(s) for s in args.lengths.split(",")):
         pts = {i: run_point(i, T, args.quant, args.dtype, 2 if T == args.speed_len else 1, args.mlp_chunk,
-                              args.save_attention) for i in impls}
+                              args.save_attention, shape) for i in impls}
         rows[T] = pts
-        plan = planned_mib(T, args.quant, args.dtype, args.mlp_chunk, args.save_attention)
+        plan = planned_mib(T, args.quant, args.dtype, args.mlp_chunk, args.save_attention, shape)
         ours = pts.get("ours", {}).get("total_mib")
         err = f"{100 * (plan - ours) / ours:+.0f}%" if ours else "-"
         cell = lambda p, k, f: (f.format(p[k]) if k in p else p.get("error", "-")[:40])
         line = (f"| {T} | " + " | ".join(cell(pts[i], "total_mib", "{:.0f}") for i in impls) + f" | {plan:.0f} | {err} | "
                 + " | ".join(cell(pts[i], "step_s", "{:.2f}") for i in impls) + " | "
-                + " | ".join(f"{model_flops(T) / pts[i]['step_s'] / peak:.0%}" if "step_s" in pts[i] else "-" for i in impls)
+                + " | ".join(f"{model_flops(T, c=shape) / pts[i]['step_s'] / peak:.0%}" if "step_s" in pts[i] else "-" for i in impls)
                 + " |")
         print(line, flush=True)
         lines.append(line)
+    slopes = {}
+    for i in impls:  # memory per token: the slope between the two longest lengths measured
+        pts = [(T, p[i]["total_mib"]) for T, p in rows.items() if "total_mib" in p[i]][-2:]
+        if len(pts) == 2 and pts[1][0] != pts[0][0]:
+            slopes[i] = (pts[1][1] - pts[0][1]) * 1024 / (pts[1][0] - pts[0][0])
+    if slopes:
+        lines.append("\nMemory per token (slope between the two longest lengths): "
+                     + ", ".join(f"{i} {v:.1f} KiB" for i, v in slopes.items())
+                     + (f"; theirs / ours {slopes['hf'] / slopes['ours']:.1f}x." if {"hf", "ours"} <= set(slopes) else "."))
+        print(lines[-1])
     if "ours" in impls and "hf" in impls and args.speed_len in rows:
         o, h = rows[args.speed_len]["ours"], rows[args.speed_len]["hf"]
         if "step_s" in o and "step_s" in h:

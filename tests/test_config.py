@@ -19,23 +19,24 @@ BASE = {"model": "tiny", "ctx": 64, "data": "x.txt"}
 OLD_DEFAULTS = dict(
     model=None, data=None, ctx=None, quant="none", dtype=None, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
     lora_targets="q_proj,k_proj,v_proj,o_proj", train="", rslora=False, rope=None, rope_theta=None, attn="full",
-    group_ratio=0.25, full_attn_tail=0.0, doc_mask=False, pose=None, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
+    group_ratio=0.25, full_attn_tail=0.0, lr=2e-4, warmup=0, schedule="cosine", weight_decay=0.0, clip=1.0,
     steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False, loss_chunk=1024,
-    mlp_chunk=0, save_attention=False, out="runs/train", save_every=0, keep=2, resume=False, merge=False,
-    tokenizer=None, chat_template=None, truncate=False, nproc=None, log_every=1)
+    mlp_chunk=0, save_attention=False, out="runs/train", save_every=0, keep=2, resume=False, resume_from=None, merge=False,
+    gguf=None, tokenizer=None, chat_template=None, truncate=False, nproc=None, log_every=1)
+ADDED = dict(cp=1, doc_mask=False, pose=None)  # settings added since, after the old ones; a checkpoint without them reads their default
 OLD_IDENTITY = ("model", "ctx", "quant", "lora_r", "lora_alpha", "lora_targets", "train", "rope", "rope_theta",
-                "attn", "group_ratio", "full_attn_tail", "doc_mask", "pose", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
+                "attn", "group_ratio", "full_attn_tail", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
 
 
 # ----------------------------------------------------------------------------- fields
 
 
 def test_fields_keep_the_settings_defaults_and_checkpoint_keys():
-    assert config.DEFAULTS == OLD_DEFAULTS
-    assert list(config.DEFAULTS) == list(OLD_DEFAULTS)  # the printed/saved order
-    assert set(config.IDENTITY) == set(OLD_IDENTITY)
+    assert config.DEFAULTS == {**OLD_DEFAULTS, **ADDED}
+    assert list(config.DEFAULTS) == [*OLD_DEFAULTS, *ADDED]  # the printed/saved order
+    assert set(config.IDENTITY) == set(OLD_IDENTITY) | {"cp", "doc_mask", "pose"}
     cfg = config.resolve(BASE)
-    assert list(cfg.to_dict()) == [*OLD_DEFAULTS, "recipe", "world_size"]  # trainer_state.json's "config"
+    assert list(cfg.to_dict()) == [*OLD_DEFAULTS, *ADDED, "recipe", "world_size"]  # trainer_state.json's "config"
     assert TrainConfig(**cfg.to_dict()) == cfg
 
 
@@ -130,6 +131,8 @@ def test_resolve_order_defaults_recipe_given():
     ({"rope_theta": math.nan}, "--rope-theta must be positive"),
     ({"rope": "wobbly:3"}, "--rope 'wobbly:3'"),
     ({"rope": "linear:0.5"}, "--rope 'linear:0.5'"),
+    ({"cp": 0}, "--cp must be >= 1"),
+    ({"cp": 2}, "--cp 2 does not divide the world size 1"),
     ({"pose": 64}, "--pose must be a target length > --ctx 64"),
     ({"pose": 640, "doc_mask": True}, "--pose and --doc-mask conflict"),
 ])
@@ -137,6 +140,14 @@ def test_resolve_errors_name_the_flag(given, needle):
     with pytest.raises(UserError) as e:
         config.resolve({**BASE, **given})
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resolve_checks_cp_against_world_and_ctx():
+    assert config.resolve({**BASE, "cp": 2}, world_size=4).cp == 2
+    with pytest.raises(UserError, match=r"^--ctx 66 is not divisible by --cp 4; use a multiple of 4$"):
+        config.resolve({**BASE, "cp": 4, "ctx": 66}, world_size=4)
+    with pytest.raises(UserError, match=r"--cp 3 does not divide the world size 8 \(--nproc\)"):
+        config.resolve({"model": "tiny", "ctx": 64, "cp": 3, "nproc": 8}, dry_run=True)
 
 
 def test_resolve_accepts_every_recipe_and_rope_spelling():
@@ -154,6 +165,9 @@ def test_doc_mask_and_pose_compose_with_s2_and_the_rope_methods():
         cfg = config.resolve({**BASE, "pose": 640, "rope": spec, "quant": "nf4", "attn": "s2"})
         assert (cfg.pose, cfg.rope) == (640, spec)
     assert {"--doc-mask", "--pose"} <= {o for a in config.build_parser()._actions for o in a.option_strings}
+    with pytest.raises(UserError, match="--doc-mask does not combine with --cp 2"):
+        config.resolve({**BASE, "doc_mask": True, "cp": 2}, world_size=2)
+    assert config.resolve({**BASE, "pose": 640, "cp": 2}, world_size=2).pose == 640  # shards carry PoSE positions
 
 
 def test_config_is_frozen():
@@ -240,3 +254,9 @@ def test_readme_recipe_table_matches_recipes():
         got = {k: getattr(cfg, k) for k in want}
         got["train"] = {t for t in cfg.train.split(",") if t}
         assert got == want, name
+
+
+def test_save_attention_with_compile_is_refused():
+    from config import resolve
+    with pytest.raises(UserError, match="--save-attention does not combine with --compile"):
+        resolve({"model": "tiny", "ctx": 64, "data": "x", "compile": True, "save_attention": True})

@@ -77,7 +77,7 @@ def test_cli_scores_equal_with_chunked_prefill(tmp_path):
     for chunk in ("0", "7"):
         assert run_main("ppl", *common, "--docs", str(docs), "--prefill-chunk", chunk, "--out", str(tmp_path / chunk)) == 0
         res[chunk] = json.loads((tmp_path / chunk / "ppl.json").read_text())
-        assert run_main("passkey", "--model", "tiny", "--lengths", "200", "--depths", "0.5", "--prefill-chunk", chunk,
+        assert run_main("passkey", "--model", "tiny", "--lengths", "256", "--depths", "0.5", "--prefill-chunk", chunk,
                         "--out", str(tmp_path / chunk)) == 0
         res[chunk + "p"] = json.loads((tmp_path / chunk / "passkey.json").read_text())
     for a, b in zip(res["0"]["rows"], res["7"]["rows"]):
@@ -90,7 +90,9 @@ def test_cli_scores_equal_with_chunked_prefill(tmp_path):
     assert nll64 == pytest.approx(ev.window_nll(tiny, stream)[0], rel=REL_TOL)
     assert res["0p"]["rows"][0]["items"][0]["answer"] == res["7p"]["rows"][0]["items"][0]["answer"]
     meta = res["7"]
-    assert meta["git_revision"] and meta["dtype"] == "float32" and meta["rows"][1]["rope_scaling"]["rope_type"] == "yarn"
+    want_device = "cuda" if torch.cuda.is_available() else "cpu"  # config.choose_device's default
+    assert meta["device"] == want_device and meta["dtype"] == ("bfloat16" if want_device == "cuda" else "float32")
+    assert meta["git_revision"] and meta["rows"][1]["rope_scaling"]["rope_type"] == "yarn"
     assert (tmp_path / "7" / "ppl.png").stat().st_size > 0
 
 
@@ -125,7 +127,8 @@ def test_adapter_equals_merged_model(tmp_path):
     (["passkey", "--model", "tiny", "--depths", "2"], "--depths"),
     (["ppl", "--model", "tiny", "--adapter", "nowhere"], "--adapter nowhere"),
     (["ppl", "--model", "tiny", "--docs", "missing.txt"], "missing.txt"),
-])
+    (["ppl", "--model", "tiny", "--device", "nodevice"], "--device 'nodevice'"),
+] + ([] if torch.cuda.is_available() else [(["ppl", "--model", "tiny", "--device", "cuda"], "CUDA is not available")]))
 def test_errors_are_one_line(tmp_path, capsys, argv, needle):
     assert run_main(*argv, "--out", str(tmp_path)) == 1
     lines = capsys.readouterr().err.strip().splitlines()

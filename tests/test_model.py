@@ -229,3 +229,25 @@ def test_batched_positions_equal_per_row_calls():
         rows = torch.cat([model(x[i:i + 1], pos[i]) for i in range(2)])
         assert (model(x, pos[[1, 0]]) - batch).abs().max() > 1e-2  # the rows' positions matter
     assert (batch - rows).abs().max() < TOL
+
+
+@pytest.mark.parametrize("start,T,gqa", [(5, 3, True), (16, 16, True), (7, 1, False), (40, 9, False)])
+def test_lower_right_causal_bias_equals_the_boolean_mask(start, T, gqa):
+    """cached_attention's CUDA form (torch.nn.attention.bias.causal_lower_right) against its CPU form (the
+    (T, S) boolean mask, query i sees slots <= start + i), same q, k, v: within 1e-6 in float32 (the two
+    differ at most in summation order). On CPU the bias materializes the mask (and warns why no fused
+    kernel took it); on CUDA it runs flash or memory-efficient attention (bench/gpu_check.py)."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from model import cached_attention
+
+    g = torch.Generator().manual_seed(start)
+    S, H, Hkv = start + T, 4, 2 if gqa else 4
+    q, k, v = torch.randn(1, H, T, 16, generator=g), torch.randn(1, Hkv, S, 16, generator=g), torch.randn(1, Hkv, S, 16, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
+    torch.testing.assert_close(cached_attention(q, k, v, start), want, rtol=0, atol=1e-6)

@@ -295,3 +295,23 @@ def test_streaming_peak_memory_under_two_bf16_copies():
     extra = int(out.stdout.strip().splitlines()[-1])
     bf16_bytes = 14336 * 4096 * 2
     assert extra < 2 * bf16_bytes, f"peak extra {extra / 2**20:.0f} MiB vs bf16 {bf16_bytes / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_compiled_dequant_matmul_serves_many_shapes_without_hitting_the_recompile_limit():
+    """Twelve (weight, input) shapes through the one shared compiled function: with dynamic=False each was a
+    recompile and the 9th passed dynamo's limit of 8, an error under fullgraph=True. Automatic dynamic shapes
+    recompile only when a size changes kind (double-quant block counts: one, several, a ragged last block). Counted with dynamo's CompileCounter backend (no Inductor, so the
+    test is quick); results equal eager exactly, since that backend runs the traced graph op by op."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    cnt = CompileCounter()
+    fn = Q.compiled_dequant_matmul(cnt)
+    for i, (o, n) in enumerate([(64, 3), (128, 5), (192, 7), (64, 9), (256, 2), (320, 4), (64, 6), (384, 8),
+                                (448, 3), (512, 5), (128, 11), (576, 1)]):
+        q = Q.quantize_nf4(_linear(o, 128).weight.detach())
+        x = torch.randn(n, 128)
+        torch.testing.assert_close(fn(x, q), Q.dequant_matmul(x, q), rtol=0, atol=0)
+    assert cnt.frame_count < 8, cnt.frame_count  # below dynamo's recompile limit: 6 in torch 2.13 (branch kinds)

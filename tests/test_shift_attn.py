@@ -228,3 +228,52 @@ def test_no_quadratic_allocation():
         shifted_sparse_attention(q, k, v, G).sum().backward()
     biggest = max(event.self_cpu_memory_usage for event in prof.events())
     assert 0 < biggest <= 4 * q.nbytes, f"largest allocation {biggest} bytes, q is {q.nbytes}"
+
+
+def test_training_backends_policy_for_cuda_shaped_calls():
+    """The SDPA backends training may use (by construction: torch's CUDA kernel constraints, see the
+    function's docstring). 16-bit: the three fused kernels; float32 without GQA: memory-efficient only;
+    float32 with GQA: the math kernel up to MATH_MAX_CTX, then a UserError; CPU: no restriction."""
+    from torch.nn.attention import SDPBackend
+
+    from errors import UserError
+    from shift_attn import FUSED_BACKENDS, MATH_MAX_CTX, training_backends
+
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    for dt in (torch.bfloat16, torch.float16):
+        assert training_backends(dt, "cuda", gqa=True, ctx=81920) == fused == list(FUSED_BACKENDS)
+        assert training_backends(dt, "cuda", gqa=False, ctx=81920) == fused
+    assert SDPBackend.MATH not in fused
+    assert training_backends(torch.float32, "cuda", gqa=False, ctx=81920) == [SDPBackend.EFFICIENT_ATTENTION]
+    assert training_backends(torch.float32, "cuda", gqa=True, ctx=MATH_MAX_CTX) is None
+    with pytest.raises(UserError, match="--dtype bfloat16"):
+        training_backends(torch.float32, "cuda", gqa=True, ctx=MATH_MAX_CTX + 1)
+    for dt in (torch.float32, torch.bfloat16):
+        assert training_backends(dt, "cpu", gqa=True, ctx=81920) is None
+
+
+@pytest.mark.slow
+def test_compiled_block_with_s2_does_not_recompile_per_length():
+    """A block compiled as train.py --compile does, run with S²-Attn (G = T/4) at ten irregular lengths
+    (ragged tails, T/8 rounding both ways): S²-Attn
+    stays eager (torch.compiler.disable), so the pieces around it recompile once for the second length and
+    are then dynamic in T: no compile after that, instead of one per length until dynamo's limit (8).
+    Counted with CompileCounter; outputs equal the eager block within 1e-6 (same ops, float32)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from model import ModelConfig, Transformer
+
+    torch._dynamo.reset()
+    net = Transformer(ModelConfig.from_name("tiny")).init_weights(0)
+    block = net.model.layers[0]
+    attn = make_attention(group_ratio=0.25)
+    cnt = CompileCounter()
+    compiled = torch.compile(block, backend=cnt)
+    counts = []
+    for T in (32, 40, 36, 44, 61, 50, 64, 97, 104, 77):
+        x = torch.randn(1, T, 64)
+        cos, sin = net.rope_tables(torch.arange(T))
+        torch.testing.assert_close(compiled(x, cos, sin, attn), block(x, cos, sin, attn), rtol=0, atol=1e-6)
+        counts.append(cnt.frame_count)
+    assert counts[2:] == [counts[1]] * 8, counts  # nothing compiled after the second length

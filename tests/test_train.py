@@ -125,6 +125,8 @@ def test_single_process_run_writes_adapter_metrics_and_merged_model(tmp_path, co
     assert r.returncode == 0, r.stderr
     ls = losses(out)
     assert len(ls) == 4 and all(l == l for l in ls)
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["peak_rss_gb"] > 0 and "peak_mem_gb" not in rec, rec  # named by what it measures (memory.py)
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "merged" / "config.json").is_file()
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004"]
@@ -177,6 +179,7 @@ def test_pose_positions_follow_the_global_sample_and_doc_mask_chooses_document_a
     import doc_attn
     import pose
     import shift_attn
+    import parallel
     import train
     from parallel import Dist
     cpu = torch.device("cpu")
@@ -188,12 +191,22 @@ def test_pose_positions_follow_the_global_sample_and_doc_mask_chooses_document_a
     for a, b in zip(one, two):
         assert torch.equal(a["positions"], b["positions"])
     assert torch.equal(one[1]["positions"], pose.pose_positions(64, 640, pose.sample_rng(0, 7)))
+    # --cp 2: the two ranks of a data group draw the same positions and each keeps its half of them
+    cfg_cp = dataclasses.replace(cfg2, cp=2)
+    pair = [train.add_pose_positions(cfg_cp, [{"input_ids": torch.zeros(63, dtype=torch.long),
+                                              "labels": torch.zeros(63, dtype=torch.long)}], 3, Dist(r, r, 2, cpu))
+            for r in range(2)]
+    assert torch.equal(pair[0][0]["positions"], pair[1][0]["positions"])
+    shards = [train.shard_batch(pair[r], parallel.Mesh(1, 2, 0, r), Dist(r, r, 2, cpu))[0]["positions"]
+              for r in range(2)]
+    whole = pair[0][0]["positions"]
+    assert torch.equal(torch.cat(shards), torch.cat([whole, whole[-1:] + 1]))  # 63 + one padding position
 
     cfg = config.resolve({"model": "tiny", "ctx": 40, "data": "x", "doc_mask": True, "attn": "s2"})
     pos = torch.cat([torch.arange(n) for n in (13, 27)])
     b = {"input_ids": torch.zeros(40, dtype=torch.long), "labels": torch.zeros(40, dtype=torch.long), "positions": pos}
     x, y, p, fn = train.micro_inputs(cfg, b, train.attention_fn(cfg), Dist(0, 0, 1, cpu))
-    assert torch.equal(p, pos[None])
+    assert torch.equal(p, pos)
     q, k, v = (torch.randn(1, h, 40, 8, dtype=torch.float64) for h in (4, 2, 2))
     ref = doc_attn.document_attention(pos, shift_attn.make_attention(group_size=10))(q, k, v)  # G = 40 / 4
     assert torch.equal(fn(q, k, v), ref)
@@ -298,3 +311,144 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 def test_peak_memory_grows_linearly_with_context(tmp_path):
     m16, m32 = _peak_rss_mb(16384, tmp_path), _peak_rss_mb(32768, tmp_path)
     assert m32 <= 2.1 * m16, (m16, m32)
+
+
+# ----------------------------------------------------------------------------- context parallelism
+
+
+def test_cp_head_counts_and_dynamic_rope_are_refused_before_loading():
+    """--cp against the model's config alone (no weights read: the preset is never built)."""
+    import config
+    import train
+    from errors import UserError
+    base = {"model": "tiny", "ctx": 64, "data": "x"}
+    with pytest.raises(UserError, match=r"--cp 4 does not divide the model's 2 kv heads .*--cp may be 1, 2$"):
+        train.check_context_parallel(config.resolve({**base, "cp": 4}, world_size=4))
+    train.check_context_parallel(config.resolve({**base, "cp": 2}, world_size=4))
+    from model import ModelConfig
+    dyn = ModelConfig.from_name("tiny", rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    with pytest.raises(UserError, match="dynamic NTK"):
+        train.check_context_parallel(config.resolve({**base, "cp": 2}, world_size=2), dyn)
+
+
+CP_COMMON = [*TINY, "--ctx", "64", "--steps", "3", "--lr", "1e-2", "--schedule", "constant", "--lora-targets",
+             "all-linear"]
+
+
+@pytest.mark.slow
+def test_context_parallel_equals_one_process(tmp_path, corpus):
+    """torchrun --cp 2 against `python train.py` on the same data and seed, float32, tiny (4 heads, 2 kv
+    heads: GQA), NF4, S²-Attn for 2 steps then full attention for the last (--full-attn-tail), norms
+    trained too. Tolerance 1e-5 on every logged loss and adapter tensor: float32, only the order of the
+    reductions differs (shard losses and gradients summed over ranks)."""
+    common = [*CP_COMMON, "--data", str(corpus), "--attn", "s2", "--full-attn-tail", "0.34", "--quant", "nf4",
+              "--train", "norm"]
+    r1 = run([*common, "--out", str(tmp_path / "one")])
+    assert r1.returncode == 0, r1.stderr
+    r2 = run([*common, "--cp", "2", "--out", str(tmp_path / "cp")], torchrun=2)
+    assert r2.returncode == 0, r2.stderr
+    assert "mesh: dp 1 x cp 2; 32 tokens of each sequence per rank" in r2.stdout
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "cp")
+    assert a.keys() == b.keys() and any(k.endswith("norm.weight") for k in a)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+    la, lb = losses(tmp_path / "one"), losses(tmp_path / "cp")
+    assert len(la) == len(lb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (la, lb)
+
+
+@pytest.mark.slow
+def test_dp2_by_cp2_equals_one_process_with_double_accumulation(tmp_path, corpus):
+    """4 ranks as dp 2 x cp 2 against 1 process with --grad-accum 2 (the same 2 sequences per step, each
+    dp group reading its own), full causal attention, float32; tolerance 1e-5 as above."""
+    common = [*CP_COMMON, "--data", str(corpus)]
+    r1 = run([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
+    assert r1.returncode == 0, r1.stderr
+    r4 = run([*common, "--cp", "2", "--out", str(tmp_path / "mesh")], torchrun=4)
+    assert r4.returncode == 0, r4.stderr
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "mesh")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+    la, lb = losses(tmp_path / "one"), losses(tmp_path / "mesh")
+    assert len(lb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (la, lb)
+
+
+@pytest.mark.slow
+def test_cp_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
+    """Kill -9 every process of a --cp 2 run at a random step, --resume: the adapter is bit-identical
+    to the uninterrupted --cp 2 run (dropout on: the per-rank RNG states are restored too)."""
+    common = [*TINY, "--ctx", "64", "--data", str(corpus), "--steps", "6", "--lr", "1e-2", "--save-every", "1",
+              "--lora-dropout", "0.1", "--keep", "3", "--cp", "2"]
+    ref = run([*common, "--out", str(tmp_path / "ref")], torchrun=2)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *common, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    target = random.Random(0).randint(2, 4)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= target:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    assert len(losses(out)) < 6
+    r = run([*common, "--out", str(out), "--resume"], torchrun=2)
+    assert r.returncode == 0, r.stderr
+    a, b = adapter_tensors(tmp_path / "ref"), adapter_tensors(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "ref") == losses(out)
+
+
+def test_bf16_trained_norms_move_and_follow_the_float32_run(tmp_path, corpus):
+    """--dtype bfloat16: trained norms and embedding are float32 masters (lora.py), so one AdamW step of
+    lr 2e-3 moves a norm gain of 1.0 (in bf16, 1.0 - 2e-3 rounds back to 1.0: the gains stayed exactly 1).
+
+    Reference: the same run in float32. AdamW's first step is lr * g / (|g| + eps), i.e. +-lr per element,
+    so the two runs' norm updates must agree in sign wherever bf16's gradient is not drowned by its 8-bit
+    rounding (>= 90% of elements), and their losses (2 steps) within 2% relative: bf16 keeps 8 significant
+    bits (2^-8 = 0.4% per rounding); a wrong master (no update, or a double one) moves far more."""
+    common = [*TINY, "--ctx", "64", "--data", str(corpus), "--steps", "2", "--lr", "2e-3", "--schedule", "constant",
+              "--train", "norm,embed"]
+    for dt in ("bfloat16", "float32"):
+        r = run([*common, "--dtype", dt, "--out", str(tmp_path / dt)])
+        assert r.returncode == 0, r.stderr
+    bf, fp = adapter_tensors(tmp_path / "bfloat16"), adapter_tensors(tmp_path / "float32")
+    norms = [k for k in bf if "norm" in k]
+    assert norms and all(bf[k].dtype == torch.float32 for k in bf)
+    moved = torch.cat([(bf[k] - 1).flatten() for k in norms])
+    assert (moved != 0).all() and moved.abs().median() > 2e-3, moved  # every gain moved, most by ~2 x 2e-3
+    off_grid = (moved + 1 != (moved + 1).bfloat16().float()).float().mean()  # not bf16 values: float32 masters
+    assert off_grid >= 0.9, off_grid
+    same_sign = torch.cat([((bf[k] - 1).sign() == (fp[k] - 1).sign()).flatten() for k in norms]).float().mean()
+    assert same_sign >= 0.9, same_sign
+    lb, lf = losses(tmp_path / "bfloat16"), losses(tmp_path / "float32")
+    assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(lb, lf)), (lb, lf)
+
+
+def test_checkpoint_records_the_dtype_and_resumes_across_device_types(tmp_path, corpus):
+    """trainer_state.json holds the dtype actually used (float32 on CPU, not None), so resuming where the
+    default differs (bfloat16 on CUDA) is a one-line error naming dtype; rng.safetensors holds one state per
+    device type, so a checkpoint with a CUDA state (written here by hand, as a CUDA run writes it) resumes
+    on the CPU, which restores the CPU state and skips the CUDA one."""
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "out"
+    common = [*TINY, "--ctx", "64", "--data", str(corpus), "--out", str(out)]
+    assert run([*common, "--steps", "1"]).returncode == 0
+    ckpt = out / "ckpt-0000001"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["config"]["dtype"] == "float32"
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    assert sorted(rng) == ["rank0"] and rng["rank0"].numel() == torch.get_rng_state().numel()
+    save_file({**rng, "rank0.cuda": torch.zeros(16, dtype=torch.uint8)}, str(ckpt / "rng.safetensors"))
+    r = run([*common, "--steps", "2", "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert len(losses(out)) == 2
+    state["config"]["dtype"] = "bfloat16"  # as a CUDA run records it
+    (out / "ckpt-0000002" / "trainer_state.json").write_text(json.dumps(state))
+    r = run([*common, "--steps", "3", "--resume"])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "dtype='bfloat16'" in last, r.stderr
