@@ -342,7 +342,7 @@ def test_load_model_nf4_equals_quantizing_the_loaded_model(tmp_path, tied):
 STREAMING_LOADERS = {  # how each entry point loads an NF4 model: the trainer and eval.py share load_model
     "checkpoint.load_model": "load_model({path!r}, dtype=torch.float32, quant='nf4')",
     "eval.load": "ev.load({path!r}, None, argparse.Namespace(dtype='float32', quant='nf4', tokenizer='bytes', "
-                 "seed=0))[0]",
+                 "seed=0, device=torch.device('cpu')))[0]",
 }
 
 
@@ -381,9 +381,11 @@ def test_load_model_nf4_streams_below_the_float32_size(tmp_path, loader):
                     peak[0] = max(peak[0], anon())
             t = threading.Thread(target=sample)
             t.start()
-            net = load()
-            done.set()
-            t.join()
+            try:
+                net = load()
+            finally:  # a failing load must not leave the sampler spinning (the process would never exit)
+                done.set()
+                t.join()
             return max(peak[0], anon()) - before, net
 
         sys.setswitchinterval(1e-5)
