@@ -426,9 +426,9 @@ def offload(cfg: TrainConfig, d: Dist):
 
 def micro_inputs(cfg: TrainConfig, b: dict, attn_fn, d: Dist):
     """(tokens, labels, positions, attn_fn) of one sample for the forward, on the device. positions: the
-    sample's own (--doc-mask, --pose, a --cp shard's true ones), else None (0..T-1). --doc-mask: attention within the documents the
-    positions mark (doc_attn.py); S²-Attn (attn_fn not None) keeps the sequence's window
-    G = group_size_for(T, --group-ratio), cut inside each document."""
+    sample's own (--doc-mask, --pose, a --cp shard's true ones), else None (0..T-1). --doc-mask: attention
+    within the documents the positions mark (doc_attn.py); S²-Attn (attn_fn not None) keeps the sequence's
+    window G = group_size_for(T, --group-ratio), cut inside each document."""
     x, y = b["input_ids"][None].to(d.device), b["labels"][None].to(d.device)  # (1, T)
     pos = b.get("positions")
     if cfg.doc_mask and pos is not None:
