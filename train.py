@@ -44,7 +44,7 @@ from config import TrainConfig, choose_dtype
 from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions
 from parallel import Dist, log0
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, save_tokenizer
 
 CKPT_PREFIX = "ckpt-"
 
@@ -92,10 +92,15 @@ def trained_names(net) -> dict:
 # ----------------------------------------------------------------------------- data
 
 
+def tokenizer_source(cfg: TrainConfig) -> str:
+    """--tokenizer, else the model's own ("bytes" for presets): what load_tokenizer takes."""
+    spec = cfg.tokenizer or cfg.model
+    return "bytes" if spec in PRESETS else spec
+
+
 def load_tok(cfg: TrainConfig):
     """--tokenizer, else the model's own (byte level for presets)."""
-    spec = cfg.tokenizer or cfg.model
-    return load_tokenizer("bytes" if spec in PRESETS else spec)
+    return load_tokenizer(tokenizer_source(cfg))
 
 
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
@@ -209,17 +214,20 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
 
 
 def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
-    """Rank 0: the adapter in OUT/adapter, with --merge the merged HF model in OUT/merged."""
+    """Rank 0: the adapter in OUT/adapter, with --merge the merged HF model in OUT/merged; both carry the
+    tokenizer the run used (save_tokenizer), so eval.py and generate.py need no --tokenizer on them."""
     if not d.main:
         return
     final = out / "adapter"
     with atomic_path(final, is_dir=True) as tmp:
         lora.save_adapter(net, tmp, base_model_path=cfg.model)
+        save_tokenizer(tokenizer_source(cfg), tmp)
     msg = f"done: {step} steps; adapter in {final}"
     if cfg.merge:
         merged = out / "merged"
         with atomic_path(merged, is_dir=True) as tmp:
             lora.export_merged(net, tmp, dtype=choose_dtype(cfg.dtype, d.device))
+            save_tokenizer(tokenizer_source(cfg), tmp)
         msg += f"; merged model in {merged}"
     print(msg, flush=True)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--tokenizer", "bytes"]
 
@@ -124,6 +126,8 @@ def test_single_process_run_writes_adapter_metrics_and_merged_model(tmp_path, co
     assert len(ls) == 4 and all(l == l for l in ls)
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "merged" / "config.json").is_file()
+    for folder in ("adapter", "merged"):  # a preset trains with the byte tokenizer; both outputs record it
+        assert isinstance(tokenizer.load_tokenizer(out / folder), tokenizer.ByteTokenizer)
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004"]
     assert not list(out.glob(".tmp-*"))
 
