@@ -7,6 +7,7 @@ Launch:
         --data long.jsonl:0.15,short.jsonl:0.85 --ctx 81920 --out runs/llama3-80k
     python train.py --dry-run --model llama-3-8b --ctx 80000 --recipe llama3-80k --nproc 8   # memory plan only
     python train.py                                    # no --model: the built-in demo (demo.py)
+    torchrun --nproc_per_node 8 train.py --ctx 80000   # no --model, ctx beyond the demo's: SmolLM2 (extend.py)
 
 Recipes (`--recipe`; explicit flags override them): `python train.py --help` lists them with their settings,
 config.RECIPES holds them.
@@ -34,6 +35,7 @@ from tqdm import tqdm
 import config
 import data as D
 import demo
+import extend
 import lora
 import parallel
 import plan
@@ -47,6 +49,7 @@ from parallel import Dist, log0
 from tokenizer import load_tokenizer, save_tokenizer
 
 CKPT_PREFIX = "ckpt-"
+DEMO_MAX_CTX = demo.FACTORS[-1] * demo.BASE_PRESET["max_seq_len"]  # no --model: --ctx up to this runs the demo
 
 # ----------------------------------------------------------------------------- model
 
@@ -378,6 +381,7 @@ def suggest_base(spec: str | None, target_len: int) -> float:
 def main(argv=None):
     given = vars(config.build_parser(__doc__.split("\n")[0]).parse_args(argv))
     recipe, dry_run, target = given.pop("recipe", None), given.pop("dry_run"), given.pop("suggest_base")
+    force = given.pop("force")
     d = None
 
     def body():
@@ -392,6 +396,9 @@ def main(argv=None):
         if given.get("model") is None:  # no model given: the built-in demo (demo.py)
             if given.get("data") is not None:
                 raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
+            if given.get("ctx") is not None and given["ctx"] > DEMO_MAX_CTX:  # beyond the demo: a real model
+                extend.run(d, given, train, recipe, force)
+                return
             demo.run(d, given, train)  # demo.py needs nothing above it: the trainer is handed in
             return
         train(config.resolve(given, recipe, d.world), d)
