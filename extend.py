@@ -55,7 +55,7 @@ import rope
 from checkpoint import atomic_write_text, load_model, read_checkpoint
 from config import TrainConfig, choose_dtype, resolve
 from errors import UserError
-from model import MemoryOptions, Transformer
+from model import MemoryOptions, ModelConfig, Transformer
 from quant4 import quantize_model
 from parallel import Dist, all_reduce_sum, barrier
 from plan import memory_plan
@@ -155,7 +155,7 @@ class Job:
 
     cfg: TrainConfig
     out: Path
-    mcfg: object
+    mcfg: ModelConfig
     short_len: int
     eval_lengths: list[int]
     windows: int
@@ -179,8 +179,9 @@ def make_job(d: Dist, flags: dict, recipe: str | None) -> Job:
         candidates = {"dynamic-NTK rule": rope.suggest_base(mcfg.rope_theta, L0, N, mcfg.head_dim),
                       "recipe ratio x400": mcfg.rope_theta * RECIPE_BASE_RATIO}
     data = f"{out / 'long.jsonl'}:{LONG_WEIGHT},{out / 'short.jsonl'}:{SHORT_WEIGHT}"
-    cfg = resolve({**JOB, **given, "model": gguf, "data": data, "out": str(out / "train"),
-                   "rope_theta": given.get("rope_theta") or max(candidates.values(), default=None)}, recipe or RECIPE, d.world)
+    theta = given.get("rope_theta") or max(candidates.values(), default=None)  # the chosen one replaces it
+    cfg = resolve({**JOB, **given, "model": gguf, "data": data, "out": str(out / "train"), "rope_theta": theta},
+                  recipe or RECIPE, d.world)
     return Job(cfg, out, mcfg, short_len, lengths, windows, keys, candidates)
 
 
@@ -250,7 +251,8 @@ def print_plan(job: Job, d: Dist, t0: float, T0: int, est: dict) -> None:
 def eval_args(job: Job, seed: int):
     """eval.py's own settings for the runners (its parser and checks), at the job's lengths."""
     depths = ",".join(f"{i / max(1, job.keys - 1):g}" for i in range(job.keys))
-    args = ev.build_parser().parse_args(["passkey", "--model", "unused", "--lengths", ",".join(map(str, job.eval_lengths)),
+    lengths = ",".join(map(str, job.eval_lengths))
+    args = ev.build_parser().parse_args(["passkey", "--model", "unused", "--lengths", lengths,
                                          "--windows", str(job.windows), "--depths", depths, "--seed", str(seed)])
     ev.check_args(args)
     return args
@@ -325,8 +327,9 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object], r
         held_out = stdlib_split()[1]
         stream = token_stream(tok, held_out, (job.windows - 1) * max(job.eval_lengths) + max(job.eval_lengths))
         rows, chosen = before(job, d, tok, args, stream)
-        theta[0] = chosen
-    cfg = replace(cfg, rope_theta=all_reduce_sum(theta, d).item())
+        theta[0] = chosen or 0.0
+    if job.candidates:  # the same on every rank (from the flags); rank 0 measured the choice
+        cfg = replace(cfg, rope_theta=all_reduce_sum(theta, d).item())
     barrier(d)
     train_fn(cfg, d)
     if not d.main:

@@ -389,6 +389,8 @@ def main(argv=None):
         if target is not None:
             print(f"{suggest_base(given.get('model'), target):.4g}")
             return
+        if force and (given.get("model") is not None or (given.get("ctx") or 0) <= DEMO_MAX_CTX):
+            raise UserError(f"--force applies to the real-model extension only (no --model, --ctx above {DEMO_MAX_CTX})")
         if dry_run:
             plan.dry_run(config.resolve(given, recipe, dry_run=True))
             return

@@ -50,6 +50,8 @@ def losses(out):
 
 @pytest.mark.parametrize("args,needle", [
     (["--ctx", "64", "--data", "x"], "--data needs --model"),
+    ([*TINY, "--ctx", "64", "--data", "{corpus}", "--force"], "--force applies to the real-model extension only"),
+    (["--ctx", "2560", "--force"], "--force applies to the real-model extension only"),
     (["--model", "nope/nowhere", "--ctx", "64", "--data", "{corpus}"], "nope/nowhere"),
     ([*TINY, "--ctx", "0", "--data", "{corpus}"], "--ctx must be"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--steps", "2", "--epochs", "1"], "conflict"),
