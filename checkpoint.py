@@ -44,6 +44,9 @@ from model import PRESETS, MemoryOptions, ModelConfig, Transformer
 TMP_PREFIX = ".tmp-"  # temporary names start with this; readers skip them, cleaners may remove them
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
+# A model folder's tokenizer (what tokenizer.load_tokenizer reads from a folder; tokenizer_config.json also
+# records the byte tokenizer, which has no vocabulary file).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 QUANT_KINDS = ("nf4",)
 
@@ -99,6 +102,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (see atomic_path)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike, names: tuple[str, ...] = TOKENIZER_FILES
+                         ) -> list[str]:
+    """Copy the tokenizer files among `names` that folder `src` holds into folder `dst` (each atomically),
+    so a merged or converted model keeps its tokenizer; returns the names copied."""
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+            copied.append(name)
+    return copied
 
 
 # ----------------------------------------------------------------------------- safetensors and config

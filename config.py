@@ -197,7 +197,7 @@ def recipes_help() -> str:
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """Flags from the fields; every one defaults to "not given" (SUPPRESS), so a recipe fills what the user
-    left out. Besides the settings: --recipe, --dry-run and --suggest-base."""
+    left out. Besides the settings: --recipe, --dry-run, --force and --suggest-base."""
     ap = argparse.ArgumentParser(description=description, epilog=recipes_help(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     S = argparse.SUPPRESS
@@ -221,6 +221,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         target.add_argument(flag(name), **kw)
         if name == "log_every":
             ap.add_argument("--dry-run", action="store_true", help="print the resolved config and memory plan; load nothing")
+            ap.add_argument("--force", action="store_true",
+                            help="with no --model and --ctx beyond the demo's: run the real-model extension even "
+                                 "where its time estimate on a CPU exceeds an hour")
     groups[ROPE_GROUP].add_argument("--suggest-base", metavar="TARGET_LEN", type=int, default=None,
                                     help="print the dynamic-NTK base for training at TARGET_LEN and exit (needs --model)")
     return ap

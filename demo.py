@@ -32,7 +32,7 @@ a line start at depth U(0, 0.9) + more code + the query: exactly N tokens, so at
 
 Making the base (once; the shipped demo/ is step 3000 of this command's run):
     python demo.py pretrain --out /tmp/demo_pre          # defaults: the recipe below, seed 5
-    cp /tmp/demo_pre/step-3000/config.json /tmp/demo_pre/step-3000/model.safetensors demo/
+    cp /tmp/demo_pre/step-3000/{config.json,model.safetensors,tokenizer_config.json} demo/
 Recipe: batch 8 x 256 bytes, AdamW (0.9, 0.95) wd 0.1, lr 3e-3 with 100 warmup steps and cosine to
 3e-4, 3000 steps; each sequence holds one fact and 3 later queries (6/7 of sequences), answer digits
 weighted 10, fact digits 0 (random, unpredictable), code 1. Curriculum: fact and queries lie within 24
@@ -47,12 +47,10 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import shutil
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +67,14 @@ from config import TrainConfig, resolve
 from errors import UserError, run_cli
 from lora import load_adapter
 from parallel import Dist, barrier
-from tokenizer import BYTE_SPECIALS, BYTE_VOCAB_SIZE
+from tasks import (KEY_DIGITS, PASSKEY_NAME, code_passkey_items, corpus_bytes, query_bytes, random_value,
+                   stdlib_split)
+from tokenizer import BYTE_SPECIALS, BYTE_VOCAB_SIZE, save_tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 BOS, EOS = BYTE_SPECIALS["<s>"], BYTE_SPECIALS["</s>"]
 VOCAB = BYTE_VOCAB_SIZE
-HOLDOUT_MOD = 10  # a stdlib file is held out when crc32(relative path) % HOLDOUT_MOD == 0
-KEY_DIGITS = 4
 NAMES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-PASSKEY_NAME = "K"  # the key name of the passkey prompts (one fact per prompt)
 DEMO_FACTS, DEMO_QUERIES = 6, 8  # extension data: one fact `K$NNNN` (6/7 of sequences), 8 queries of it
 TRAIN_SEED, EVAL_SEED = 1234, 987654321  # separate RNG streams for training and evaluation keys
 
@@ -94,34 +91,6 @@ DEMO_RECIPE = dict(tokenizer="bytes", quant="nf4", lora_r=16, lora_alpha=32.0, l
 
 
 # ----------------------------------------------------------------------------- pure functions: data
-
-
-def stdlib_split() -> tuple[list[Path], list[Path]]:
-    """(held-in, held-out) .py files of the Python standard library, split by a hash of the relative path."""
-    root = Path(os.path.dirname(os.__file__))
-    files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
-    held_out = [f for f in files if zlib.crc32(str(f.relative_to(root)).encode()) % HOLDOUT_MOD == 0]
-    held_in = [f for f in files if zlib.crc32(str(f.relative_to(root)).encode()) % HOLDOUT_MOD != 0]
-    return held_in, held_out
-
-
-def corpus_bytes(files: list[Path]) -> np.ndarray:
-    """The files' bytes, each followed by a blank line, as one uint8 array (no '$' so facts stay unique)."""
-    parts = [f.read_bytes().replace(b"$", b"S") + b"\n\n" for f in files]
-    return np.frombuffer(b"".join(parts), dtype=np.uint8)
-
-
-def fact_bytes(name: str, value: str) -> list[int]:
-    """A fact line `K$NNNN` (with its newlines); the query is the same line without the value."""
-    return list(f"\n{name}${value}\n".encode())
-
-
-def query_bytes(name: str) -> list[int]:
-    return list(f"\n{name}$".encode())
-
-
-def random_value(rng: random.Random) -> str:
-    return "".join(rng.choice("0123456789") for _ in range(KEY_DIGITS))
 
 
 def training_sequence(code: np.ndarray, T: int, rng: random.Random, max_facts: int, answer_weight: float,
@@ -168,34 +137,7 @@ def training_sequence(code: np.ndarray, T: int, rng: random.Random, max_facts: i
     return toks[:T + 1], w[:T]
 
 
-def passkey_prompt(filler: np.ndarray, offset: int, length: int, depth: float, name: str, value: str) -> list[int]:
-    """BOS + filler code with one fact `$K=NNNN` at line start `depth` of the way in + query `$K=`: `length` tokens.
-
-    The answer (the value's digits) follows; filler starts at `offset` in the held-out corpus.
-    """
-    fact, query = fact_bytes(name, value), query_bytes(name)
-    n_fill = length - 1 - len(fact) - len(query)
-    fill = filler[offset:offset + n_fill].tolist()
-    cut = int(depth * n_fill)
-    while cut > 0 and fill[cut - 1] != ord("\n"):
-        cut -= 1
-    return [BOS] + fill[:cut] + fact + fill[cut:] + query
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-
-def passkey_items(filler: np.ndarray, length: int, n: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
-    """n passkey prompts of `length` tokens (random key name, value, depth in [0, 0.9], filler offset from
-    the RNG stream `seed`) and their answers (the value's bytes)."""
-    rng = random.Random(seed)
-    prompts, answers = [], []
-    for _ in range(n):
-        value = random_value(rng)
-        off = rng.randrange(0, len(filler) - length - 1)
-        prompts.append(passkey_prompt(filler, off, length, rng.uniform(0.0, 0.9), PASSKEY_NAME, value))
-        answers.append([ord(c) for c in value])
-    return prompts, answers
 
 
 @torch.no_grad()
@@ -218,8 +160,9 @@ def greedy_hits(net, prompts: list[list[int]], answers: list[list[int]], batch: 
 
 
 def passkey_accuracy(net, filler: np.ndarray, length: int, n: int, seed: int, batch: int = 16) -> float:
-    """Fraction of n passkey prompts of `length` tokens answered exactly by greedy decoding."""
-    return greedy_hits(net, *passkey_items(filler, length, n, seed), batch=batch).float().mean().item()
+    """Fraction of n passkey prompts of `length` tokens (tasks.code_passkey_items: `eval.py passkey --format
+    code` builds the same ones) answered exactly by greedy decoding."""
+    return greedy_hits(net, *code_passkey_items(filler, length, n, seed), batch=batch).float().mean().item()
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -264,6 +207,7 @@ def pretrain(args) -> None:
             net.train()
             print(f"EVAL step {step} passkey@{T} {acc:.3f} {time.time() - t0:.0f}s", flush=True)
             save_model(copy.deepcopy(net).to(torch.bfloat16), out / f"step-{step}")
+            save_tokenizer("bytes", out / f"step-{step}")
 
 
 # ----------------------------------------------------------------------------- the demo: extend and evaluate

@@ -10,6 +10,9 @@ recall, where the answer is only in the distant context:
              with --stride S each window scores only its last S tokens, as in the sliding evaluation there).
     passkey, needle, kv  synthetic recall with the answer only in the distant context, greedy decoding,
              exact match (and ROUGE-L recall for needle); prompts and scorers in tasks.py.
+             `passkey --format code` is the built-in demo's probe (byte-level models): held-out stdlib code
+             with a `K$NNNN` fact at a random depth, queried by `K$`; --trials prompts per length from the
+             RNG stream --seed, as demo.py draws them (its table uses --seed 987654321, 40 trials).
 
 Depth d in [0, 1] is the fraction of the context tokens that come before the probe.
 
@@ -18,6 +21,8 @@ Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
     python eval.py passkey --model $SMOL --lengths 2048,4096,8192 --depths 0,0.5,1 --trials 2
     python eval.py needle --model $SMOL --lengths 2048,4096 --out /tmp/evalruns/needle
     python eval.py kv --model tiny --model out/merged --adapter none --adapter none --lengths 512
+    python eval.py passkey --format code --model demo --adapter runs/demo/train/adapter --quant nf4 \
+        --rope yarn:16 --lengths 256,1280,2560 --trials 40 --seed 987654321     # the demo's passkey column
 
 Notation: T tokens of a window or prompt, L requested length, L0 the model's original context, s RoPE
 factor, C model dim, V vocab.
@@ -53,14 +58,16 @@ from generate import generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
-from tasks import (END_OF_TURN, NEEDLE, QUESTION, exact_match, haystack_text, kv_prompt, needle_prompt,
-                   passkey_correct, passkey_prompt, rouge_l_recall, sentence_starts, stdlib_files, token_stream,
-                   windows)
+from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, exact_match,
+                   haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt, rouge_l_recall,
+                   sentence_starts, stdlib_files, stdlib_split, token_stream, windows)
 from tokenizer import chat_template_for, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
 
 TASKS = ("ppl", "passkey", "needle", "kv", "ruler")
+FORMATS = ("text", "code")  # passkey prompts: the filler-text probe, or the demo's code probe (tasks.py)
+DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 PLOT_DPI = 80
 
 # ----------------------------------------------------------------------------- pure functions: parsing
@@ -105,6 +112,7 @@ def fixed_rope(theta: float, scaling: dict | None, length: int) -> dict | None:
 def window_hidden(model: Transformer, tokens: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Final hidden states (T, C) of one window tokens (T,): one forward (chunk=None), or the KV cache
     filled `chunk` tokens at a time so activation memory is bounded by the chunk."""
+    tokens = tokens.to(model.model.norm.weight.device)
     if chunk is None:
         return model.hidden(tokens[None])[0]
     model.setup_caches(1, tokens.shape[0])
@@ -123,6 +131,7 @@ def prefix_nll(model: Transformer, h: torch.Tensor, tokens: torch.Tensor, length
     `length` (same RoPE), so one pass serves every shorter window with the same start. The loss is the
     model's chunked cross-entropy: no (T, V) tensor.
     """
+    tokens = tokens.to(h.device)
     labels = torch.cat((tokens[1:length], tokens.new_full((1,), -100)))  # (length,) target of each position
     labels[:first] = -100
     nll = chunked_cross_entropy(h[None, :length], model.lm_head, labels[None])
@@ -238,7 +247,14 @@ def prompt_maker(task: str, tokenizer, args, hay):
     def rng(L, d, t):
         return random.Random(f"{args.seed}:{L}:{d}:{t}")
 
+    code_items = {}  # L -> (prompts, answers) of the code passkey
+
     def make(L, d, t, sub=None):
+        if task == "passkey" and args.format == "code":  # depth d is None: drawn per prompt
+            if L not in code_items:
+                code_items[L] = code_passkey_items(hay, L, args.trials, args.seed)
+            prompts, answers = code_items[L]
+            return prompts[t], bytes(answers[t]).decode(), KEY_DIGITS, None
         if task == "ruler":
             return ruler.make_prompt(sub, tokenizer, L, d, rng(L, d, f"{sub}:{t}"), template, hay[0], hay[1])
         if task == "passkey":
@@ -325,7 +341,7 @@ def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
                 grid = torch.zeros(len(args.depths), len(args.lengths))
                 for it in r["items"]:
                     grid[args.depths.index(it["depth"]), args.lengths.index(it["length"])] += it["correct"] / args.trials
-                ylabels, ylabel = [f"{d:.0%}" for d in args.depths], "depth"
+                ylabels, ylabel = [f"{d:.0%}" if d is not None else "random" for d in args.depths], "depth"
             im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
             ax.set_xticks(range(len(args.lengths)), [str(L) for L in args.lengths])
             ax.set_yticks(range(len(ylabels)), ylabels)
@@ -359,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step; 0 = one pass")
     ap.add_argument("--lengths", default="2048,8192,16384")
-    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--depths", default=DEFAULT_DEPTHS)
+    ap.add_argument("--format", choices=FORMATS, default="text",
+                    help="passkey: 'text' (filler sentences) or 'code' (the demo's probe: stdlib code, K$NNNN facts)")
     ap.add_argument("--trials", type=int, default=1,
                     help="passkey/kv: random keys per cell (the needle prompt is deterministic)")
     ap.add_argument("--windows", type=int, default=4, help="ppl: windows per length")
@@ -381,7 +399,14 @@ def check_args(args) -> None:
     args.device = choose_device(args.device)
     args.dtype = args.dtype or str(choose_dtype(None, args.device)).removeprefix("torch.")
     args.lengths = parse_ints(args.lengths, "--lengths", minimum=2)
-    args.depths = parse_depths(args.depths)
+    if args.format == "code":
+        if args.task != "passkey":
+            raise UserError(f"--format code applies to the passkey task only, not {args.task}")
+        if args.depths != DEFAULT_DEPTHS:
+            raise UserError("--depths does not apply with --format code: each prompt draws its depth U(0, 0.9)")
+        args.depths = [None]
+    else:
+        args.depths = parse_depths(args.depths)
     args.adapter = args.adapter or ["none"] * len(args.model)
     if len(args.adapter) != len(args.model):
         raise UserError(f"--adapter given {len(args.adapter)} times for {len(args.model)} --model; give one per "
@@ -431,7 +456,7 @@ def evaluate(args) -> list[dict]:
     meta = {"task": args.task, "git_revision": git_revision(), "device": str(args.device), "dtype": args.dtype,
             "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
-            "trials": args.trials, "windows": args.windows, "stride": args.stride,
+            "trials": args.trials, "windows": args.windows, "stride": args.stride, "format": args.format,
             "docs": args.docs or "python stdlib *.py (sorted)"}
     hay = None
     rows, t0 = [], time.time()
@@ -443,6 +468,11 @@ def evaluate(args) -> list[dict]:
             files = list_files(args.docs) if args.docs else stdlib_files()
             need = (args.windows - 1) * (args.stride or max(args.lengths)) + max(args.lengths)
             stream = token_stream(tok, files, need)
+        elif args.task == "passkey" and args.format == "code":
+            if tok.kind != "bytes":
+                raise UserError(f"--format code: {spec} has the {tok.kind} tokenizer; the code passkey is "
+                                "byte-level (the demo's models)")
+            hay = corpus_bytes(stdlib_split()[1])  # held-out stdlib code, as the demo evaluates on
         elif args.task in ("needle", "ruler"):
             text = haystack_text(args.haystack)
             ids, spans = tok.encode_offsets(text)

@@ -57,7 +57,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from checkpoint import atomic_path, atomic_write_text, iter_checkpoint, load_model, read_json, save_model, strict_items
+from checkpoint import (atomic_path, atomic_write_text, copy_tokenizer_files, iter_checkpoint, load_model, read_json,
+                        save_model, strict_items)
 from errors import UserError, run_cli
 
 # ----------------------------------------------------------------------------- constants
@@ -588,7 +589,10 @@ def main(argv=None):
     def body():
         model = load_model(args.base, dtype=torch.float32)
         load_adapter(model, args.adapter)
-        export_merged(model, args.out, getattr(torch, args.dtype))
+        with atomic_path(args.out, is_dir=True, replace=False) as tmp:
+            export_merged(model, tmp, getattr(torch, args.dtype))
+            if Path(args.base).is_dir():  # the merged model keeps its base's tokenizer
+                copy_tokenizer_files(args.base, tmp)
         print(f"wrote {args.out}")
 
     if run_cli(body):

@@ -7,6 +7,10 @@
              (Lin 2004, sec. 3.1).
     kv       a JSON object of random UUID pairs; ask for one key's value at each depth (Liu et al. 2023,
              "Lost in the Middle", sec. 4); exact match.
+    code passkey  the built-in demo's retrieval probe, in bytes: BOS + held-out Python standard library
+             code with one fact line `K$NNNN` at a line start at depth U(0, 0.9) + more code + the query
+             `K$`, exactly L tokens; the answer is the 4 digits (greedy exact match). `$` never occurs in
+             the code (corpus_bytes replaces it), so the fact is unique.
     ppl      windows of length L cut from one EOS-joined token stream of documents.
 
 Depth d in [0, 1] is the fraction of the context tokens that come before the probe. Prompts are token-id
@@ -21,11 +25,14 @@ import os
 import random
 import re
 import uuid
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 from data import list_files
 from errors import UserError
-from tokenizer import CHAT_TEMPLATES
+from tokenizer import BYTE_SPECIALS, CHAT_TEMPLATES
 
 # ----------------------------------------------------------------------------- constants
 
@@ -42,6 +49,11 @@ KV_QUESTION = 'Key: "{key}"\nCorresponding value:'
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 CONTEXT_MARK = "\x00CONTEXT\x00"  # placeholder split out of a rendered chat turn
 SENTENCE_ENDS = ".!?\n"
+HOLDOUT_MOD = 10  # a stdlib file is held out when crc32(relative path) % HOLDOUT_MOD == 0
+KEY_DIGITS = 4  # digits of a code-passkey value
+PASSKEY_NAME = "K"  # the key name of the code-passkey prompts (one fact per prompt)
+CODE_BOS = BYTE_SPECIALS["<s>"]
+CODE_MAX_DEPTH = 0.9  # code-passkey facts lie at depth U(0, CODE_MAX_DEPTH)
 
 
 # ----------------------------------------------------------------------------- pure functions: scoring
@@ -193,6 +205,47 @@ def windows(stream: list[int], length: int, count: int, stride: int | None) -> l
     return out
 
 
+def fact_bytes(name: str, value: str) -> list[int]:
+    """A fact line `K$NNNN` (with its newlines); the query is the same line without the value."""
+    return list(f"\n{name}${value}\n".encode())
+
+
+def query_bytes(name: str) -> list[int]:
+    return list(f"\n{name}$".encode())
+
+
+def random_value(rng: random.Random) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(KEY_DIGITS))
+
+
+def code_passkey_prompt(filler: np.ndarray, offset: int, length: int, depth: float, name: str, value: str
+                        ) -> list[int]:
+    """BOS + filler code with one fact `K$NNNN` at the line start before `depth` of the way in + the query
+    `K$`: exactly `length` byte-level ids. The answer (the value's digits) follows; filler starts at
+    `offset` of the held-out corpus (corpus_bytes)."""
+    fact, query = fact_bytes(name, value), query_bytes(name)
+    n_fill = length - 1 - len(fact) - len(query)
+    fill = filler[offset:offset + n_fill].tolist()
+    cut = int(depth * n_fill)
+    while cut > 0 and fill[cut - 1] != ord("\n"):
+        cut -= 1
+    return [CODE_BOS] + fill[:cut] + fact + fill[cut:] + query
+
+
+def code_passkey_items(filler: np.ndarray, length: int, n: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """n code-passkey prompts of `length` ids and their answers (the value's bytes). From the RNG stream
+    `seed`, per prompt in this order: the value, the filler offset, the depth U(0, 0.9)."""
+    rng = random.Random(seed)
+    prompts, answers = [], []
+    for _ in range(n):
+        value = random_value(rng)
+        off = rng.randrange(0, len(filler) - length - 1)
+        prompts.append(code_passkey_prompt(filler, off, length, rng.uniform(0.0, CODE_MAX_DEPTH), PASSKEY_NAME,
+                                           value))
+        answers.append([ord(c) for c in value])
+    return prompts, answers
+
+
 # ----------------------------------------------------------------------------- documents
 
 
@@ -200,6 +253,21 @@ def stdlib_files() -> list[Path]:
     """The Python standard library's .py files (no site-packages), sorted: deterministic."""
     root = Path(os.path.dirname(os.__file__))
     return sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
+
+
+def stdlib_split() -> tuple[list[Path], list[Path]]:
+    """(held-in, held-out) .py files of the Python standard library, split by a hash of the relative path."""
+    root = Path(os.path.dirname(os.__file__))
+    files = stdlib_files()
+    held_out = [f for f in files if zlib.crc32(str(f.relative_to(root)).encode()) % HOLDOUT_MOD == 0]
+    held_in = [f for f in files if zlib.crc32(str(f.relative_to(root)).encode()) % HOLDOUT_MOD != 0]
+    return held_in, held_out
+
+
+def corpus_bytes(files: list[Path]) -> np.ndarray:
+    """The files' bytes, each followed by a blank line, as one uint8 array (no '$' so facts stay unique)."""
+    parts = [f.read_bytes().replace(b"$", b"S") + b"\n\n" for f in files]
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
 def haystack_text(paths: list[str] | None) -> str:

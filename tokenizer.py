@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from checkpoint import atomic_write_text, copy_tokenizer_files
 from errors import UserError
 
 # ----------------------------------------------------------------------------- constants
@@ -31,6 +32,10 @@ IGNORE_INDEX = -100  # label value of an unsupervised position (torch.nn.functio
 
 BYTE_SPECIALS = {"<s>": 256, "</s>": 257, "<pad>": 258, "<|im_start|>": 259, "<|im_end|>": 260}
 BYTE_VOCAB_SIZE = 264
+# How a model folder records the byte tokenizer (it has no vocabulary file): tokenizer_config.json with
+# this tokenizer_class, as Hugging Face names a vocabulary-free tokenizer (ByT5) by its class alone.
+TOKENIZER_CONFIG = "tokenizer_config.json"
+BYTE_TOKENIZER_CLASS = "bytes"
 
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>")
 EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
@@ -356,7 +361,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         for name in ("tokenizer.json", "tokenizer.model"):
             if (p / name).exists():
                 return load_tokenizer(p / name)
-        raise UserError(f"{p}: folder has no tokenizer.json or tokenizer.model")
+        if records_byte_tokenizer(p):
+            return ByteTokenizer()
+        raise UserError(f"{p}: folder has no tokenizer.json, tokenizer.model or byte-level {TOKENIZER_CONFIG}; "
+                        "pass --tokenizer")
     if p.suffix == ".gguf":
         return _load_gguf_tokenizer(p)
     if p.suffix == ".json":
@@ -364,6 +372,40 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if p.suffix == ".model":
         return SentencePieceTokenizer(str(p))
     raise UserError(f"{p}: unknown tokenizer file type; expected tokenizer.json, tokenizer.model or .gguf")
+
+
+def records_byte_tokenizer(folder: Path) -> bool:
+    """The folder's tokenizer_config.json names the byte tokenizer (see save_tokenizer)."""
+    path = folder / TOKENIZER_CONFIG
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); fix or remove it") from None
+    return isinstance(config, dict) and config.get("tokenizer_class") == BYTE_TOKENIZER_CLASS
+
+
+def save_tokenizer(spec: str | os.PathLike, folder: str | os.PathLike) -> list[str]:
+    """Record the tokenizer `spec` (what load_tokenizer takes) in a model folder, so that
+    load_tokenizer(folder) finds it; returns the file names written.
+
+    "bytes" -> tokenizer_config.json {"tokenizer_class": "bytes", bos/eos names}; a folder -> its tokenizer
+    files copied; a tokenizer.json / tokenizer.model file -> it and its folder's tokenizer_config.json;
+    a .gguf -> nothing (its tokenizer lives inside the .gguf).
+    """
+    folder = Path(folder)
+    if str(spec) == "bytes":
+        record = {"tokenizer_class": BYTE_TOKENIZER_CLASS, "bos_token": "<s>", "eos_token": "</s>",
+                  "vocab_size": BYTE_VOCAB_SIZE}
+        atomic_write_text(folder / TOKENIZER_CONFIG, json.dumps(record, indent=2) + "\n")
+        return [TOKENIZER_CONFIG]
+    src = Path(spec)
+    if src.is_dir():
+        return copy_tokenizer_files(src, folder)
+    if src.name in ("tokenizer.json", "tokenizer.model"):
+        return copy_tokenizer_files(src.parent, folder, (src.name, TOKENIZER_CONFIG))
+    return []
 
 
 # ----------------------------------------------------------------------------- chat templates

@@ -7,6 +7,7 @@ Launch:
         --data long.jsonl:0.15,short.jsonl:0.85 --ctx 81920 --out runs/llama3-80k
     python train.py --dry-run --model llama-3-8b --ctx 80000 --recipe llama3-80k --nproc 8   # memory plan only
     python train.py                                    # no --model: the built-in demo (demo.py)
+    torchrun --nproc_per_node 8 train.py --ctx 80000   # no --model, ctx beyond the demo's: SmolLM2 (extend.py)
 
 Recipes (`--recipe`; explicit flags override them): `python train.py --help` lists them with their settings,
 config.RECIPES holds them.
@@ -37,6 +38,7 @@ import config
 import data as D
 import demo
 import doc_attn
+import extend
 import gguf_export
 import guards
 import lora
@@ -51,9 +53,10 @@ from config import TrainConfig, choose_dtype
 from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions
 from parallel import Dist, log0
-from tokenizer import CHAT_TEMPLATES, load_tokenizer
+from tokenizer import CHAT_TEMPLATES, load_tokenizer, save_tokenizer
 
 CKPT_PREFIX = "ckpt-"
+DEMO_MAX_CTX = demo.FACTORS[-1] * demo.BASE_PRESET["max_seq_len"]  # no --model: --ctx up to this runs the demo
 
 # ----------------------------------------------------------------------------- model
 
@@ -152,10 +155,15 @@ def trained_names(net) -> dict:
 # ----------------------------------------------------------------------------- data
 
 
+def tokenizer_source(cfg: TrainConfig) -> str:
+    """--tokenizer, else the model's own ("bytes" for presets): what load_tokenizer takes."""
+    spec = cfg.tokenizer or cfg.model
+    return "bytes" if spec in PRESETS else spec
+
+
 def load_tok(cfg: TrainConfig):
     """--tokenizer, else the model's own (byte level for presets)."""
-    spec = cfg.tokenizer or cfg.model
-    return load_tokenizer("bytes" if spec in PRESETS else spec)
+    return load_tokenizer(tokenizer_source(cfg))
 
 
 def preflight(cfg: TrainConfig, tokenizer, d: Dist) -> None:
@@ -354,17 +362,20 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
 
 
 def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
-    """Rank 0: the adapter in OUT/adapter, with --merge the merged HF model in OUT/merged."""
+    """Rank 0: the adapter in OUT/adapter, with --merge the merged HF model in OUT/merged; both carry the
+    tokenizer the run used (save_tokenizer), so eval.py and generate.py need no --tokenizer on them."""
     if not d.main:
         return
     final = out / "adapter"
     with atomic_path(final, is_dir=True) as tmp:
         lora.save_adapter(net, tmp, base_model_path=cfg.model)
+        save_tokenizer(tokenizer_source(cfg), tmp)
     msg = f"done: {step} steps; adapter in {final}"
     if cfg.merge:
         merged = out / "merged"
         with atomic_path(merged, is_dir=True) as tmp:
             lora.export_merged(net, tmp, dtype=choose_dtype(cfg.dtype, d.device))
+            save_tokenizer(tokenizer_source(cfg), tmp)
         msg += f"; merged model in {merged}"
         if cfg.gguf:
             gguf = gguf_export.export_gguf(merged, out / "merged.gguf", cfg.gguf, cfg.tokenizer or cfg.model)
@@ -545,6 +556,7 @@ def main(argv=None):
     memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     given = vars(config.build_parser(__doc__.split("\n")[0]).parse_args(argv))
     recipe, dry_run, target = given.pop("recipe", None), given.pop("dry_run"), given.pop("suggest_base")
+    force = given.pop("force")
     d = None
 
     def body():
@@ -552,6 +564,8 @@ def main(argv=None):
         if target is not None:
             print(f"{suggest_base(given.get('model'), target):.4g}")
             return
+        if force and (given.get("model") is not None or (given.get("ctx") or 0) <= DEMO_MAX_CTX):
+            raise UserError(f"--force applies to the real-model extension only (no --model, --ctx above {DEMO_MAX_CTX})")
         if dry_run:
             plan.dry_run(config.resolve(given, recipe, dry_run=True))
             return
@@ -559,6 +573,9 @@ def main(argv=None):
         if given.get("model") is None:  # no model given: the built-in demo (demo.py)
             if given.get("data") is not None:
                 raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
+            if given.get("ctx") is not None and given["ctx"] > DEMO_MAX_CTX:  # beyond the demo: a real model
+                extend.run(d, given, train, recipe, force)
+                return
             demo.run(d, given, train)  # demo.py needs nothing above it: the trainer is handed in
             return
         cfg = config.resolve(given, recipe, d.world)

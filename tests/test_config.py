@@ -66,12 +66,12 @@ def test_recipes_are_checked_against_the_fields():
 
 def test_parser_leaves_out_what_is_not_given():
     args = vars(config.build_parser().parse_args([]))
-    assert args == {"dry_run": False, "suggest_base": None}
+    assert args == {"dry_run": False, "force": False, "suggest_base": None}
     args = vars(config.build_parser().parse_args(
         ["--recipe", "longqlora", "--lora-r", "4", "--no-checkpointing", "--rope", "yarn:4", "--rope-theta", "2e8",
          "--epochs", "0.5", "--rslora", "--dry-run", "--nproc", "8"]))
     assert args == {"recipe": "longqlora", "lora_r": 4, "checkpointing": False, "rope": "yarn:4", "rope_theta": 2e8,
-                    "epochs": 0.5, "rslora": True, "dry_run": True, "nproc": 8, "suggest_base": None}
+                    "epochs": 0.5, "rslora": True, "dry_run": True, "force": False, "nproc": 8, "suggest_base": None}
 
 
 def test_parser_rejects_an_unknown_recipe_and_choice(capsys):

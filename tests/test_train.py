@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--tokenizer", "bytes"]
 
@@ -50,6 +52,8 @@ def losses(out):
 
 @pytest.mark.parametrize("args,needle", [
     (["--ctx", "64", "--data", "x"], "--data needs --model"),
+    ([*TINY, "--ctx", "64", "--data", "{corpus}", "--force"], "--force applies to the real-model extension only"),
+    (["--ctx", "2560", "--force"], "--force applies to the real-model extension only"),
     (["--model", "nope/nowhere", "--ctx", "64", "--data", "{corpus}"], "nope/nowhere"),
     ([*TINY, "--ctx", "0", "--data", "{corpus}"], "--ctx must be"),
     ([*TINY, "--ctx", "64", "--data", "{corpus}", "--steps", "2", "--epochs", "1"], "conflict"),
@@ -129,6 +133,8 @@ def test_single_process_run_writes_adapter_metrics_and_merged_model(tmp_path, co
     assert rec["peak_rss_gb"] > 0 and "peak_mem_gb" not in rec, rec  # named by what it measures (memory.py)
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "merged" / "config.json").is_file()
+    for folder in ("adapter", "merged"):  # a preset trains with the byte tokenizer; both outputs record it
+        assert isinstance(tokenizer.load_tokenizer(out / folder), tokenizer.ByteTokenizer)
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004"]
     assert not list(out.glob(".tmp-*"))
 
