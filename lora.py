@@ -32,8 +32,7 @@ Adapter files follow PEFT 0.21 (`PeftModel.from_pretrained` loads ours; we load 
 Module names are Hugging Face Llama names, which are also ours (model.py), so only the prefix changes.
 Files are read and written through checkpoint.py (iter_checkpoint, strict_items, atomic_path, save_model).
 
-Notation: N any leading dims (batch x tokens), I in features, O out features, r rank, s scaling, V vocab,
-C model dim.
+Notation: N leading dims (batch x tokens), I in features, O out features, r rank, s scaling, V vocab, C dim.
 
 Note: tied embeddings. When the LM head shares the embedding matrix (SmolLM2), "embed" and "lm_head"
 name the same tensor: training one trains both, as PEFT does with `ensure_weight_tying=True`; the
@@ -60,8 +59,6 @@ from safetensors.torch import save_file
 from checkpoint import (atomic_path, atomic_write_text, copy_tokenizer_files, iter_checkpoint, load_model, read_json,
                         save_model, strict_items)
 from errors import UserError, run_cli
-
-# ----------------------------------------------------------------------------- constants
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_LINEARS = ATTN_PROJ + ("gate_proj", "up_proj", "down_proj")  # "all-linear"; never lm_head
