@@ -50,7 +50,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 import zlib
@@ -473,8 +472,9 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object]) -
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
-        # compare.py trains through train.py, which sits above this module: it runs as its own process.
-        sys.exit(subprocess.call([sys.executable, str(Path(__file__).resolve().with_name("compare.py")), *argv[1:]]))
+        # compare.py trains through train.py, which sits above this module: this process becomes compare.py.
+        script = str(Path(__file__).resolve().with_name("compare.py"))
+        os.execv(sys.executable, [sys.executable, script, *argv[1:]])
     ap = argparse.ArgumentParser(description="Remake the demo's base (`python train.py` with no --model runs the demo).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("compare", add_help=False,
