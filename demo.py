@@ -15,6 +15,9 @@ then `finish` below, from the shipped base in demo/:
      RoPE change and no training): perplexity of 8 held-out windows over their first L, 5 L and 10 L
      positions and over positions L..10 L; passkey-style retrieval (greedy exact match of a 4-digit
      value, 40 prompts per length) at L, 5 L and 10 L.
+Short-context retention: the table's columns at L are the base's own length, its last column and a printed
+line give retention at L against the base (ppl: base ppl@L / row ppl@L; passkey: row / base; 1 = kept,
+above 1 = better). `python demo.py compare` (compare.py) runs PI, NTK, YaRN and YaRN + PoSE under this budget.
 The output ends with that table, the targets it is read against, and the paths of the adapter, the table
 (results.md, results.json) and a plot of NLL by position. The README holds the measured table and the
 runs behind the choice of YaRN factor 16.
