@@ -15,6 +15,9 @@ then `finish` below, from the shipped base in demo/:
      RoPE change and no training): perplexity of 8 held-out windows over their first L, 5 L and 10 L
      positions and over positions L..10 L; passkey-style retrieval (greedy exact match of a 4-digit
      value, 40 prompts per length) at L, 5 L and 10 L.
+Short-context retention: the table's columns at L are the base's own length, its last column and a printed
+line give retention at L against the base (ppl: base ppl@L / row ppl@L; passkey: row / base; 1 = kept,
+above 1 = better). `python demo.py compare` (compare.py) runs PI, NTK, YaRN and YaRN + PoSE under this budget.
 The output ends with that table, the targets it is read against, and the paths of the adapter, the table
 (results.md, results.json) and a plot of NLL by position. The README holds the measured table and the
 runs behind the choice of YaRN factor 16.
@@ -271,12 +274,37 @@ def load_base(path: Path, cfg: TrainConfig | None = None, quant: str | None = No
     return net
 
 
+def length_label(f: int) -> str:
+    """A length in units of the base context: "L", "5L", "10L"."""
+    return "L" if f == 1 else f"{f}L"
+
+
+def retained(row: dict, ref: dict, L: int) -> dict:
+    """Short-context retention of `row` against `ref` (the base) at the base's own length L, both as
+    "fraction kept, 1 = unchanged, above 1 = better": ppl = ref ppl@L / row ppl@L (perplexity is lower-is-
+    better, so the ratio is the base's over the row's), passkey = row passkey@L / ref passkey@L (None when
+    the reference retrieves nothing at L)."""
+    ref_pk = ref[f"passkey@{L}"]
+    return {"length": L, "ppl": ref[f"ppl@{L}"] / row[f"ppl@{L}"],
+            "passkey": row[f"passkey@{L}"] / ref_pk if ref_pk > 0 else None}
+
+
+def format_retained(r: dict) -> str:
+    """'1.018x, 100%': retained() as printed."""
+    return f"{r['ppl']:.3f}x, " + ("n/a" if r["passkey"] is None else f"{100 * r['passkey']:.0f}%")
+
+
 def format_table(rows: dict[str, dict], L: int, factors: tuple[int, ...]) -> str:
-    cols = [f"ppl@{f * L}" for f in factors] + [f"ppl({L}..{max(factors) * L})"] + [f"passkey@{f * L}" for f in factors]
-    lines = ["| model | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    """Markdown table of the rows; the last column is each row's retention at L against the first row."""
+    span = f"ppl({L}..{max(factors) * L})"
+    named = ([(f"ppl@{f * L}", f"ppl@{f * L} ({length_label(f)})") for f in factors] + [(span, span)]
+             + [(f"passkey@{f * L}", f"passkey@{f * L} ({length_label(f)})") for f in factors])
+    cols, heads = [c for c, _ in named], [h for _, h in named] + [f"retained@{L} ppl, passkey"]
+    lines = ["| model | " + " | ".join(heads) + " |", "| --- |" + " ---: |" * len(heads)]
+    first = next(iter(rows.values()), None)
     for name, r in rows.items():
         cells = [f"{r[c]:.3f}" if c.startswith("ppl") else f"{100 * r[c]:.0f}%" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells + [format_retained(retained(r, first, L))]) + " |")
     return "\n".join(lines)
 
 
@@ -365,7 +393,9 @@ def finish(d: Dist, run: DemoRun) -> dict | None:
     rows["extended (NF4 + LoRA)"] = evaluate(net, run.filler, L, FACTORS, run.n_windows, run.n_keys)
     table = format_table(rows, L, FACTORS)
     png = plot(rows, L, out / "nll_by_position.png")
-    atomic_write_text(out / "results.json", json.dumps({"config": cfg.to_dict(), "rows": rows}, indent=1))
+    kept = {name: retained(r, rows["base"], L) for name, r in rows.items()}
+    atomic_write_text(out / "results.json", json.dumps({"config": cfg.to_dict(), "rows": rows, "retained": kept},
+                                                       indent=1))
     atomic_write_text(out / "results.md", table + "\n")
     base, ext, N = rows["base"], rows["extended (NF4 + LoRA)"], FACTORS[-1] * L
     print(f"\ndemo finished in {time.time() - run.t0:.0f}s; held-out stdlib code, {run.n_windows} windows, "
@@ -376,6 +406,8 @@ def finish(d: Dist, run: DemoRun) -> dict | None:
     print(f"extended: ppl@{N} / base ppl@{L} = {ext[f'ppl@{N}'] / base[f'ppl@{L}']:.3f} (target: <= 1.15)")
     print(f"passkey@{N}: extended {ext[f'passkey@{N}']:.0%} (target: >= 90%), base {base[f'passkey@{N}']:.0%} "
           f"(target: <= 20%), base at {L}: {base[f'passkey@{L}']:.0%}")
+    print(f"retained at {L} (the base's own length), extended vs base: {format_retained(kept['extended (NF4 + LoRA)'])} "
+          f"(ppl: base ppl@{L} / extended ppl@{L}; passkey: extended / base; 1 = kept, above 1 = better)")
     print(f"adapter: {Path(cfg.out) / 'adapter'}; table: {out / 'results.md'}; plot: {png or 'not written (no matplotlib)'}")
     return rows
 
@@ -390,8 +422,16 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object]) -
 
 def main(argv=None):
     memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        # compare.py trains through train.py, which sits above this module: this process becomes compare.py.
+        script = str(Path(__file__).resolve().with_name("compare.py"))
+        os.execv(sys.executable, [sys.executable, script, *argv[1:]])
     ap = argparse.ArgumentParser(description="Remake the demo's base (`python train.py` with no --model runs the demo).")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("compare", add_help=False,
+                   help="extend the base ten-fold with PI, NTK, YaRN, YaRN + PoSE under one budget (compare.py; "
+                        "`python demo.py compare --help`)")
     p = sub.add_parser("pretrain", help="train the base from scratch (the shipped demo/ was made by this)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=8)

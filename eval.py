@@ -16,6 +16,11 @@ recall, where the answer is only in the distant context:
 
 Depth d in [0, 1] is the fraction of the context tokens that come before the probe.
 
+Short-context retention (the lecture: "also evaluate on short-context task performance"): with several rows,
+every table ends with `retained@N`, each row's score at N (--base-length, the base's own context; default the
+shortest length) against the first row's, oriented so that 1 = kept and above 1 = better for every task:
+ppl_first / ppl_row for perplexity, accuracy_row / accuracy_first for the probes. Give the base first.
+
 Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
     python eval.py ppl --model $SMOL --lengths 2048,8192,16384 --rope default --rope yarn:2 --rope dynamic:2
     python eval.py passkey --model $SMOL --lengths 2048,4096,8192 --depths 0,0.5,1 --trials 2
@@ -292,24 +297,52 @@ def label(row: dict) -> str:
     return f"{name}{ad} rope={row['rope']}"
 
 
-def markdown_table(task: str, rows: list[dict], lengths: list[int]) -> str:
+def retention(task: str, values: list[float]) -> list[float | None]:
+    """Each row's score at the reference length as a fraction of the first row's, "1 = kept, above 1 =
+    better" for every task: first ppl / row ppl for perplexity (lower is better), row accuracy / first
+    accuracy for the probes (None when the first row scores 0)."""
+    ref = values[0]
+    if task == "ppl":
+        return [ref / v for v in values]
+    return [v / ref if ref > 0 else None for v in values]
+
+
+def retention_cell(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}x"
+
+
+def markdown_table(task: str, rows: list[dict], lengths: list[int], retain_at: int | None = None) -> str:
+    """One line per row; with several rows a last column `retained@N`: retention() against the first row at
+    N = retain_at (the base's own length, --base-length), by default the shortest length."""
     metric = "ppl" if task == "ppl" else "accuracy"
-    lines = ["| model | " + " | ".join(str(L) for L in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-    for r in rows:
+    at = retain_at or min(lengths)
+    kept = retention(task, [r["by_length"][at][metric] for r in rows]) if len(rows) > 1 else None
+    extra = [f"retained@{at} vs first row"] if kept else []
+    heads = [str(L) for L in lengths] + extra
+    lines = ["| model | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for i, r in enumerate(rows):
         cells = []
         for L in lengths:
             m = r["by_length"][L]
             cells.append(f"{m[metric]:.3f}" + (f" (R {m['rouge_l_recall']:.2f})" if "rouge_l_recall" in m else ""))
+        cells += [retention_cell(kept[i])] if kept else []
         lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def ruler_table(rows: list[dict], lengths: list[int]) -> str:
-    """Per-task accuracy (RULER's string_match_all) of each row, one line per (row, task)."""
-    lines = ["| model | task | " + " | ".join(str(L) for L in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+def ruler_table(rows: list[dict], lengths: list[int], retain_at: int | None = None) -> str:
+    """Per-task accuracy (RULER's string_match_all) of each row, one line per (row, task); with several
+    rows a last column: the task's retention() against the first row at retain_at (default: shortest)."""
+    at = retain_at or min(lengths)
+    extra = [f"retained@{at} vs first row"] if len(rows) > 1 else []
+    heads = [str(L) for L in lengths] + extra
+    lines = ["| model | task | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     for r in rows:
         for task, by_length in r["by_task"].items():
-            lines.append(f"| {label(r)} | {task} | " + " | ".join(f"{by_length[L]:.3f}" for L in lengths) + " |")
+            cells = [f"{by_length[L]:.3f}" for L in lengths]
+            if extra:
+                cells.append(retention_cell(retention("ruler", [rows[0]["by_task"][task][at], by_length[at]])[1]))
+            lines.append(f"| {label(r)} | {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -375,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step; 0 = one pass")
     ap.add_argument("--lengths", default="2048,8192,16384")
+    ap.add_argument("--base-length", type=int, default=None,
+                    help="the base's own context length: evaluated beside --lengths, and the length at which the "
+                         "retained column compares each row with the first (default: the shortest length)")
     ap.add_argument("--depths", default=DEFAULT_DEPTHS)
     ap.add_argument("--format", choices=FORMATS, default="text",
                     help="passkey: 'text' (filler sentences) or 'code' (the demo's probe: stdlib code, K$NNNN facts)")
@@ -399,6 +435,10 @@ def check_args(args) -> None:
     args.device = choose_device(args.device)
     args.dtype = args.dtype or str(choose_dtype(None, args.device)).removeprefix("torch.")
     args.lengths = parse_ints(args.lengths, "--lengths", minimum=2)
+    if args.base_length is not None:
+        if args.base_length < 2:
+            raise UserError(f"--base-length must be an integer >= 2, got {args.base_length}")
+        args.lengths = sorted(set(args.lengths) | {args.base_length})
     if args.format == "code":
         if args.task != "passkey":
             raise UserError(f"--format code applies to the passkey task only, not {args.task}")
@@ -457,6 +497,7 @@ def evaluate(args) -> list[dict]:
             "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride, "format": args.format,
+            "base_length": args.base_length,
             "docs": args.docs or "python stdlib *.py (sorted)"}
     hay = None
     rows, t0 = [], time.time()
@@ -492,10 +533,15 @@ def evaluate(args) -> list[dict]:
                          "chat_template": None if args.task == "ppl" else template, **res})
             print(f"{label(rows[-1])}: done at {time.time() - t0:.0f}s", file=sys.stderr)
             write_json(out / f"{args.task}.json", {**meta, "seconds": time.time() - t0, "rows": rows})  # so far
+    if len(rows) > 1:  # short-context retention against the first row, at the base's own length
+        at, metric = args.base_length or min(args.lengths), "ppl" if args.task == "ppl" else "accuracy"
+        for r, x in zip(rows, retention(args.task, [r["by_length"][at][metric] for r in rows])):
+            r["retained"] = {"length": at, "reference": label(rows[0]), metric: x}
+        write_json(out / f"{args.task}.json", {**meta, "seconds": time.time() - t0, "rows": rows})
     note = plot(args.task, rows, args, out / f"{args.task}.png")
-    print(markdown_table(args.task, rows, args.lengths))
+    print(markdown_table(args.task, rows, args.lengths, args.base_length))
     if args.task == "ruler":
-        print(ruler_table(rows, args.lengths))
+        print(ruler_table(rows, args.lengths, args.base_length))
     print(note or f"wrote {out / (args.task + '.json')} and {out / (args.task + '.png')}")
     return rows
 

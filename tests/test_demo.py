@@ -165,6 +165,20 @@ def test_run_without_base_is_one_clear_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_table_labels_the_base_length_and_reports_retention():
+    """Hand-made rows (the README's measured demo): retention at L is base ppl@L / extended ppl@L
+    (3.596 / 3.533 = 1.018) and extended passkey@L / base passkey@L; a base retrieving nothing gives n/a."""
+    keys = ["ppl@256", "ppl@1280", "ppl@2560", "ppl(256..2560)", "passkey@256", "passkey@1280", "passkey@2560"]
+    rows = {"base": dict(zip(keys, [3.596, 18.92, 26.339, 32.832, 0.95, 0.0, 0.0])),
+            "extended": dict(zip(keys, [3.533, 3.332, 3.391, 3.376, 0.95, 0.93, 0.82]))}
+    table = demo.format_table(rows, 256, demo.FACTORS).splitlines()
+    assert "ppl@256 (L)" in table[0] and "passkey@2560 (10L)" in table[0] and "retained@256" in table[0]
+    assert table[2].endswith("| 1.000x, 100% |") and table[3].endswith("| 1.018x, 100% |")
+    kept = demo.retained(rows["extended"], rows["base"], 256)
+    assert kept["ppl"] == pytest.approx(3.596 / 3.533, rel=1e-12) and kept["passkey"] == 1.0
+    assert demo.format_retained(demo.retained(rows["base"], {**rows["base"], "passkey@256": 0.0}, 256)).endswith("n/a")
+
+
 @pytest.mark.slow
 def test_shortened_demo_extended_beats_base_at_ten_times(tmp_path):
     """`python train.py` with no --model runs the demo; 40 steps instead of the default, fewer eval items.
@@ -179,6 +193,7 @@ def test_shortened_demo_extended_beats_base_at_ten_times(tmp_path):
     base, ext = rows["base"], rows["extended (NF4 + LoRA)"]
     assert ext["ppl@2560"] < base["ppl@2560"]
     assert ext["passkey@2560"] >= base["passkey@2560"]
+    assert "retained at 256" in r.stdout and "retained@256" in (out / "results.md").read_text()
     assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -121,7 +121,31 @@ def test_adapter_equals_merged_model(tmp_path):
     assert abs(adapted - plain) > 1e-3 * plain  # the adapter did something
 
 
+def test_retention_is_oriented_so_that_one_is_kept():
+    """Hand-made rows: perplexity is lower-is-better, so the ratio is first / row; accuracy row / first;
+    a first row that retrieves nothing gives no ratio."""
+    assert ev.retention("ppl", [4.0, 2.0, 8.0]) == [1.0, 2.0, 0.5]
+    assert ev.retention("passkey", [0.5, 0.25, 1.0]) == [1.0, 0.5, 2.0]
+    assert ev.retention("kv", [0.0, 0.5]) == [None, None]
+
+
+def test_tables_report_the_base_length_and_retention(tmp_path, capsys):
+    """--base-length is evaluated beside --lengths; the JSON and the table carry each row's retention at it
+    against the first row (reference: the rows' own perplexities, exact)."""
+    docs = tmp_path / "doc.txt"
+    docs.write_text(HAY)
+    assert run_main("ppl", "--model", "tiny", "--lengths", "150", "--base-length", "64", "--windows", "1", "--rope",
+                    "default", "--rope", "linear:4", "--docs", str(docs), "--out", str(tmp_path)) == 0
+    res = json.loads((tmp_path / "ppl.json").read_text())
+    assert res["lengths"] == [64, 150] and res["base_length"] == 64
+    first, second = (r["by_length"]["64"]["ppl"] for r in res["rows"])
+    assert res["rows"][0]["retained"]["ppl"] == 1.0 and res["rows"][1]["retained"]["ppl"] == first / second
+    out = capsys.readouterr().out
+    assert "retained@64 vs first row" in out and f"{first / second:.3f}x" in out
+
+
 @pytest.mark.parametrize("argv,needle", [
+    (["ppl", "--model", "tiny", "--base-length", "1"], "--base-length"),
     (["ppl", "--model", "does/not/exist"], "does/not/exist"),
     (["ppl", "--model", "tiny", "--lengths", "0,x"], "--lengths"),
     (["passkey", "--model", "tiny", "--depths", "2"], "--depths"),

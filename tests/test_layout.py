@@ -27,6 +27,7 @@ LAYERS = {
     "eval": 6,
     "demo": 7, "extend": 7,
     "train": 8,  # `python train.py` with no --model runs the demo: train.main -> demo -> eval
+    "compare": 9,  # trains each method through train.train; `python demo.py compare` runs it as a process
 }
 SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
               ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
