@@ -50,6 +50,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import sys
