@@ -85,7 +85,7 @@ def planned_mib(argv: list[str]) -> dict[str, float]:
 
     M.PRESETS.update(SHAPES)
     given = vars(config.build_parser("").parse_args(argv))
-    given = {k: v for k, v in given.items() if k not in ("recipe", "dry_run", "suggest_base")}
+    given = {k: v for k, v in given.items() if k not in ("recipe", "dry_run", "suggest_base", "force")}
     cfg = config.resolve(given, None, dry_run=True)
     mcfg = M.ModelConfig.from_name(cfg.model)
     with torch.device("meta"):
