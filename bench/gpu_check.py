@@ -46,6 +46,7 @@ import config  # noqa: E402
 import demo  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
+import memory  # noqa: E402
 import parallel  # noqa: E402
 import plan  # noqa: E402
 import quant4  # noqa: E402
@@ -90,8 +91,8 @@ def sdpa_kernels_run(fn) -> list[str]:
 
 def peak_bytes(device: torch.device) -> int:
     """CUDA: the allocator's peak since reset_peak; CPU: the process's peak RSS (not reset: an upper bound)."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else train.peak_memory_gb(
-        parallel.Dist(0, 0, 1, device)) * 2**30
+    rec = memory.peak_memory(device)
+    return (rec["peak_alloc_gb"] if device.type == "cuda" else rec["peak_rss_gb"]) * 2**30
 
 
 def reset_peak(device: torch.device):
