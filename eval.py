@@ -207,6 +207,9 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
     items = []
     subtasks = args.ruler_tasks if args.task == "ruler" else [None]
     grid = [(s, L, d, t) for s in subtasks for L in args.lengths for d in args.depths for t in range(args.trials)]
+    for sub in subtasks:  # a length too short for a task is a UserError before any generation, not midway
+        for L in args.lengths:
+            make_prompt(L, args.depths[0], 0, sub)
     for sub, L, d, t in tqdm(grid, desc=args.task, leave=False):
         ids, ref, max_new, at = make_prompt(L, d, t, sub)
         set_rope(model, theta, fixed_rope(theta, scaling, len(ids) + max_new))
