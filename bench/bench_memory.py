@@ -12,7 +12,7 @@ hidden 1024, 8 layers, 8/2 heads of 128, ffn 3584, vocab 128256, untied). Every 
 block checkpointing, chunked loss, one step with AdamW; the tokenizer is --tokenizer for smollm2-135m
 and bytes otherwise (token values do not change memory).
 
-Measured: the process's peak RSS (ru_maxrss: interpreter, libraries, weights and the step) with
+Measured: the process's peak RSS (VmHWM, memory.vm_hwm_kib: interpreter, libraries, weights and the step) with
 train.py's allocator setting (memory.return_freed_memory), or glibc's defaults with --allocator default;
 the RSS after imports alone (the process baseline); CPU seconds (user + system) and wall seconds of the
 child. Planned: plan.memory_plan on "cpu" for the same TrainConfig.
@@ -44,11 +44,12 @@ import json, resource, sys
 sys.path.insert(0, {root!r})
 import memory, model, train
 model.PRESETS.update({shapes!r})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = memory.vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if {default_allocator!r}:
     memory.return_freed_memory = lambda *a: "default"
 train.main({argv!r})
-print(json.dumps(dict(base_mib=base / 1024, peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+peak = memory.vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps(dict(base_mib=base / 1024, peak_mib=peak / 1024)))
 """
 
 

@@ -53,3 +53,18 @@ def test_peak_memory_on_cpu_names_the_resident_set():
     assert list(rec) == ["peak_rss_gb"] and 0.05 < rec["peak_rss_gb"] < 64, rec
     assert memory.memory_label(rec) == f"peak rss {rec['peak_rss_gb']:.2f}G"
     assert memory.memory_label({"peak_alloc_gb": 1.0, "peak_reserved_gb": 1.5}) == "peak alloc 1.00G, reserved 1.50G"
+
+
+def test_child_peak_is_its_own_not_its_large_parents():
+    """A child of a large parent (the test runner after a model test) reports its own peak: Linux carries
+    ru_maxrss across exec, VmHWM (memory.vm_hwm_kib) belongs to the new address space. Reference: the
+    parent holds 600 MiB touched; the child, a bare interpreter with torch, must read well below that."""
+    if memory.vm_hwm_kib() is None:
+        pytest.skip("no /proc/self/status here")
+    big = bytearray(600 * 2**20)
+    big[::4096] = b"x" * len(big[::4096])
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch, memory; "
+            "print(memory.peak_memory(torch.device('cpu'))['peak_rss_gb'] * 1024)")
+    mib = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert mib < 500, mib
+    del big
