@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import harness
 import memory
 import protocols
 import rope
@@ -436,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--question", default=QUESTION)
     ap.add_argument("--ruler-tasks", default=",".join(ruler.TASKS),
                     help="ruler: comma list of RULER tasks (default: all; see ruler.py)")
+    ap.add_argument("--tasks", default=None, help="harness: lm-eval task names, comma-separated (e.g. mmlu)")
+    ap.add_argument("--include-path", default=None, help="harness: a folder of lm-eval task YAML files")
+    ap.add_argument("--limit", type=float, default=None, help="harness: examples per task (a fraction if < 1)")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="harness: in-context examples per prompt")
+    ap.add_argument("--log-samples", action="store_true", help="harness: also write per-sample logs")
     ap.add_argument("--no-chat", action="store_true", help="needle/kv/ruler: plain prompt even for chat models")
     ap.add_argument("--chat-template", default=None,
                     help="needle/kv: template name instead of the detected one (none = plain prompt)")
@@ -504,6 +510,19 @@ def load(spec: str, adapter: str | None, args):
     return model, tok
 
 
+def run_harness(args) -> dict:
+    """`eval.py harness`: the --model as `load` builds it (adapter, NF4) with its --rope, through lm-eval."""
+    if len(args.model) != 1 or len(args.rope) != 1 or not args.tasks:
+        raise UserError("harness: give one --model, at most one --rope, and --tasks T[,T...]")
+    model, tok = load(args.model[0], args.adapter[0], args)
+    cfg = model.config
+    set_rope(model, *rope_override(cfg.rope_theta, cfg.rope_scaling, args.rope[0], args.rope_theta, cfg.max_seq_len))
+    res = harness.run(model, tok, args.model[0], args.tasks.split(","), args.out, args.include_path, args.limit,
+                      args.num_fewshot, args.log_samples, args.prefill_chunk, args.seed)
+    print(harness.table(res), f"\nwrote lm-eval's results under {args.out}", sep="")
+    return res
+
+
 def evaluate(args) -> list[dict]:
     """Every (model, adapter) x RoPE row; identical effective settings are computed once and reused."""
     out = Path(args.out)  # created by the first write_json: a run that fails before any result leaves none
@@ -569,7 +588,7 @@ def evaluate(args) -> list[dict]:
 def main(argv=None) -> int:
     memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: (check_args(args), evaluate(args)))
+    return run_cli(lambda: (check_args(args), run_harness(args) if args.task == "harness" else evaluate(args)))
 
 
 if __name__ == "__main__":

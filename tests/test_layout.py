@@ -25,6 +25,7 @@ LAYERS = {
     "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "ruler": 4, "protocols": 4, "generate": 4,
     "gguf_export": 4,
     "parallel": 5, "plan": 5, "config": 5, "guards": 5, "memory": 5,
+    "harness": 5,  # lm-eval over a model eval.py loads; knows only generate and checkpoint
     "eval": 6,
     "demo": 7, "extend": 7,
     "train": 8,  # `python train.py` with no --model runs the demo: train.main -> demo -> eval
