@@ -9,7 +9,10 @@ recall, where the answer is only in the distant context:
              cut from one EOS-joined token stream (Chen et al. 2023, "Position Interpolation", sec. 3.2;
              with --stride S each window scores only its last S tokens, as in the sliding evaluation there).
     passkey, needle, kv  synthetic recall with the answer only in the distant context, greedy decoding,
-             exact match (and ROUGE-L recall for needle); prompts and scorers in tasks.py.
+             exact match (and ROUGE-L recall for needle); prompts and scorers in tasks.py. `--protocol`
+             builds and scores them as a paper's code does (needle: llama3-80k, kamradt; kv: helmet;
+             protocols.py), on the protocol's own grid unless --lengths/--depths say otherwise.
+    harness  lm-evaluation-harness tasks (--tasks mmlu, ...) on the model as loaded here (harness.py).
              `passkey --format code` is the built-in demo's probe (byte-level models): held-out stdlib code
              with a `K$NNNN` fact at a random depth, queried by `K$`; --trials prompts per length from the
              RNG stream --seed, as demo.py draws them (its table uses --seed 987654321, 40 trials).
@@ -25,6 +28,8 @@ Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
     python eval.py ppl --model $SMOL --lengths 2048,8192,16384 --rope default --rope yarn:2 --rope dynamic:2
     python eval.py passkey --model $SMOL --lengths 2048,4096,8192 --depths 0,0.5,1 --trials 2
     python eval.py needle --model $SMOL --lengths 2048,4096 --out /tmp/evalruns/needle
+    python eval.py needle --protocol llama3-80k --model $SMOL --haystack PaulGrahamEssays/ --lengths 8000
+    python eval.py harness --model $SMOL --tasks longctx_mc --include-path tests/harness_tasks --out /tmp/h
     python eval.py kv --model tiny --model out/merged --adapter none --adapter none --lengths 512
     python eval.py passkey --format code --model demo --adapter runs/demo/train/adapter --quant nf4 \
         --rope yarn:16 --lengths 256,1280,2560 --trials 40 --seed 987654321     # the demo's passkey column
@@ -451,10 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     args.device = choose_device(args.device)
     args.dtype = args.dtype or str(choose_dtype(None, args.device)).removeprefix("torch.")
-    allowed = protocols.PROTOCOLS.get(args.task, ("ours",))
-    if args.protocol not in allowed:
-        raise UserError(f"--protocol {args.protocol}: unknown for {args.task}; choose one of {', '.join(allowed)}")
-    grid = protocols.default_grid(args.task, args.protocol)
+    grid = protocols.default_grid(args.task, args.protocol)  # a UserError for a protocol the task lacks
     args.lengths = parse_ints(args.lengths or (",".join(map(str, grid[0])) if grid else "2048,8192,16384"),
                               "--lengths", minimum=2)
     if args.base_length is not None:

@@ -77,6 +77,9 @@ HELMET_NEW_TOKENS = 100
 
 def default_grid(task: str, protocol: str) -> tuple[list[int], list[float]] | None:
     """(lengths, depths as fractions) of the protocol's own grid; None for ours (eval.py's defaults)."""
+    allowed = PROTOCOLS.get(task, ("ours",))
+    if protocol not in allowed:
+        raise UserError(f"--protocol {protocol}: unknown for {task}; choose one of {', '.join(allowed)}")
     if protocol == "llama3-80k":
         return (np.linspace(8000, 80000, 10).astype(int).tolist(),
                 [d / 100 for d in np.linspace(0, 100, 10).astype(int).tolist()])
