@@ -204,3 +204,12 @@ def test_needle_protocol_run_records_scoring_and_haystack(tmp_path, capsys):
     assert res["protocol"] == "kamradt" and "GPT judge" in res["scoring"] and res["haystack"] == str(hay)
     assert {"correct", "rouge_l_f"} <= set(res["rows"][0]["items"][0])
     assert "cannot run offline" in capsys.readouterr().out
+
+
+def test_llama3_template_is_fastchats_llama3_string():
+    """FlagEmbedding's fastchat 'llama-3' conversation, one user turn + generation prompt, with the BOS its
+    tokenizer adds: our llama-3 template renders the same string (the needle text has no outer whitespace)."""
+    text = pr.L80K_DESCRIPTION + "essay text" + pr.L80K_NEEDLE + "more" + pr.L80K_QUESTION
+    segs = tokenizer.CHAT_TEMPLATES["llama-3"]([{"role": "user", "content": text}], True)
+    assert "".join(s for s, _ in segs) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + text +
+                                           "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
