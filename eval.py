@@ -9,7 +9,10 @@ recall, where the answer is only in the distant context:
              cut from one EOS-joined token stream (Chen et al. 2023, "Position Interpolation", sec. 3.2;
              with --stride S each window scores only its last S tokens, as in the sliding evaluation there).
     passkey, needle, kv  synthetic recall with the answer only in the distant context, greedy decoding,
-             exact match (and ROUGE-L recall for needle); prompts and scorers in tasks.py.
+             exact match (and ROUGE-L recall for needle); prompts and scorers in tasks.py. `--protocol`
+             builds and scores them as a paper's code does (needle: llama3-80k, kamradt; kv: helmet;
+             protocols.py), on the protocol's own grid unless --lengths/--depths say otherwise.
+    harness  lm-evaluation-harness tasks (--tasks mmlu, ...) on the model as loaded here (harness.py).
              `passkey --format code` is the built-in demo's probe (byte-level models): held-out stdlib code
              with a `K$NNNN` fact at a random depth, queried by `K$`; --trials prompts per length from the
              RNG stream --seed, as demo.py draws them (its table uses --seed 987654321, 40 trials).
@@ -25,6 +28,8 @@ Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
     python eval.py ppl --model $SMOL --lengths 2048,8192,16384 --rope default --rope yarn:2 --rope dynamic:2
     python eval.py passkey --model $SMOL --lengths 2048,4096,8192 --depths 0,0.5,1 --trials 2
     python eval.py needle --model $SMOL --lengths 2048,4096 --out /tmp/evalruns/needle
+    python eval.py needle --protocol llama3-80k --model $SMOL --haystack PaulGrahamEssays/ --lengths 8000
+    python eval.py harness --model $SMOL --tasks longctx_mc --include-path tests/harness_tasks --out /tmp/h
     python eval.py kv --model tiny --model out/merged --adapter none --adapter none --lengths 512
     python eval.py passkey --format code --model demo --adapter runs/demo/train/adapter --quant nf4 \
         --rope yarn:16 --lengths 256,1280,2560 --trials 40 --seed 987654321     # the demo's passkey column
@@ -52,7 +57,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import harness
 import memory
+import protocols
 import rope
 import ruler
 from checkpoint import atomic_write_text, load_model, read_config
@@ -63,14 +70,14 @@ from generate import generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
-from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, exact_match,
-                   haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt, rouge_l_recall,
+from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes,
+                   haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt,
                    sentence_starts, stdlib_files, stdlib_split, token_stream, windows)
 from tokenizer import chat_template_for, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
 
-TASKS = ("ppl", "passkey", "needle", "kv", "ruler")
+TASKS = ("ppl", "passkey", "needle", "kv", "ruler", "harness")
 FORMATS = ("text", "code")  # passkey prompts: the filler-text probe, or the demo's code probe (tasks.py)
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 PLOT_DPI = 80
@@ -216,7 +223,7 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
         key = memo_key(model, L, d, t) if sub is None else memo_key(model, sub, L, d, t)
         if key not in memo:
             new = generate(model, ids, max_new, stop_ids=stop, prefill_chunk=args.prefill_chunk)
-            memo[key] = tokenizer.decode(new)
+            memo[key] = tokenizer.decode(new[:-1] if new and new[-1] in stop else new)  # the stop token unsaid
         answer = memo[key]
         item = {"length": L, "depth": d, "trial": t, "prompt_tokens": len(ids), "probe_index": at,
                 "reference": ref, "answer": answer, "rope_used": model.config.rope_scaling}
@@ -224,16 +231,16 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
             item["correct"] = passkey_correct(answer, ref)
         elif args.task == "ruler":
             item["task"], item["correct"] = sub, ruler.score(sub, answer, ref)  # a fraction of the references
-        else:
-            item["correct"] = exact_match(answer, ref)
-            item["rouge_l_recall"] = rouge_l_recall(answer, ref)
+        else:  # needle, kv: ours or a published protocol's scores
+            item.update(protocols.score(args.task, args.protocol, answer, ref))
         items.append(item)
     by_length = {}
     for L in args.lengths:
         sel = [i for i in items if i["length"] == L]
         by_length[L] = {"accuracy": sum(i["correct"] for i in sel) / len(sel)}
-        if args.task == "needle":
-            by_length[L]["rouge_l_recall"] = sum(i["rouge_l_recall"] for i in sel) / len(sel)
+        for k in ("rouge_l_recall", "rouge_l_f"):
+            if k in sel[0]:
+                by_length[L][k] = sum(i[k] for i in sel) / len(sel)
     out = {"by_length": by_length, "items": items}
     if args.task == "ruler":  # accuracy above is the average over tasks; here each task alone
         out["by_task"] = {s: {L: sum(i["correct"] for i in items if i["task"] == s and i["length"] == L) /
@@ -244,7 +251,9 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
 def prompt_maker(task: str, tokenizer, args, hay):
     """The task's make_prompt(L, depth, trial); keys and UUIDs depend only on (seed, L, depth, trial)."""
     template = None
-    if task != "passkey" and not args.no_chat and args.chat_template != "none":
+    if task == "kv" and args.protocol == "helmet":  # HELMET's recall runs without a chat template
+        template = chat_template_for(tokenizer, args.chat_template) if args.chat_template not in (None, "none") else None
+    elif task != "passkey" and not args.no_chat and args.chat_template != "none":
         try:
             template = chat_template_for(tokenizer, args.chat_template)
         except UserError:
@@ -263,6 +272,8 @@ def prompt_maker(task: str, tokenizer, args, hay):
                 code_items[L] = code_passkey_items(hay, L, args.trials, args.seed)
             prompts, answers = code_items[L]
             return prompts[t], bytes(answers[t]).decode(), KEY_DIGITS, None
+        if args.protocol != "ours":
+            return protocols.make_prompt(task, args.protocol, tokenizer, L, d, rng(L, d, t), template, hay)
         if task == "ruler":
             return ruler.make_prompt(sub, tokenizer, L, d, rng(L, d, f"{sub}:{t}"), template, hay[0], hay[1])
         if task == "passkey":
@@ -327,7 +338,8 @@ def markdown_table(task: str, rows: list[dict], lengths: list[int], retain_at: i
         cells = []
         for L in lengths:
             m = r["by_length"][L]
-            cells.append(f"{m[metric]:.3f}" + (f" (R {m['rouge_l_recall']:.2f})" if "rouge_l_recall" in m else ""))
+            rouge = [f" ({n} {m[k]:.2f})" for k, n in (("rouge_l_recall", "R"), ("rouge_l_f", "ROUGE-L F")) if k in m]
+            cells.append(f"{m[metric]:.3f}" + "".join(rouge))
         cells += [retention_cell(kept[i])] if kept else []
         lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -410,11 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs/eval", help="output directory (JSON and PNG)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step; 0 = one pass")
-    ap.add_argument("--lengths", default="2048,8192,16384")
+    ap.add_argument("--lengths", default=None, help="default 2048,8192,16384, or the --protocol's own grid")
     ap.add_argument("--base-length", type=int, default=None,
                     help="the base's own context length: evaluated beside --lengths, and the length at which the "
                          "retained column compares each row with the first (default: the shortest length)")
-    ap.add_argument("--depths", default=DEFAULT_DEPTHS)
+    ap.add_argument("--depths", default=None, help=f"default {DEFAULT_DEPTHS}, or the --protocol's own grid")
+    ap.add_argument("--protocol", default="ours", help="needle: ours, llama3-80k, kamradt; kv: ours, helmet "
+                    "(protocols.py: the published prompts, grids and scores)")
     ap.add_argument("--format", choices=FORMATS, default="text",
                     help="passkey: 'text' (filler sentences) or 'code' (the demo's probe: stdlib code, K$NNNN facts)")
     ap.add_argument("--trials", type=int, default=1,
@@ -428,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--question", default=QUESTION)
     ap.add_argument("--ruler-tasks", default=",".join(ruler.TASKS),
                     help="ruler: comma list of RULER tasks (default: all; see ruler.py)")
+    ap.add_argument("--tasks", default=None, help="harness: lm-eval task names, comma-separated (e.g. mmlu)")
+    ap.add_argument("--include-path", default=None, help="harness: a folder of lm-eval task YAML files")
+    ap.add_argument("--limit", type=float, default=None, help="harness: examples per task (a fraction if < 1)")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="harness: in-context examples per prompt")
+    ap.add_argument("--log-samples", action="store_true", help="harness: also write per-sample logs")
     ap.add_argument("--no-chat", action="store_true", help="needle/kv/ruler: plain prompt even for chat models")
     ap.add_argument("--chat-template", default=None,
                     help="needle/kv: template name instead of the detected one (none = plain prompt)")
@@ -437,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     args.device = choose_device(args.device)
     args.dtype = args.dtype or str(choose_dtype(None, args.device)).removeprefix("torch.")
-    args.lengths = parse_ints(args.lengths, "--lengths", minimum=2)
+    grid = protocols.default_grid(args.task, args.protocol)  # a UserError for a protocol the task lacks
+    args.lengths = parse_ints(args.lengths or (",".join(map(str, grid[0])) if grid else "2048,8192,16384"),
+                              "--lengths", minimum=2)
     if args.base_length is not None:
         if args.base_length < 2:
             raise UserError(f"--base-length must be an integer >= 2, got {args.base_length}")
@@ -445,11 +466,11 @@ def check_args(args) -> None:
     if args.format == "code":
         if args.task != "passkey":
             raise UserError(f"--format code applies to the passkey task only, not {args.task}")
-        if args.depths != DEFAULT_DEPTHS:
+        if args.depths is not None:
             raise UserError("--depths does not apply with --format code: each prompt draws its depth U(0, 0.9)")
         args.depths = [None]
     else:
-        args.depths = parse_depths(args.depths)
+        args.depths = parse_depths(args.depths or (",".join(map(str, grid[1])) if grid else DEFAULT_DEPTHS))
     args.adapter = args.adapter or ["none"] * len(args.model)
     if len(args.adapter) != len(args.model):
         raise UserError(f"--adapter given {len(args.adapter)} times for {len(args.model)} --model; give one per "
@@ -491,6 +512,19 @@ def load(spec: str, adapter: str | None, args):
     return model, tok
 
 
+def run_harness(args) -> dict:
+    """`eval.py harness`: the --model as `load` builds it (adapter, NF4) with its --rope, through lm-eval."""
+    if len(args.model) != 1 or len(args.rope) != 1 or not args.tasks:
+        raise UserError("harness: give one --model, at most one --rope, and --tasks T[,T...]")
+    model, tok = load(args.model[0], args.adapter[0], args)
+    cfg = model.config
+    set_rope(model, *rope_override(cfg.rope_theta, cfg.rope_scaling, args.rope[0], args.rope_theta, cfg.max_seq_len))
+    res = harness.run(model, tok, args.model[0], args.tasks.split(","), args.out, args.include_path, args.limit,
+                      args.num_fewshot, args.log_samples, args.prefill_chunk, args.seed)
+    print(harness.table(res), f"\nwrote lm-eval's results under {args.out}", sep="")
+    return res
+
+
 def evaluate(args) -> list[dict]:
     """Every (model, adapter) x RoPE row; identical effective settings are computed once and reused."""
     out = Path(args.out)  # created by the first write_json: a run that fails before any result leaves none
@@ -500,7 +534,7 @@ def evaluate(args) -> list[dict]:
             "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride, "format": args.format,
-            "base_length": args.base_length,
+            "base_length": args.base_length, "protocol": args.protocol, "scoring": protocols.SCORING[args.protocol],
             "docs": args.docs or "python stdlib *.py (sorted)"}
     hay = None
     rows, t0 = [], time.time()
@@ -517,6 +551,8 @@ def evaluate(args) -> list[dict]:
                 raise UserError(f"--format code: {spec} has the {tok.kind} tokenizer; the code passkey is "
                                 "byte-level (the demo's models)")
             hay = corpus_bytes(stdlib_split()[1])  # held-out stdlib code, as the demo evaluates on
+        elif args.task == "needle" and args.protocol != "ours":
+            hay, meta["haystack"] = protocols.read_haystack(args.haystack)
         elif args.task in ("needle", "ruler"):
             text = haystack_text(args.haystack)
             ids, spans = tok.encode_offsets(text)
@@ -545,6 +581,8 @@ def evaluate(args) -> list[dict]:
     print(markdown_table(args.task, rows, args.lengths, args.base_length))
     if args.task == "ruler":
         print(ruler_table(rows, args.lengths, args.base_length))
+    if args.protocol != "ours":
+        print(f"protocol {args.protocol}: scored by {meta['scoring']}; haystack: {meta.get('haystack', 'none')}")
     print(note or f"wrote {out / (args.task + '.json')} and {out / (args.task + '.png')}")
     return rows
 
@@ -552,7 +590,7 @@ def evaluate(args) -> list[dict]:
 def main(argv=None) -> int:
     memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: (check_args(args), evaluate(args)))
+    return run_cli(lambda: (check_args(args), run_harness(args) if args.task == "harness" else evaluate(args)))
 
 
 if __name__ == "__main__":

@@ -60,10 +60,12 @@ def prefill(model: Transformer, tokens: torch.Tensor, chunk: int | None = None) 
 
 @torch.no_grad()
 def generate(model: Transformer, tokens, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             stop_ids=None, prefill_chunk: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+             stop_ids=None, prefill_chunk: int | None = None, generator: torch.Generator | None = None,
+             until=None) -> list[int]:
     """Continue `tokens` (list or 1-D tensor) by up to `max_new_tokens`; return the new token ids.
 
-    Stops after emitting any id in `stop_ids` (included in the output). Full attention always.
+    Stops after emitting any id in `stop_ids` (included in the output), or once `until(new ids)` is true
+    (e.g. a stop string appeared in their text). Full attention always.
     """
     device = model.model.norm.weight.device
     tokens = torch.as_tensor(tokens, dtype=torch.long, device=device).flatten()
@@ -77,7 +79,7 @@ def generate(model: Transformer, tokens, max_new_tokens: int, temperature: float
         for _ in range(max_new_tokens):
             nxt = sample(logits, temperature, top_p, generator)
             out.append(nxt)
-            if nxt in stop:
+            if nxt in stop or (until is not None and until(out)):
                 break
             h = model.hidden(torch.tensor([[nxt]], device=device), start=pos)
             logits, pos = model.lm_head(h[0, -1]).float(), pos + 1

@@ -15,6 +15,8 @@ Multi-Detail QA and Biography Summarization. Here the same three kinds are made 
     request has a timeout and is retried on 429, 5xx and connection errors with exponential backoff
     (delay = backoff * 2^attempt, at most 60 s or the server's Retry-After, at most --retries times).
 Each sample is one conversation (user: document + question, assistant: answer) of at most ctx tokens.
+No fact, question or answer reuses an evaluation's sentence or question (tasks.py, ruler.py, protocols.py):
+training on an evaluation's own format would inflate its score (tests/test_synth.py checks every 4-word run).
 
 Resumable output: completed samples are appended to OUT.partial as whole JSON lines, each flushed and
 fsync'ed before the next is written, in completion order (with --concurrency N threads work on N
@@ -125,14 +127,14 @@ def _facts(kind: str, rng: random.Random) -> tuple[list[dict], str, list[str]]:
         return dict(type="record", key=key, value=value, text=f"Record {key}: {value}.")
 
     if kind == "single":
-        what = rng.choice(("needle", "passkey", "record"))
+        what = rng.choice(("needle", "code", "record"))
         if what == "needle":
             f = needle(rng.choice(SYNTH_NAMES))
             return [f], f"What is the secret word of {f['key']}?", [f["text"]]
-        if what == "passkey":
-            n = str(rng.randrange(10000, 100000))
-            f = dict(type="passkey", key="pass key", value=n, text=f"The pass key is {n}. Remember it. {n} is the pass key.")
-            return [f], "What is the pass key?", [f"The pass key is {n}."]
+        if what == "code":  # a number fact in our own words: no evaluation's sentence or question
+            place, n = rng.choice(SYNTH_WORDS), str(rng.randrange(10000, 100000))
+            f = dict(type="code", key=f"{place} locker", value=n, text=f"The {place} locker opens with code {n}.")
+            return [f], f"Which code opens the {place} locker?", [f"The {place} locker opens with code {n}."]
         f = record()
         return [f], f"What is the value of record {f['key']}?", [f"The value of record {f['key']} is {f['value']}."]
     if kind == "multi":

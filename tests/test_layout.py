@@ -22,8 +22,10 @@ LAYERS = {
     "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1,
     "model": 2,
     "checkpoint": 3, "lora": 3,
-    "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "ruler": 4, "generate": 4, "gguf_export": 4,
+    "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "ruler": 4, "protocols": 4, "generate": 4,
+    "gguf_export": 4,
     "parallel": 5, "plan": 5, "config": 5, "guards": 5, "memory": 5,
+    "harness": 5,  # lm-eval over a model eval.py loads; knows only generate and checkpoint
     "eval": 6,
     "demo": 7, "extend": 7,
     "train": 8,  # `python train.py` with no --model runs the demo: train.main -> demo -> eval
@@ -32,7 +34,8 @@ LAYERS = {
 SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
               ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
               ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("plan", "config"),
-              ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn")}
+              ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
+              ("protocols", "tasks"), ("protocols", "data"), ("protocols", "tokenizer")}
 
 
 def modules() -> dict[str, ast.Module]:

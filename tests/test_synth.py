@@ -3,6 +3,7 @@ records what it was shown, the CLI reports bad documents in one line and leaves 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,37 @@ def test_synth_with_smollm2_generator_writes_questions_about_chunks(tmp_path, sm
         meta = rows[0]["meta"]
         assert meta["generator"] == smollm2_path and meta["chunks"] and "textwrap.py" in meta["sources"][0]["file"]
         assert rows[0]["messages"][-1]["role"] == "assistant" and rows[0]["messages"][-1]["content"].strip()
+
+
+def eval_template_fragments() -> set[str]:
+    """Every fixed run of 4+ words in the evaluations' prompt strings (tasks.py, ruler.py, protocols.py):
+    their module-level upper-case string constants, cut at format fields and lower-cased."""
+    import protocols
+    import ruler
+    import tasks
+    out = set()
+    for mod in (tasks, ruler, protocols):
+        for name, value in vars(mod).items():
+            if name.isupper() and isinstance(value, str):
+                for piece in re.split(r"\{[^}]*\}", value):
+                    words = piece.split()
+                    out |= {" ".join(words[i:i + 4]).lower() for i in range(len(words) - 3)}
+    return out
+
+
+def test_synth_uses_no_evaluation_sentence_or_question(tmp_path):
+    """Training data must not carry an evaluation's own format (it would inflate that score): no 4-word run
+    of any evaluation template appears in what synth writes (facts, questions, answers), over every kind."""
+    fragments = eval_template_fragments()
+    assert "the pass key is" in fragments and "what is the pass" in fragments  # the check sees passkey
+    assert any("dolores park" in f for f in fragments) and any("special magic" in f for f in fragments)
+    tok, out = tokenizer.ByteTokenizer(), tmp_path / "s.jsonl"
+    synth.synth(STDLIB_DOCS, tok, 4096, ["single", "multi", "summary"], out, n=60, seed=1)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert {f["type"] for r in rows for f in r["meta"]["facts"]} >= {"needle", "code", "record"}
+    for r in rows:
+        user, assistant = r["messages"]
+        written = [f["text"] for f in r["meta"]["facts"]] + [user["content"][r["meta"]["document_chars"]:],
+                                                            assistant["content"]]
+        text = " ".join(" ".join(w.split()).lower() for w in written)
+        assert not [f for f in fragments if f in text], r["meta"]["kind"]
