@@ -260,9 +260,39 @@ def attention_saving_contexts():
 # ----------------------------------------------------------------------------- modules
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = g * round(n), n = x * r, r = 1 / sqrt(mean(x^2) + eps), with n and r in float32 and round() to x's
+    dtype (Hugging Face's order); g is rounded to x's dtype first. Gradients, with gn = (g dy) in float32:
+        dx = r (gn - n mean(gn n)),    dg = sum over tokens of dy round(n).
+
+    Note: what it keeps. Autograd through the same float32 formula keeps float32 x (and, for the gain,
+    round(n)): in bf16 three times x's own bytes. This keeps x in its own dtype and r (..., 1), and
+    recomputes n in backward: one elementwise pass over x.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight.to(x.dtype) * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        n = x.float() * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (C,)
+        gn = (dy * weight.to(x.dtype)).float()
+        dx = r * (gn - n * (gn * n).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw, None
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * g, normalised in float32 and cast back before the gain; a float32
-    gain (a trained master weight over a 16-bit model, lora.py) is rounded to x's dtype first."""
+    gain (a trained master weight over a 16-bit model, lora.py) is rounded to x's dtype first
+    (RMSNormFunction)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -270,9 +300,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(x.dtype) * xf.to(x.dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class KVCache(nn.Module):

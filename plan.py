@@ -38,10 +38,11 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
       NLL), plus their copy in the model dtype when that is not float32 (chunk x V x (4 + 2) bytes in
       bf16), beside the last block's output, the final norm's input and output and the stored gradient
       of the hidden states (4 x T x C);
-    - the backward of one block: its recomputed activations and their gradients, T x (4 C + (H + 2 Hkv) D
-      + 6 F) values; with --mlp-chunk c < T the MLP keeps c x 6 F of them and T x 8 C more instead
-      (the chunks' outputs, the gradients assembled from them). The MLP's gate/up/activation/product and
-      their gradients dominate without chunking.
+    - the backward of one block: what its recomputed forward saves for backward (block_saved_bytes) and
+      the gradients live at the MLP's backward, T x (2 C + 3 F) values (the block output's and the
+      residual's, and three F-wide ones: product, activation, up or gate); with --mlp-chunk c < T the
+      MLP's F-wide terms count c tokens and T x 4 C more are kept (the chunks' outputs, the gradients
+      assembled from them). The MLP's terms dominate without chunking.
     With --cp N every activation term counts T/N tokens (a device holds a sequence shard; attention's
     head shard (H/N heads, T tokens) has as many values as the shard's H heads), and the block's backward
     adds the Ulysses exchange (all_to_all_bytes).
@@ -56,11 +57,10 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     linear = L * (C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F)
     embed = V * C * (1 if mcfg.tie_embeddings else 2)
     weight_bits = 4.127 if cfg.quant == "nf4" else dtype_bytes * 8
-    chunk = cfg.mlp_chunk
-    if chunk and chunk < T:
-        block = (T * (8 * C + (H + 2 * Hkv) * D) + chunk * 6 * F) * dtype_bytes
-    else:
-        block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
+    kw = cfg.lora_kwargs()
+    targets, mlp_tokens = lora.resolve_targets(kw["targets"]), min(T, cfg.mlp_chunk or T)
+    block = block_saved_bytes(mcfg, T, dtype_bytes, targets, kw["r"], mlp_tokens) + 2 * T * C * dtype_bytes
+    block += (3 * mlp_tokens * F + (4 * T * C if mlp_tokens < T else 0)) * dtype_bytes
     block += all_to_all_bytes(cfg, mcfg, dtype_bytes)
     cuda = device == "cuda"
     if cuda:
@@ -86,6 +86,25 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     pinned = L * 2 ** math.ceil(math.log2(checkpoint_bytes)) if cuda and cfg.offload and cfg.checkpointing else 0
     return {**held, **transient, "total": sum(held.values()) + max(transient.values()),
             "host: pinned --offload buffers (estimate)": pinned}
+
+
+def block_saved_bytes(mcfg, T: int, dtype_bytes: int, targets=lora.ATTN_PROJ, r: int = 8,
+                      mlp_tokens: int | None = None) -> int:
+    """Bytes one block's forward over T tokens saves for backward (autograd's saved tensors, each storage
+    once; frozen weights apart), as model.py and lora.py compute it. In the compute dtype:
+      the two norms' inputs (2 C; model.RMSNormFunction keeps x in its dtype);
+      attention as the fused SDPA kernels save it: q, k, v and the output, (2 H + 2 Hkv) D, the output
+      being what o_proj reads (a view of it);
+      the MLP's gate, activation and up outputs, 3 F (each over `mlp_tokens`, default T);
+      LoRA's inputs: C shared by q, k, v, C shared by gate and up, F for down, and r per adapted projection
+      (lora.LoRALinear runs its branch in the compute dtype; a frozen linear saves only its weight).
+    In float32: the norms' 1 / rms (2), attention's log-sum-exp (H) and the RoPE tables (2 D: one pair
+    shared by every block, counted in each)."""
+    C, F, H, Hkv, D = mcfg.dim, mcfg.ffn_dim, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+    attn = 2 * C + (2 * H + 2 * Hkv) * D + (C if {"q_proj", "k_proj", "v_proj"} & set(targets) else 0)
+    mlp = 3 * F + (C if {"gate_proj", "up_proj"} & set(targets) else 0) + (F if "down_proj" in targets else 0)
+    compute = T * (attn + r * len(targets)) + (T if mlp_tokens is None else mlp_tokens) * mlp
+    return compute * dtype_bytes + T * (2 + H + 2 * D) * 4
 
 
 def all_to_all_bytes(cfg: TrainConfig, mcfg, dtype_bytes: int) -> int:
