@@ -23,6 +23,7 @@ D head dim, C model dim, F ffn dim, V vocab.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -442,13 +443,15 @@ class Transformer(nn.Module):
         mem = self.memory
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
-            cache = self.caches[i] if self.caches is not None else None
+            block = functools.partial(layer, cos=cos, sin=sin, attn_fn=attn_fn, start=start, mlp_chunk=mem.mlp_chunk,
+                                      cache=self.caches[i] if self.caches is not None else None)
             if mem.checkpointing and self.training and torch.is_grad_enabled():
+                # only x passes through checkpoint: it saves its tensor arguments for the recompute (and
+                # --offload copies each saved tensor to host), while the one cos/sin pair serves every block
                 contexts = attention_saving_contexts if mem.save_attention else noop_context_fn
-                x = checkpoint(layer, x, cos, sin, attn_fn, cache, start, mem.mlp_chunk, use_reentrant=False,
-                               context_fn=contexts)
+                x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
             else:
-                x = layer(x, cos, sin, attn_fn, cache, start, mem.mlp_chunk)
+                x = block(x)
         return self.model.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, start: int = 0,
