@@ -11,8 +11,12 @@ import math
 import torch
 
 import lora
+import parallel
+import rope
+import shift_attn
 from checkpoint import read_config
 from config import TrainConfig, choose_dtype
+from errors import UserError
 from model import PRESETS, ModelConfig, Transformer
 
 WORKSPACE = {"cpu": 100 * 2**20,  # allocator and autograd bookkeeping of a CPU step beside the planned tensors
@@ -122,10 +126,30 @@ def model_config(spec: str) -> ModelConfig:
     return ModelConfig.from_name(spec) if spec in PRESETS else read_config(spec)
 
 
+def trained_rope(cfg: TrainConfig, mc: ModelConfig) -> tuple[float, dict | None]:
+    """(theta, scaling) the run trains with: --rope and --rope-theta over the model's own (rope.override)."""
+    return rope.override(mc.rope_theta, mc.rope_scaling, cfg.rope, cfg.rope_theta, original_len=mc.max_seq_len,
+                         ctx=cfg.pose or cfg.ctx)
+
+
+def check_run(cfg: TrainConfig, mc: ModelConfig, device: torch.device) -> None:
+    """The checks of a run that need the model's config `mc` (as read, before --rope) but no weights, the
+    same for training and the dry run: --cp against the heads (parallel.check_context_parallel) and the
+    RoPE trained with (dynamic NTK rescales by each shard's own length: refused), and the SDPA kernels training may use for the dtype on `device`
+    (shift_attn.training_backends: float32 with GQA at long context on CUDA is refused)."""
+    parallel.check_context_parallel(cfg.cp, mc.n_heads, mc.n_kv_heads)
+    if cfg.cp > 1 and (trained_rope(cfg, mc)[1] or {}).get("rope_type") == "dynamic":
+        raise UserError(f"--cp {cfg.cp} with dynamic NTK RoPE: each shard would rescale for its own length; "
+                        f"use --rope ntk:FACTOR (static) or --cp 1")
+    shift_attn.training_backends(choose_dtype(cfg.dtype, device), device.type, mc.n_heads != mc.n_kv_heads, cfg.ctx)
+
+
 def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
-    """Print the resolved config and the memory plan of a GPU run (unless --dtype says otherwise); the
-    model is built on the meta device, so nothing is loaded. Returns (plan, LoRA summary)."""
+    """Print the resolved config and the memory plan of a GPU run (unless --dtype says otherwise), after
+    check_run's checks for that GPU; the model is built on the meta device, so nothing is loaded.
+    Returns (plan, LoRA summary)."""
     mcfg = model_config(cfg.model)
+    check_run(cfg, mcfg, torch.device("cuda"))
     dtype = choose_dtype(cfg.dtype, torch.device("cuda"))
     with torch.device("meta"):
         net = Transformer(mcfg)
