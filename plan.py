@@ -43,8 +43,8 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
       bf16), beside the last block's output, the final norm's input and output and the stored gradient
       of the hidden states (4 x T x C);
     - the backward of one block: what its recomputed forward saves for backward (block_saved_bytes) and
-      the gradients live at the MLP's backward, T x (2 C + 3 F) values (the block output's and the
-      residual's, and three F-wide ones: product, activation, up or gate); with --mlp-chunk c < T the
+      the gradients live at the MLP's backward, T x (C + 3 F) values (the block output's, which the
+      residual passes on as it is, and three F-wide ones: product, activation, up or gate); with --mlp-chunk c < T the
       MLP's F-wide terms count c tokens and T x 4 C more are kept (the chunks' outputs, the gradients
       assembled from them). The MLP's terms dominate without chunking.
     With --cp N every activation term counts T/N tokens (a device holds a sequence shard; attention's
@@ -63,7 +63,7 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     weight_bits = 4.127 if cfg.quant == "nf4" else dtype_bytes * 8
     kw = cfg.lora_kwargs()
     targets, mlp_tokens = lora.resolve_targets(kw["targets"]), min(T, cfg.mlp_chunk or T)
-    block = block_saved_bytes(mcfg, T, dtype_bytes, targets, kw["r"], mlp_tokens) + 2 * T * C * dtype_bytes
+    block = block_saved_bytes(mcfg, T, dtype_bytes, targets, kw["r"], mlp_tokens) + T * C * dtype_bytes
     block += (3 * mlp_tokens * F + (4 * T * C if mlp_tokens < T else 0)) * dtype_bytes
     block += all_to_all_bytes(cfg, mcfg, dtype_bytes)
     cuda = device == "cuda"

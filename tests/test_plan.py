@@ -32,7 +32,7 @@ def test_dry_run_llama3_80k_fits_80gb(capsys):
 def test_dry_run_plans_the_token_chunked_mlp():
     """--mlp-chunk c replaces the block's T x 6 F MLP terms (3 F saved, 3 F of gradients) by c x 6 F and
     keeps T x 4 C more (the chunks' outputs and their gradients): on Llama-3-8B at 10K tokens per GPU the
-    block's backward roughly halves (19.9 -> 10.2 GiB in bf16)."""
+    block's backward halves (19.3 -> 9.6 GiB in bf16)."""
     base = dict(model="llama-3-8b", ctx=80000, nproc=8)
     mc, T, c = plan.model_config("llama-3-8b"), 80000, 4096
     whole, chunked = (plan.dry_run(config.resolve({**base, **extra}, "llama3-80k", dry_run=True))[0]
