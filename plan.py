@@ -135,13 +135,15 @@ def trained_rope(cfg: TrainConfig, mc: ModelConfig) -> tuple[float, dict | None]
 def check_run(cfg: TrainConfig, mc: ModelConfig, device: torch.device) -> None:
     """The checks of a run that need the model's config `mc` (as read, before --rope) but no weights, the
     same for training and the dry run: --cp against the heads (parallel.check_context_parallel) and the
-    RoPE trained with (dynamic NTK rescales by each shard's own length: refused), and the SDPA kernels training may use for the dtype on `device`
-    (shift_attn.training_backends: float32 with GQA at long context on CUDA is refused)."""
+    RoPE trained with (dynamic NTK rescales by each shard's own length: refused), and the SDPA kernels
+    training may use for the dtype on `device` (shift_attn.training_backends: float32 with GQA at long
+    context on CUDA is refused)."""
     parallel.check_context_parallel(cfg.cp, mc.n_heads, mc.n_kv_heads)
     if cfg.cp > 1 and (trained_rope(cfg, mc)[1] or {}).get("rope_type") == "dynamic":
         raise UserError(f"--cp {cfg.cp} with dynamic NTK RoPE: each shard would rescale for its own length; "
                         f"use --rope ntk:FACTOR (static) or --cp 1")
-    shift_attn.training_backends(choose_dtype(cfg.dtype, device), device.type, mc.n_heads != mc.n_kv_heads, cfg.ctx)
+    shift_attn.training_backends(choose_dtype(cfg.dtype, device), device.type, mc.n_heads != mc.n_kv_heads,
+                                 cfg.ctx)
 
 
 def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
