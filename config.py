@@ -49,7 +49,8 @@ class TrainConfig:
     data: str | None = _f(None, "file[:weight],file[:weight] (JSONL text/chat, .txt, directories)", identity=True)
     ctx: int | None = _f(None, "training sequence length in tokens", identity=True)
     quant: str = _f("none", "store frozen linear weights in NF4", identity=True, choices=["nf4", "none"])
-    dtype: str | None = _f(None, "base weight/compute dtype (default bfloat16 on CUDA, float32 on CPU)", identity=True,
+    dtype: str | None = _f(None, "base weight/compute dtype (default bfloat16 on CUDA, float32 on CPU; float16 is "
+                                 "refused: training has no loss scaling)", identity=True,
                            choices=["float32", "bfloat16", "float16"])
     lora_r: int = _f(8, "LoRA rank r", identity=True)
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is (alpha / r) B A x", identity=True)
@@ -339,6 +340,9 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
     if cfg["doc_mask"] and cfg["cp"] > 1:
         raise UserError(f"--doc-mask does not combine with --cp {cfg['cp']} (each shard's attention would need the "
                         f"whole sequence's document borders); use --cp 1")
+    if cfg["dtype"] == "float16":  # the loss gradient starts at world / N_sup (~1e-5 at 80K): fp16 flushes it to 0
+        raise UserError("--dtype float16 trains without loss scaling, so small gradients underflow to zero; "
+                        "use --dtype bfloat16 (float32's range, the same memory)")
     if cfg["data"] is None and not dry_run:
         raise UserError("--data is required (e.g. --data long.jsonl:0.6,short.jsonl:0.4)")
     check_numbers(cfg)

@@ -23,6 +23,7 @@ D head dim, C model dim, F ffn dim, V vocab.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -260,9 +261,39 @@ def attention_saving_contexts():
 # ----------------------------------------------------------------------------- modules
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = g * round(n), n = x * r, r = 1 / sqrt(mean(x^2) + eps), with n and r in float32 and round() to x's
+    dtype (Hugging Face's order); g is rounded to x's dtype first. Gradients, with gn = (g dy) in float32:
+        dx = r (gn - n mean(gn n)),    dg = sum over tokens of dy round(n).
+
+    Note: what it keeps. Autograd through the same float32 formula keeps float32 x (and, for the gain,
+    round(n)): in bf16 three times x's own bytes. This keeps x in its own dtype and r (..., 1), and
+    recomputes n in backward: one elementwise pass over x.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight.to(x.dtype) * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        n = x.float() * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (C,)
+        gn = (dy * weight.to(x.dtype)).float()
+        dx = r * (gn - n * (gn * n).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw, None
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * g, normalised in float32 and cast back before the gain; a float32
-    gain (a trained master weight over a 16-bit model, lora.py) is rounded to x's dtype first."""
+    gain (a trained master weight over a 16-bit model, lora.py) is rounded to x's dtype first
+    (RMSNormFunction)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -270,9 +301,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(x.dtype) * xf.to(x.dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -414,13 +443,15 @@ class Transformer(nn.Module):
         mem = self.memory
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
-            cache = self.caches[i] if self.caches is not None else None
+            block = functools.partial(layer, cos=cos, sin=sin, attn_fn=attn_fn, start=start, mlp_chunk=mem.mlp_chunk,
+                                      cache=self.caches[i] if self.caches is not None else None)
             if mem.checkpointing and self.training and torch.is_grad_enabled():
+                # only x passes through checkpoint: it saves its tensor arguments for the recompute (and
+                # --offload copies each saved tensor to host), while the one cos/sin pair serves every block
                 contexts = attention_saving_contexts if mem.save_attention else noop_context_fn
-                x = checkpoint(layer, x, cos, sin, attn_fn, cache, start, mem.mlp_chunk, use_reentrant=False,
-                               context_fn=contexts)
+                x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
             else:
-                x = layer(x, cos, sin, attn_fn, cache, start, mem.mlp_chunk)
+                x = block(x)
         return self.model.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, start: int = 0,

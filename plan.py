@@ -11,8 +11,12 @@ import math
 import torch
 
 import lora
+import parallel
+import rope
+import shift_attn
 from checkpoint import read_config
 from config import TrainConfig, choose_dtype
+from errors import UserError
 from model import PRESETS, ModelConfig, Transformer
 
 WORKSPACE = {"cpu": 100 * 2**20,  # allocator and autograd bookkeeping of a CPU step beside the planned tensors
@@ -38,10 +42,11 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
       NLL), plus their copy in the model dtype when that is not float32 (chunk x V x (4 + 2) bytes in
       bf16), beside the last block's output, the final norm's input and output and the stored gradient
       of the hidden states (4 x T x C);
-    - the backward of one block: its recomputed activations and their gradients, T x (4 C + (H + 2 Hkv) D
-      + 6 F) values; with --mlp-chunk c < T the MLP keeps c x 6 F of them and T x 8 C more instead
-      (the chunks' outputs, the gradients assembled from them). The MLP's gate/up/activation/product and
-      their gradients dominate without chunking.
+    - the backward of one block: what its recomputed forward saves for backward (block_saved_bytes) and
+      the gradients live at the MLP's backward, T x (C + 3 F) values (the block output's, which the
+      residual passes on as it is, and three F-wide ones: product, activation, up or gate); with --mlp-chunk c < T the
+      MLP's F-wide terms count c tokens and T x 4 C more are kept (the chunks' outputs, the gradients
+      assembled from them). The MLP's terms dominate without chunking.
     With --cp N every activation term counts T/N tokens (a device holds a sequence shard; attention's
     head shard (H/N heads, T tokens) has as many values as the shard's H heads), and the block's backward
     adds the Ulysses exchange (all_to_all_bytes).
@@ -56,11 +61,10 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     linear = L * (C * H * D + 2 * C * Hkv * D + H * D * C + 3 * C * F)
     embed = V * C * (1 if mcfg.tie_embeddings else 2)
     weight_bits = 4.127 if cfg.quant == "nf4" else dtype_bytes * 8
-    chunk = cfg.mlp_chunk
-    if chunk and chunk < T:
-        block = (T * (8 * C + (H + 2 * Hkv) * D) + chunk * 6 * F) * dtype_bytes
-    else:
-        block = T * (4 * C + (H + 2 * Hkv) * D + 6 * F) * dtype_bytes
+    kw = cfg.lora_kwargs()
+    targets, mlp_tokens = lora.resolve_targets(kw["targets"]), min(T, cfg.mlp_chunk or T)
+    block = block_saved_bytes(mcfg, T, dtype_bytes, targets, kw["r"], mlp_tokens) + T * C * dtype_bytes
+    block += (3 * mlp_tokens * F + (4 * T * C if mlp_tokens < T else 0)) * dtype_bytes
     block += all_to_all_bytes(cfg, mcfg, dtype_bytes)
     cuda = device == "cuda"
     if cuda:
@@ -88,6 +92,25 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
             "host: pinned --offload buffers (estimate)": pinned}
 
 
+def block_saved_bytes(mcfg, T: int, dtype_bytes: int, targets=lora.ATTN_PROJ, r: int = 8,
+                      mlp_tokens: int | None = None) -> int:
+    """Bytes one block's forward over T tokens saves for backward (autograd's saved tensors, each storage
+    once; frozen weights apart), as model.py and lora.py compute it. In the compute dtype:
+      the two norms' inputs (2 C; model.RMSNormFunction keeps x in its dtype);
+      attention as the fused SDPA kernels save it: q, k, v and the output, (2 H + 2 Hkv) D, the output
+      being what o_proj reads (a view of it);
+      the MLP's gate, activation and up outputs, 3 F (each over `mlp_tokens`, default T);
+      LoRA's inputs: C shared by q, k, v, C shared by gate and up, F for down, and r per adapted projection
+      (lora.LoRALinear runs its branch in the compute dtype; a frozen linear saves only its weight).
+    In float32: the norms' 1 / rms (2), attention's log-sum-exp (H) and the RoPE tables (2 D: one pair
+    shared by every block, counted in each)."""
+    C, F, H, Hkv, D = mcfg.dim, mcfg.ffn_dim, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+    attn = 2 * C + (2 * H + 2 * Hkv) * D + (C if {"q_proj", "k_proj", "v_proj"} & set(targets) else 0)
+    mlp = 3 * F + (C if {"gate_proj", "up_proj"} & set(targets) else 0) + (F if "down_proj" in targets else 0)
+    compute = T * (attn + r * len(targets)) + (T if mlp_tokens is None else mlp_tokens) * mlp
+    return compute * dtype_bytes + T * (2 + H + 2 * D) * 4
+
+
 def all_to_all_bytes(cfg: TrainConfig, mcfg, dtype_bytes: int) -> int:
     """Bytes per device that one block's Ulysses exchange adds at --cp N > 1 (0 at N = 1): the send and
     receive buffers of one exchange, at most 2 (T/N) H D values (q's). The head-layout q, k, v, output and
@@ -103,10 +126,32 @@ def model_config(spec: str) -> ModelConfig:
     return ModelConfig.from_name(spec) if spec in PRESETS else read_config(spec)
 
 
+def trained_rope(cfg: TrainConfig, mc: ModelConfig) -> tuple[float, dict | None]:
+    """(theta, scaling) the run trains with: --rope and --rope-theta over the model's own (rope.override)."""
+    return rope.override(mc.rope_theta, mc.rope_scaling, cfg.rope, cfg.rope_theta, original_len=mc.max_seq_len,
+                         ctx=cfg.pose or cfg.ctx)
+
+
+def check_run(cfg: TrainConfig, mc: ModelConfig, device: torch.device) -> None:
+    """The checks of a run that need the model's config `mc` (as read, before --rope) but no weights, the
+    same for training and the dry run: --cp against the heads (parallel.check_context_parallel) and the
+    RoPE trained with (dynamic NTK rescales by each shard's own length: refused), and the SDPA kernels
+    training may use for the dtype on `device` (shift_attn.training_backends: float32 with GQA at long
+    context on CUDA is refused)."""
+    parallel.check_context_parallel(cfg.cp, mc.n_heads, mc.n_kv_heads)
+    if cfg.cp > 1 and (trained_rope(cfg, mc)[1] or {}).get("rope_type") == "dynamic":
+        raise UserError(f"--cp {cfg.cp} with dynamic NTK RoPE: each shard would rescale for its own length; "
+                        f"use --rope ntk:FACTOR (static) or --cp 1")
+    shift_attn.training_backends(choose_dtype(cfg.dtype, device), device.type, mc.n_heads != mc.n_kv_heads,
+                                 cfg.ctx)
+
+
 def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
-    """Print the resolved config and the memory plan of a GPU run (unless --dtype says otherwise); the
-    model is built on the meta device, so nothing is loaded. Returns (plan, LoRA summary)."""
+    """Print the resolved config and the memory plan of a GPU run (unless --dtype says otherwise), after
+    check_run's checks for that GPU; the model is built on the meta device, so nothing is loaded.
+    Returns (plan, LoRA summary)."""
     mcfg = model_config(cfg.model)
+    check_run(cfg, mcfg, torch.device("cuda"))
     dtype = choose_dtype(cfg.dtype, torch.device("cuda"))
     with torch.device("meta"):
         net = Transformer(mcfg)

@@ -67,9 +67,8 @@ def build_model(cfg: TrainConfig, d: Dist, dtype: torch.dtype):
     memory = MemoryOptions(checkpointing=cfg.checkpointing, mlp_chunk=cfg.mlp_chunk, save_attention=cfg.save_attention)
     net = load_model(cfg.model, dtype=dtype, device=d.device, quant=None if cfg.quant == "none" else cfg.quant,
                      seed=cfg.seed, memory=memory)
-    mc = net.config
-    mc.rope_theta, mc.rope_scaling = rope.override(mc.rope_theta, mc.rope_scaling, cfg.rope, cfg.rope_theta,
-                                                   original_len=mc.max_seq_len, ctx=cfg.pose or cfg.ctx)
+    plan.check_run(cfg, net.config, d.device)  # again: a GGUF file's config is known only now
+    net.config.rope_theta, net.config.rope_scaling = plan.trained_rope(cfg, net.config)
     summary = lora.apply_lora(net, **cfg.lora_kwargs())
     net.to(d.device)
     return net, summary
@@ -88,18 +87,6 @@ def context_parallel_attention(cfg: TrainConfig, mesh: parallel.Mesh, n_heads: i
     sparse = shift_attn.make_attention(group_ratio=cfg.group_ratio, border=border) if cfg.attn == "s2" \
         else shift_attn.causal_attention
     return tuple(parallel.context_parallel_attention(f, mesh.cp_group) for f in (sparse, shift_attn.causal_attention))
-
-
-def check_context_parallel(cfg: TrainConfig, mc=None):
-    """--cp against the model's heads (from its config alone, before any weights load; a GGUF file is
-    checked once loaded, as `mc`) and RoPE (dynamic NTK rescales by each shard's own length: refused)."""
-    if cfg.cp == 1 or (mc is None and str(cfg.model).endswith(".gguf")):
-        return
-    mc = mc or plan.model_config(cfg.model)
-    parallel.check_context_parallel(cfg.cp, mc.n_heads, mc.n_kv_heads)
-    if (mc.rope_scaling or {}).get("rope_type") == "dynamic":
-        raise UserError(f"--cp {cfg.cp} with dynamic NTK RoPE: each shard would rescale for its own length; "
-                        f"use --rope ntk:FACTOR (static) or --cp 1")
 
 
 def shard_batch(batch: list[dict], mesh: parallel.Mesh, d: Dist) -> list[dict]:
@@ -166,10 +153,12 @@ def load_tok(cfg: TrainConfig):
     return load_tokenizer(tokenizer_source(cfg))
 
 
-def preflight(cfg: TrainConfig, tokenizer, d: Dist) -> None:
-    """Checks that need files but load no weights: the --data spec, the tokenizer against the model's
-    vocabulary, --out a folder; then `.tmp-*` debris of an interrupted write in --out is removed."""
-    D.parse_data_spec(cfg.data)
+def preflight(cfg: TrainConfig, tokenizer, d: Dist | None = None) -> None:
+    """Checks that need files but load no weights, in a run and in the dry run: the --data spec (if given),
+    the tokenizer against the model's vocabulary, --out a folder; then, in a run (d), `.tmp-*` debris of an
+    interrupted write in --out is removed."""
+    if cfg.data is not None:
+        D.parse_data_spec(cfg.data)
     if cfg.chat_template is not None and cfg.chat_template not in CHAT_TEMPLATES:
         raise UserError(f"--chat-template {cfg.chat_template!r}: unknown; choose one of {sorted(CHAT_TEMPLATES)}")
     if cfg.model in PRESETS or Path(cfg.model).is_dir():
@@ -181,7 +170,7 @@ def preflight(cfg: TrainConfig, tokenizer, d: Dist) -> None:
     bad = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
     if bad is not None:
         raise UserError(f"--out {out}: {bad} is a file, not a folder")
-    if d.main:
+    if d is not None and d.main:
         for p in guards.remove_debris(out):
             log0(d, f"removed {p} (left by an interrupted save)")
 
@@ -472,11 +461,10 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
     preflight(cfg, tokenizer, d)
-    check_context_parallel(cfg)
+    if not str(cfg.model).endswith(".gguf"):  # before any weight loads (a GGUF's config: in build_model)
+        plan.check_run(cfg, plan.model_config(cfg.model), d.device)
     mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
-    check_context_parallel(cfg, net.config)
-    attention_backends(cfg, d, net)  # refuses float32 + GQA at long context on CUDA before any step
     log0(d, json.dumps(cfg.to_dict(), indent=2))
     log0(d, "trainable:", json.dumps(summary))
     mixture = build_data(cfg, d, tokenizer)
@@ -566,8 +554,10 @@ def main(argv=None):
             return
         if force and (given.get("model") is not None or (given.get("ctx") or 0) <= DEMO_MAX_CTX):
             raise UserError(f"--force applies to the real-model extension only (no --model, --ctx above {DEMO_MAX_CTX})")
-        if dry_run:
-            plan.dry_run(config.resolve(given, recipe, dry_run=True))
+        if dry_run:  # every check of a run that loads no weights, then the plan
+            cfg = config.resolve(given, recipe, dry_run=True)
+            preflight(cfg, load_tok(cfg))
+            plan.dry_run(cfg)
             return
         d = parallel.init_distributed()
         if given.get("model") is None:  # no model given: the built-in demo (demo.py)

@@ -125,16 +125,21 @@ def test_merge_equation_on_one_layer():
     assert max_diff(merged(x), layer(x)) < TOL
 
 
-def test_mixed_dtype_branch_runs_in_adapter_dtype():
+def test_mixed_dtype_branch_runs_in_the_activations_dtype():
+    """float32 A, B over a bf16 base: the branch runs in bf16 with A and B rounded to it. Reference: PEFT's
+    order of operations (x cast to float32, branch, sum, cast back) under torch.autocast(bfloat16), which
+    runs each matmul in bf16 the same way; bit-equal. The gradients reach the float32 masters."""
     base = torch.nn.Linear(16, 8, bias=False).to(torch.bfloat16)
     layer = LoRALinear(base, r=2, alpha=2, dtype=torch.float32)
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
-    # Reference: PEFT's order of operations (cast x, branch in fp32, add to the bf16 base in fp32, cast back).
-    want = (base(x) + layer.lora_B(layer.lora_A(x.float())) * layer.scaling).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = (base(x) + layer.lora_B(layer.lora_A(x.float())) * layer.scaling).to(torch.bfloat16)
     assert torch.equal(y, want)
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- reference: transformers + PEFT

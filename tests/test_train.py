@@ -322,19 +322,46 @@ def test_peak_memory_grows_linearly_with_context(tmp_path):
 # ----------------------------------------------------------------------------- context parallelism
 
 
-def test_cp_head_counts_and_dynamic_rope_are_refused_before_loading():
-    """--cp against the model's config alone (no weights read: the preset is never built)."""
+@pytest.mark.parametrize("model,flags,needle", [
+    ("llama-3-8b", ["--cp", "32", "--nproc", "32"], "--cp 32 does not divide the model's 8 kv heads"),
+    ("tiny", ["--cp", "4", "--nproc", "4"], "--cp 4 does not divide the model's 2 kv heads"),
+    ("tiny", ["--cp", "2", "--nproc", "2", "--rope", "dynamic:4"], "dynamic NTK"),
+])
+def test_dry_run_refuses_what_training_refuses(tmp_path, corpus, capsys, model, flags, needle):
+    """The dry run applies plan.check_run, the function training applies before any weight loads, so both
+    stop with the same line. Training runs in-process as rank 0 of a world of --nproc (train.train reaches
+    the check before it creates any process group); the dry run through train.main, one line on stderr,
+    exit 1."""
     import config
+    import parallel
     import train
     from errors import UserError
-    base = {"model": "tiny", "ctx": 64, "data": "x"}
-    with pytest.raises(UserError, match=r"--cp 4 does not divide the model's 2 kv heads .*--cp may be 1, 2$"):
-        train.check_context_parallel(config.resolve({**base, "cp": 4}, world_size=4))
-    train.check_context_parallel(config.resolve({**base, "cp": 2}, world_size=4))
-    from model import ModelConfig
-    dyn = ModelConfig.from_name("tiny", rope_scaling={"rope_type": "dynamic", "factor": 4.0})
-    with pytest.raises(UserError, match="dynamic NTK"):
-        train.check_context_parallel(config.resolve({**base, "cp": 2}, world_size=2), dyn)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dry-run", "--model", model, "--ctx", "256", *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and needle in err, err
+    given = vars(config.build_parser().parse_args(["--model", model, "--ctx", "256", "--data", str(corpus),
+                                                   "--out", str(tmp_path / "out"), "--tokenizer", "bytes", *flags]))
+    for k in ("recipe", "dry_run", "suggest_base", "force", "nproc"):
+        given.pop(k, None)
+    world = int(flags[flags.index("--nproc") + 1])
+    with pytest.raises(UserError) as refused:
+        train.train(config.resolve(given, world_size=world), parallel.Dist(0, 0, world, torch.device("cpu")))
+    assert err == f"error: {refused.value}"
+
+
+def test_float16_is_refused_in_one_line(tmp_path, corpus, capsys):
+    """--dtype float16 has no loss scaling: the backward starts from world / N_sup (1/65,536 here: 256
+    micro-steps of 256 tokens), below which fp16 gradients flush to zero; refused, run and dry run alike,
+    before anything is written."""
+    import train
+    args = [*TINY, "--ctx", "256", "--grad-accum", "256", "--steps", "1", "--dtype", "float16"]
+    for extra in (["--data", str(corpus), "--out", str(tmp_path / "out")], ["--dry-run"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(args + extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and len(err.splitlines()) == 1 and "--dtype bfloat16" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 CP_COMMON = [*TINY, "--ctx", "64", "--steps", "3", "--lr", "1e-2", "--schedule", "constant", "--lora-targets",
