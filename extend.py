@@ -53,7 +53,8 @@ import eval as ev
 import lora
 import rope
 from checkpoint import atomic_write_text, load_model, read_checkpoint
-from config import TrainConfig, choose_dtype, resolve
+from config import TrainConfig, resolve
+from devices import choose_dtype
 from errors import UserError
 from model import MemoryOptions, ModelConfig, Transformer
 from quant4 import quantize_model

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 import config
@@ -49,7 +48,8 @@ import pose
 import rope
 import shift_attn
 from checkpoint import atomic_path, atomic_write_text, load_model, read_json
-from config import TrainConfig, choose_dtype
+from config import TrainConfig
+from devices import choose_dtype
 from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions
 from parallel import Dist, log0
@@ -124,13 +124,12 @@ def shard_batch(batch: list[dict], mesh: parallel.Mesh, d: Dist) -> list[dict]:
 
 
 def attention_backends(cfg: TrainConfig, d: Dist, net):
-    """SDPA limited to its fused kernels while training on CUDA (shift_attn.training_backends), so a fallback
-    to the math kernel's (T, T) scores is an error, not a silent O(T^2) allocation; float32 with GQA beyond
-    shift_attn.MATH_MAX_CTX is a UserError here."""
+    """SDPA limited to its fused kernels while training on CUDA, flash first and cuDNN last
+    (shift_attn.training_kernels), so a fallback to the math kernel's (T, T) scores is an error, not a
+    silent O(T^2) allocation; float32 with GQA beyond shift_attn.MATH_MAX_CTX is a UserError here."""
     mc = net.config
-    backends = shift_attn.training_backends(choose_dtype(cfg.dtype, d.device), d.device.type,
-                                            mc.n_heads != mc.n_kv_heads, cfg.ctx)
-    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
+    return shift_attn.training_kernels(choose_dtype(cfg.dtype, d.device), d.device.type,
+                                       mc.n_heads != mc.n_kv_heads, cfg.ctx)
 
 
 def make_schedule(cfg: TrainConfig, total_steps: int):

@@ -44,6 +44,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import config  # noqa: E402
 import demo  # noqa: E402
+import devices  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
 import memory  # noqa: E402
@@ -160,7 +161,7 @@ def smoke_bf16(device) -> dict:
 def smoke_sdpa(device, T) -> dict:
     """The kernels that training attention (full and S²-Attn, under train.attention_backends' policy) and
     chunked prefill (cached_attention with start > 0) actually run, for the dtype the trainer picks."""
-    dtype = config.choose_dtype(None, device)
+    dtype = devices.choose_dtype(None, device)
     H, Hkv, D = 32, 8, 128
     if T < 1024:
         H, Hkv, D = 4, 2, 16
@@ -476,7 +477,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
-        device = config.choose_device(args.device)
+        device = devices.choose_device(args.device)
     except config.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
