@@ -24,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 
 
+import parallel
 import rope
 from errors import UserError
 
@@ -105,6 +106,9 @@ class TrainConfig:
     pose: int | None = _f(None, "PoSE: spread the positions of each --ctx window over [0, TARGET) in 2 chunks with "
                                 "a random skip (Zhu et al. 2023); TARGET > ctx; a RoPE TYPE:auto factor uses "
                                 "TARGET", identity=True, metavar="TARGET")
+    nccl_timeout: float = _f(parallel.TIMEOUT_MINUTES, "minutes a collective waits for the other ranks before the "
+                             "run is aborted (NCCL's watchdog, gloo's timeout); raise it when rank 0's checkpoint "
+                             "writes to a slow filesystem take longer", metavar="MINUTES")
     recipe: str | None = _f(None, "the recipe the run started from", derived=True)
     world_size: int = _f(1, "processes in the run", identity=True, derived=True)
 

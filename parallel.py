@@ -22,7 +22,9 @@ D head dim.
 """
 from __future__ import annotations
 
+import datetime
 import gc
+import math
 import os
 from dataclasses import dataclass
 
@@ -30,6 +32,13 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
+
+
+# Collectives wait this long for the slowest rank (torch's NCCL default is 10 minutes, gloo's 30). Ranks wait
+# in one while rank 0 alone writes a checkpoint (about 6 GB for llama3-80k: float32 embedding and its two Adam
+# moments) or the merged model: 2 minutes at 50 MB/s, 10 on a slow network filesystem. An hour leaves room
+# for that and still ends a run whose rank died in hours, not never.
+TIMEOUT_MINUTES = 60.0
 
 
 @dataclass
@@ -47,8 +56,12 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """torchrun's environment or a single process; sets this rank's CUDA device when there is one."""
+def init_distributed(timeout_minutes: float = TIMEOUT_MINUTES) -> Dist:
+    """torchrun's environment or a single process; sets this rank's CUDA device when there is one.
+    `timeout_minutes` (--nccl-timeout): how long a collective waits for the other ranks before the run
+    is aborted (NCCL's watchdog and gloo's timeout alike)."""
+    if not (math.isfinite(timeout_minutes) and timeout_minutes > 0):
+        raise UserError(f"--nccl-timeout must be a finite number of minutes > 0, got {timeout_minutes}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -57,7 +70,8 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank, local, world, device)
 
 

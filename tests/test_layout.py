@@ -31,7 +31,7 @@ LAYERS = {
 }
 SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
               ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
-              ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("plan", "config"),
+              ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("plan", "config"), ("config", "parallel"),
               ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn")}
 
 
