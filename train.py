@@ -327,9 +327,11 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     cursor and RNG restored), with --resume-from that checkpoint's, else 0; an --out holding another run's
     checkpoints is refused. The settings that may change (lr, schedule, steps, ...) are this run's from the
     resumed step on: lr = --lr x schedule(step) with this run's schedule and total."""
-    if cfg.resume_from is not None and not (Path(cfg.resume_from) / "trainer_state.json").is_file():
-        raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
     ckpt = Path(cfg.resume_from) if cfg.resume_from else newest_checkpoint(out) if cfg.resume else None
+    place = f"--resume-from {ckpt}" if cfg.resume_from else f"--out {out}"
+    guards.check_same_files(d, [ckpt or newest_checkpoint(out)], place)  # every rank finds the same (multi-node)
+    if cfg.resume_from is not None and not (ckpt / "trainer_state.json").is_file():
+        raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
     if cfg.resume and ckpt is None:
         log0(d, f"--resume: no checkpoint in {out}; starting fresh")
     if ckpt is None:
