@@ -17,8 +17,8 @@ Sections, each catching its own failure (recorded, then the next one runs):
              in the same run;
   hf         the same step through transformers + PEFT (bitsandbytes NF4 when importable) at 8K and 32K;
   demo       the built-in demo (train.py with no --model), at its full scale on CUDA when time allows.
---small runs every section at tiny sizes (the tiny preset, 64-256 tokens): `--device cpu --small` takes
-about a minute on a CPU and is what tests/test_gpu_check.py runs, so this script cannot rot unnoticed.
+--small runs every section at tiny sizes (the tiny preset, 64-256 tokens): `--device cpu --small` took
+266 s on a loaded 2-core CPU and is what tests/test_gpu_check.py runs, so this script cannot rot unnoticed.
 
 Tolerances: NF4 codes and dequantized weights bit-exact (the same integer arithmetic and one fp32 rounding);
 Linear4bit and the compiled/offloaded/DDP trainer 1e-3 relative (different matmul kernels and Inductor's
@@ -366,7 +366,7 @@ def random_nf4_model(mc: ModelConfig, dtype, device, memory: MemoryOptions) -> T
 def section_train(args, device, sizes, rate: dict, deadline: float) -> dict:
     d = parallel.Dist(0, 0, 1, device)
     mc = ModelConfig.from_name(sizes["model"])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = devices.choose_dtype(None, device)  # as the trainer picks it
     capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     rows = {}
     for T in sizes["lengths"]:
@@ -425,7 +425,7 @@ def section_hf(args, device, sizes, rate: dict, deadline: float) -> dict:
     except ImportError:
         bnb = None
     mc = ModelConfig.from_name(sizes["model"])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = devices.choose_dtype(None, device)  # as the trainer picks it
     hc = transformers.LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.dim, num_hidden_layers=mc.n_layers,
                                   num_attention_heads=mc.n_heads, num_key_value_heads=mc.n_kv_heads,
                                   intermediate_size=mc.ffn_dim, rope_theta=mc.rope_theta, attn_implementation="sdpa",
@@ -530,7 +530,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for report.md, report.json and scratch runs")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--small", action="store_true", help="tiny sizes: every section in about a minute on a CPU")
+    ap.add_argument("--small", action="store_true", help="tiny sizes: every section in a few minutes on a CPU")
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
