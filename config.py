@@ -23,7 +23,6 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 
-
 import parallel
 import rope
 from errors import UserError

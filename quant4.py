@@ -35,11 +35,9 @@ Note: what "bit-exact" pins down (read off bitsandbytes 0.50.2, backends/default
       code nearest to the value; a block whose scales all equal the mean (s_m = 0) gets code 0.
     * 1-D inputs: bnb returns an even-length 1-D weight dequantized as shape (1, N); we keep (N,).
     * Dequantization multiplies in fp32 and rounds once to the output dtype (round-to-nearest-even).
-    * The offset c is bnb's `absmax.mean()` on the CPU, a float32 sum whose order depends on the device
-      (CUDA's reduction tree) and, beyond 32768 blocks, on the CPU thread count. `absmax_offset` takes
-      it on the CPU in slices of _MEAN_SLICE blocks (each reduced by one thread, in torch's CPU order),
-      summed slice by slice: equal to bnb's CPU mean up to 32768 blocks, and the same float32 value on
-      every device and thread count.
+    * The offset c is bnb's `absmax.mean()`, whose float32 order depends on the device and, beyond 32768
+      blocks, on the CPU thread count; `absmax_offset` sums single-thread CPU slices of _MEAN_SLICE blocks
+      in order: bnb's CPU value up to 32768 blocks, the same value on every device and thread count.
 
 Note: memory. quantize_nf4 walks the flat weight in chunks of _CHUNK_ELEMENTS (a multiple of b), so
     the fp32 working copies are a few MB whatever the matrix size; the peak is the input plus its

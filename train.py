@@ -570,8 +570,7 @@ def main(argv=None):
         if dry_run:
             plan.dry_run(config.resolve(given, recipe, dry_run=True))
             return
-        timeout = given.get("nccl_timeout")
-        d = parallel.init_distributed(parallel.TIMEOUT_MINUTES if timeout is None else timeout)
+        d = parallel.init_distributed(given.get("nccl_timeout"))
         if given.get("model") is None:  # no model given: the built-in demo (demo.py)
             if given.get("data") is not None:
                 raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
