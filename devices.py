@@ -37,22 +37,19 @@ def choose_device(name: str | None = None) -> torch.device:
     return device
 
 
-def planned_dtype(name: str | None) -> torch.dtype:
-    """The dtype a run on an Ampere-or-newer GPU uses: --dtype, else bfloat16 (what --dry-run plans)."""
-    return torch.bfloat16 if name is None else getattr(torch, name)
-
-
 def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """--dtype, else bfloat16 on a CUDA device of compute capability >= 8.0 and float32 on the CPU and on
-    older GPUs; --dtype bfloat16 on an older GPU is a UserError (the module's note)."""
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    old_gpu = cap is not None and cap < BF16_CAPABILITY
-    if name is None:
-        return torch.bfloat16 if cap is not None and not old_gpu else torch.float32
-    if name == "bfloat16" and old_gpu:
-        raise UserError(f"--dtype bfloat16: {device} has compute capability {cap[0]}.{cap[1]}, and SDPA's "
-                        f"bfloat16 kernels need 8.0 (Ampere) or newer; use --dtype float32")
-    return getattr(torch, name)
+    older GPUs; --dtype bfloat16 on an older GPU is a UserError (the module's note). A CUDA device on a
+    machine without CUDA (what --dry-run plans for) counts as Ampere or newer."""
+    if device.type != "cuda":
+        return torch.float32 if name is None else getattr(torch, name)
+    cap = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else BF16_CAPABILITY
+    if cap < BF16_CAPABILITY:
+        if name == "bfloat16":
+            raise UserError(f"--dtype bfloat16: {device} has compute capability {cap[0]}.{cap[1]}, and SDPA's "
+                            f"bfloat16 kernels need 8.0 (Ampere) or newer; use --dtype float32")
+        return torch.float32 if name is None else getattr(torch, name)
+    return torch.bfloat16 if name is None else getattr(torch, name)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -13,7 +13,7 @@ import torch
 import lora
 from checkpoint import read_config
 from config import TrainConfig
-from devices import planned_dtype
+from devices import choose_dtype
 from model import PRESETS, ModelConfig, Transformer
 
 WORKSPACE = {"cpu": 100 * 2**20,  # allocator and autograd bookkeeping of a CPU step beside the planned tensors
@@ -108,7 +108,7 @@ def dry_run(cfg: TrainConfig) -> tuple[dict[str, float], dict]:
     """Print the resolved config and the memory plan of a GPU run (unless --dtype says otherwise); the
     model is built on the meta device, so nothing is loaded. Returns (plan, LoRA summary)."""
     mcfg = model_config(cfg.model)
-    dtype = planned_dtype(cfg.dtype)
+    dtype = choose_dtype(cfg.dtype, torch.device("cuda"))
     with torch.device("meta"):
         net = Transformer(mcfg)
         summary = lora.apply_lora(net, **cfg.lora_kwargs())
