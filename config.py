@@ -23,8 +23,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 
-import torch
-
+import parallel
 import rope
 from errors import UserError
 
@@ -49,8 +48,8 @@ class TrainConfig:
     data: str | None = _f(None, "file[:weight],file[:weight] (JSONL text/chat, .txt, directories)", identity=True)
     ctx: int | None = _f(None, "training sequence length in tokens", identity=True)
     quant: str = _f("none", "store frozen linear weights in NF4", identity=True, choices=["nf4", "none"])
-    dtype: str | None = _f(None, "base weight/compute dtype (default bfloat16 on CUDA, float32 on CPU; float16 is "
-                                 "refused: training has no loss scaling)", identity=True,
+    dtype: str | None = _f(None, "base weight/compute dtype (default bfloat16 on CUDA from compute capability 8.0, "
+                                 "else float32; float16 is refused: training has no loss scaling)", identity=True,
                            choices=["float32", "bfloat16", "float16"])
     lora_r: int = _f(8, "LoRA rank r", identity=True)
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is (alpha / r) B A x", identity=True)
@@ -106,6 +105,9 @@ class TrainConfig:
     pose: int | None = _f(None, "PoSE: spread the positions of each --ctx window over [0, TARGET) in 2 chunks with "
                                 "a random skip (Zhu et al. 2023); TARGET > ctx; a RoPE TYPE:auto factor uses "
                                 "TARGET", identity=True, metavar="TARGET")
+    nccl_timeout: float = _f(parallel.TIMEOUT_MINUTES, "minutes a collective waits for the other ranks before the "
+                             "run is aborted (NCCL's watchdog, gloo's timeout); raise it when rank 0's checkpoint "
+                             "writes to a slow filesystem take longer", metavar="MINUTES")
     recipe: str | None = _f(None, "the recipe the run started from", derived=True)
     world_size: int = _f(1, "processes in the run", identity=True, derived=True)
 
@@ -231,27 +233,6 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- resolution
-
-
-def choose_device(name: str | None = None) -> torch.device:
-    """--device, else CUDA when present and the CPU otherwise; a CUDA device on a machine without one is a
-    UserError. The one place entry points pick a device (the trainer's comes from parallel.init_distributed)."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """--dtype, else bfloat16 on CUDA and float32 on CPU."""
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 POSITIVE = ("lr", "lora_alpha")  # finite and > 0

@@ -69,6 +69,7 @@ import rope
 from checkpoint import SAFETENSORS_SINGLE, atomic_path, atomic_write_text, load_model, read_config, save_model
 from config import TrainConfig, resolve
 from errors import UserError, run_cli
+from guards import check_same_files
 from lora import load_adapter
 from parallel import Dist, barrier
 from tasks import (KEY_DIGITS, PASSKEY_NAME, code_passkey_items, corpus_bytes, query_bytes, random_value,
@@ -378,6 +379,7 @@ def prepare(d: Dist, flags: dict) -> DemoRun:
                                                                   n_windows, n_keys)
         print(f"evaluated the base in {time.time() - t0:.0f}s", flush=True)
     barrier(d)
+    check_same_files(d, [out / "data.jsonl"], f"--out {out}")  # rank 0 wrote it, every rank reads it
     return run
 
 

@@ -63,8 +63,8 @@ import protocols
 import rope
 import ruler
 from checkpoint import atomic_write_text, load_model, read_config
-from config import choose_device, choose_dtype
 from data import list_files
+from devices import add_device_flags, device_and_dtype
 from errors import UserError, run_cli
 from generate import generate
 from lora import load_adapter
@@ -416,9 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the checkpoint's own")
     ap.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base")
     ap.add_argument("--quant", choices=("nf4",), default=None, help="quantize the base weights to NF4")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
+    add_device_flags(ap)
     ap.add_argument("--out", default="runs/eval", help="output directory (JSON and PNG)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step; 0 = one pass")
@@ -454,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    args.device = choose_device(args.device)
-    args.dtype = args.dtype or str(choose_dtype(None, args.device)).removeprefix("torch.")
+    args.device, dtype = device_and_dtype(args.device, args.dtype)
+    args.dtype = str(dtype).removeprefix("torch.")
     grid = protocols.default_grid(args.task, args.protocol)  # a UserError for a protocol the task lacks
     args.lengths = parse_ints(args.lengths or (",".join(map(str, grid[0])) if grid else "2048,8192,16384"),
                               "--lengths", minimum=2)

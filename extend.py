@@ -53,8 +53,10 @@ import eval as ev
 import lora
 import rope
 from checkpoint import atomic_write_text, load_model, read_checkpoint
-from config import TrainConfig, choose_dtype, resolve
+from config import TrainConfig, resolve
+from devices import choose_dtype
 from errors import UserError
+from guards import check_same_files
 from model import MemoryOptions, ModelConfig, Transformer
 from quant4 import quantize_model
 from parallel import Dist, all_reduce_sum, barrier
@@ -331,6 +333,7 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object], r
     if job.candidates:  # the same on every rank (from the flags); rank 0 measured the choice
         cfg = replace(cfg, rope_theta=all_reduce_sum(theta, d).item())
     barrier(d)
+    check_same_files(d, [job.out / "long.jsonl", job.out / "short.jsonl"], f"--out {job.out}")  # rank 0 wrote them
     train_fn(cfg, d)
     if not d.main:
         return None

@@ -5,6 +5,7 @@ activations and its (chunk, S) attention mask exist at a time; decoding then fee
 at cache slot `start` = tokens so far. Attention is always full causal attention.
 
     python generate.py --model DIR_OR_GGUF_OR_PRESET --prompt "Once upon a time" [--max-new-tokens 32]
+        [--device cuda] [--dtype bfloat16]        (default: CUDA in bfloat16 when present, as eval.py)
 
 Notation: T prompt tokens, S cached tokens, C model dim, V vocab.
 """
@@ -16,6 +17,7 @@ import sys
 import torch
 
 from checkpoint import load_model
+from devices import add_device_flags, device_and_dtype
 from errors import UserError, run_cli
 from model import Transformer
 from tokenizer import load_tokenizer
@@ -94,12 +96,14 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="HF directory, .gguf file or preset")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    add_device_flags(ap)
     args = ap.parse_args(argv)
 
     def body():
         if args.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        model, tok = load_model(args.model, dtype=torch.float32), load_tokenizer(args.model)
+        device, dtype = device_and_dtype(args.device, args.dtype)  # as eval.py chooses them
+        model, tok = load_model(args.model, dtype=dtype, device=device), load_tokenizer(args.model)
         ids = generate(model, tok.encode(args.prompt, bos=True), args.max_new_tokens, stop_ids=tok.eos_id)
         print(args.prompt + tok.decode(ids))
 

@@ -6,11 +6,19 @@ behind, temporary debris removed, numerical checks on the gradient.
     with discard_if_untrained(out, d):   # a run that fails before its first step leaves no --out
     remove_debris(out)                   # `.tmp-*` left by a kill -9 during an atomic write
     watch = GradWatch(); watch.check(step, grad_norm, out)
+    check_same_files(d, [ckpt], "--out")  # files rank 0 wrote and every rank reads: the same on every node
 
 Note: the interrupt is a flag the loop reads once per step, after the step's optimizer update, so the
 saved checkpoint is exactly what `--save-every` would have written at that step and `--resume` continues
 bit-identically. Ranks agree on the flag through one all-reduce per step (a signal may reach them at
 different steps); a single process reads it directly.
+
+Note: files one rank writes and all read. Rank 0 alone writes checkpoints (and the demo's data), every
+rank reads them (`--resume`). On several nodes without a shared filesystem for --out, the other nodes
+would find no checkpoint (or an old one) and start elsewhere than rank 0: replicas drift apart silently
+until the collectives stop matching. So before reading, each rank describes what it finds (names,
+sizes, and the bytes of files up to DIGEST_MAX_BYTES: trainer_state.json with its step and data
+cursors) and every rank stops with the same one-line UserError when the descriptions differ.
 """
 from __future__ import annotations
 
@@ -18,7 +26,9 @@ import contextlib
 import math
 import os
 import shutil
+import hashlib
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -33,6 +43,8 @@ from parallel import Dist
 
 ZERO_GRAD_STEPS = 5  # consecutive steps with gradient norm exactly 0 before the one warning
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DIGEST_MAX_BYTES = 16 * 2**20  # files up to this size are hashed whole; larger ones (weights, Adam moments) by size
+SHARED = "for a run over several nodes it must be one folder every node sees (a shared filesystem)"
 
 
 class Interrupts:
@@ -120,3 +132,38 @@ class GradWatch:
             if self.d.main:
                 print(f"warning: gradient norm is exactly 0 for {self.zeros} steps (step {step}); the model "
                       "is not learning (too large --lr, or nothing supervised?)", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- files every rank reads
+
+
+def files_digest(paths: list[Path | None]) -> str:
+    """What this process finds at `paths` (the module's note): for each, its name and a sha256 over its
+    files' relative names, sizes and (up to DIGEST_MAX_BYTES) bytes; 'nothing' for None or a missing path."""
+    out = []
+    for path in paths:
+        if path is None or not path.exists():
+            out.append("nothing" if path is None else f"no {path.name}")
+            continue
+        h = hashlib.sha256()
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size}:".encode())
+            if size <= DIGEST_MAX_BYTES:
+                h.update(f.read_bytes())
+        out.append(f"{path.name} ({len(files)} file(s), sha256 {h.hexdigest()[:12]})")
+    return ", ".join(out)
+
+
+def check_same_files(d: Dist, paths: list[Path | None], flag: str) -> None:
+    """Files rank 0 wrote and every rank is about to read must look the same on every rank: else one
+    UserError, the same on every rank, naming `flag` (whose folder holds them), the two ranks' hosts and
+    what each found. A no-op for one process."""
+    if d.world == 1:
+        return
+    seen = parallel.gather_objects((socket.gethostname(), files_digest(paths)), d)
+    bad = next((r for r, (_, found) in enumerate(seen) if found != seen[0][1]), None)
+    if bad is not None:
+        raise UserError(f"{flag}: rank {bad} (host {seen[bad][0]}) finds {seen[bad][1]}, rank 0 (host {seen[0][0]}) "
+                        f"finds {seen[0][1]}; {SHARED}")

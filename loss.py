@@ -4,7 +4,14 @@
 
 The LM head is applied to `chunk` tokens at a time and each chunk is reduced to its NLL sum in float32.
 A frozen bias-free nn.Linear head (the usual LoRA case) takes `_FrozenHeadNLL`, which forms dNLL/dh
-during the forward pass; any other head is checkpointed per chunk.
+during the forward pass; any other head is checkpointed per chunk. Chunks without a supervised token are
+skipped, found with one device-to-host copy per call (`supervised_chunks`), not one sync per chunk.
+
+Note: a sequence with no supervised token (a context-parallel shard of a chat sample made only of prompt
+tokens) still returns a loss with a graph: 0, as the NLL of one row with no target, through the head and
+the hidden states. So backward runs on that rank as on the others (context parallelism's all-to-alls in
+the backward are collectives, every rank must join them) and DDP sees a (zero) gradient of every trained
+parameter, the head's included.
 
 Note: why chunked. At T = 80K and V = 128K the full float32 logits alone would take 41 GB; one
 1024-token chunk's float32 logits take 0.5 GB.
@@ -21,6 +28,14 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100  # label of an unsupervised position (F.cross_entropy's default)
 
 # ----------------------------------------------------------------------------- pure functions
+
+
+def supervised_chunks(labels: torch.Tensor, chunk: int) -> list[bool]:
+    """For each chunk [s, s + chunk) of the flat labels (N,): whether it holds a label != IGNORE_INDEX.
+    One (ceil(N / chunk),) copy to the host instead of one `.any()` sync per chunk."""
+    keep = labels != IGNORE_INDEX  # (N,)
+    keep = torch.cat([keep, keep.new_zeros(-keep.numel() % chunk)])  # padded to a multiple of chunk
+    return keep.view(-1, chunk).any(1).tolist()
 
 
 def _chunk_nll(h: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
@@ -41,11 +56,11 @@ class _FrozenHeadNLL(torch.autograd.Function):
     def forward(ctx, h, weight, labels, chunk):  # h (N, C), weight (V, C), labels (N,)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
-        for s in range(0, h.shape[0], chunk):
-            y = labels[s:s + chunk]
-            keep = y != IGNORE_INDEX
-            if not keep.any():
+        for s, supervised in zip(range(0, h.shape[0], chunk), supervised_chunks(labels, chunk)):
+            if not supervised:
                 continue
+            y = labels[s:s + chunk]
+            keep = y != IGNORE_INDEX  # (c,)
             z = (h[s:s + chunk] @ weight.T).float()  # (c, V)
             rows = torch.arange(z.shape[0], device=z.device)
             yc = y.clamp(min=0)
@@ -57,8 +72,7 @@ class _FrozenHeadNLL(torch.autograd.Function):
             if grad_h is not None:
                 z.div_(denom)  # softmax
                 z[rows, yc] -= 1.0
-                if not keep.all():
-                    z[~keep] = 0.0
+                z.masked_fill_(~keep[:, None], 0.0)  # unsupervised rows: no gradient (no host sync to test for them)
                 grad_h[s:s + chunk] = (z.to(weight.dtype) @ weight)  # (c, C)
             del z  # else the next chunk's logits are allocated while these are still referenced
         ctx.save_for_backward(grad_h)
@@ -84,13 +98,16 @@ def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (B*T, C), (B*T,)
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
         return _FrozenHeadNLL.apply(h, head.weight, labels, chunk)
-    total = h.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[0], chunk):
+    total, kept = h.new_zeros((), dtype=torch.float32), supervised_chunks(labels, chunk)
+    grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    for s, supervised in zip(range(0, h.shape[0], chunk), kept):
         hs, ls = h[s:s + chunk], labels[s:s + chunk]
-        if not (ls != IGNORE_INDEX).any():
+        if not supervised:
             continue
-        if torch.is_grad_enabled() and hs.requires_grad:
+        if grad:
             total = total + checkpoint(_chunk_nll, hs, head, ls, use_reentrant=False)
         else:
             total = total + _chunk_nll(hs, head, ls)
+    if grad and not any(kept):  # no target here: a zero that carries the graph (the module's note)
+        total = total + _chunk_nll(h[:1], head, labels[:1])  # (1, V) logits, label -100: exactly 0
     return total

@@ -22,7 +22,9 @@ D head dim.
 """
 from __future__ import annotations
 
+import datetime
 import gc
+import math
 import os
 from dataclasses import dataclass
 
@@ -30,6 +32,13 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
+
+
+# Collectives wait this long for the slowest rank (torch's NCCL default is 10 minutes, gloo's 30). Ranks wait
+# in one while rank 0 alone writes a checkpoint: for llama3-80k on Llama-3-8B the trained embedding and its
+# two Adam moments, 3 x 128,256 x 4,096 float32 values = 6.3 GB, 2 minutes at 50 MB/s and 10 at 10 MB/s (a
+# slow network filesystem). An hour leaves room for that and still ends a run whose rank died.
+TIMEOUT_MINUTES = 60.0
 
 
 @dataclass
@@ -47,8 +56,13 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """torchrun's environment or a single process; sets this rank's CUDA device when there is one."""
+def init_distributed(timeout_minutes: float | None = None) -> Dist:
+    """torchrun's environment or a single process; sets this rank's CUDA device when there is one.
+    `timeout_minutes` (--nccl-timeout, default TIMEOUT_MINUTES): how long a collective waits for the other
+    ranks before the run is aborted (NCCL's watchdog and gloo's timeout alike)."""
+    timeout_minutes = TIMEOUT_MINUTES if timeout_minutes is None else timeout_minutes
+    if not (math.isfinite(timeout_minutes) and timeout_minutes > 0):
+        raise UserError(f"--nccl-timeout must be a finite number of minutes > 0, got {timeout_minutes}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -57,7 +71,8 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank, local, world, device)
 
 

@@ -35,6 +35,9 @@ Note: what "bit-exact" pins down (read off bitsandbytes 0.50.2, backends/default
       code nearest to the value; a block whose scales all equal the mean (s_m = 0) gets code 0.
     * 1-D inputs: bnb returns an even-length 1-D weight dequantized as shape (1, N); we keep (N,).
     * Dequantization multiplies in fp32 and rounds once to the output dtype (round-to-nearest-even).
+    * The offset c is bnb's `absmax.mean()`, whose float32 order depends on the device and, beyond 32768
+      blocks, on the CPU thread count; `absmax_offset` sums single-thread CPU slices of _MEAN_SLICE blocks
+      in order: bnb's CPU value up to 32768 blocks, the same value on every device and thread count.
 
 Note: memory. quantize_nf4 walks the flat weight in chunks of _CHUNK_ELEMENTS (a multiple of b), so
     the fp32 working copies are a few MB whatever the matrix size; the peak is the input plus its
@@ -99,6 +102,7 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LUT_SIZE = 65536  # grid of bnb's CPU 8-bit quantizer (see _blockwise_8bit)
 _CHUNK_ELEMENTS = 1 << 20  # weights processed at a time by quantize_nf4 (see the memory note)
+_MEAN_SLICE = 32768  # torch's CPU grain size: a reduction this long runs on one thread (absmax_offset)
 
 
 # ----------------------------------------------------------------------------- config
@@ -229,6 +233,15 @@ def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int, n:
     return (values.view(nblocks, blocksize) * scales[:, None]).reshape(-1)[:n]  # (nb, b) -> (n,)
 
 
+def absmax_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """c = mean_k scale_k in float32, the same bits on every device (the bit-exact note), on absmax's device."""
+    parts = absmax.cpu().split(_MEAN_SLICE)  # (<= 32768,) each
+    total = parts[0].sum()
+    for part in parts[1:]:
+        total = total + part.sum()
+    return (total / absmax.numel()).to(absmax.device)
+
+
 def quantize_nf4(
     w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256
 ) -> NF4Tensor:
@@ -255,7 +268,7 @@ def quantize_nf4(
         raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} holds NaN or inf values; fix the checkpoint")
     if not double_quant:
         return NF4Tensor(packed, absmax, None, None, w.shape, w.dtype, blocksize, dq_blocksize)
-    offset = absmax.mean()
+    offset = absmax_offset(absmax)
     codes8, nested = _blockwise_8bit(absmax - offset, dynamic_map_8bit().to(w.device), dq_blocksize)
     return NF4Tensor(packed, codes8, nested, offset, w.shape, w.dtype, blocksize, dq_blocksize)
 

@@ -63,20 +63,21 @@ in float64 for float64 inputs; the output is in q's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from errors import UserError
 
 # ----------------------------------------------------------------------------- constants
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # attn_fn(q, k, v) -> out
-FUSED_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+FUSED_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)  # priority
 MATH_MAX_CTX = 4096  # float32 + GQA on CUDA runs SDPA's math kernel: (H, T, T) float32 scores, 2 GiB/layer at 4096
 
 # ----------------------------------------------------------------------------- pure functions
@@ -117,6 +118,12 @@ def training_backends(dtype: torch.dtype, device_type: str, gqa: bool, ctx: int)
     flash and cuDNN fp16/bf16 only; memory-efficient fp32 too, but not `enable_gqa` with fewer kv heads.
     So float32 with GQA reaches only the math kernel: allowed (None) up to MATH_MAX_CTX tokens, a
     UserError above (use --dtype bfloat16, the CUDA default). Off CUDA: None (CPU has one flash kernel).
+
+    The list is a priority order (`training_kernels` passes set_priority=True): flash, then memory-efficient,
+    cuDNN last. Without it, torch on Hopper with a recent cuDNN tries cuDNN attention first, and the
+    model's q, k, v are strided views of one projection (and GQA's k, v stride-0 expansions), layouts
+    cuDNN's SDPA has had bugs with; a failing cuDNN call is an error, not a fallback. Last, it still
+    serves a call the other two refuse.
     """
     if device_type != "cuda":
         return None
@@ -128,6 +135,14 @@ def training_backends(dtype: torch.dtype, device_type: str, gqa: bool, ctx: int)
         return None
     raise UserError(f"--dtype {str(dtype).removeprefix('torch.')} with grouped-query attention on CUDA reaches "
                     f"only SDPA's math kernel ((T, T) scores); --ctx {ctx} > {MATH_MAX_CTX} needs --dtype bfloat16")
+
+
+def training_kernels(dtype: torch.dtype, device_type: str, gqa: bool, ctx: int):
+    """The context training attention runs in: SDPA limited to `training_backends`, tried in that order
+    (sdpa_kernel with set_priority=True); a null context where they are None. Forward and backward both
+    (a checkpointed block's backward reruns attention)."""
+    backends = training_backends(dtype, device_type, gqa, ctx)
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends, set_priority=True)
 
 
 def head_pieces(n_heads: int, n_kv_heads: int, border: int | None = None) -> list[tuple[int, int, bool]]:

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 import config
@@ -49,7 +48,8 @@ import pose
 import rope
 import shift_attn
 from checkpoint import atomic_path, atomic_write_text, load_model, read_json
-from config import TrainConfig, choose_dtype
+from config import TrainConfig
+from devices import choose_dtype
 from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions
 from parallel import Dist, log0
@@ -111,13 +111,12 @@ def shard_batch(batch: list[dict], mesh: parallel.Mesh, d: Dist) -> list[dict]:
 
 
 def attention_backends(cfg: TrainConfig, d: Dist, net):
-    """SDPA limited to its fused kernels while training on CUDA (shift_attn.training_backends), so a fallback
-    to the math kernel's (T, T) scores is an error, not a silent O(T^2) allocation; float32 with GQA beyond
-    shift_attn.MATH_MAX_CTX is a UserError here."""
+    """SDPA limited to its fused kernels while training on CUDA, flash first and cuDNN last
+    (shift_attn.training_kernels), so a fallback to the math kernel's (T, T) scores is an error, not a
+    silent O(T^2) allocation; float32 with GQA beyond shift_attn.MATH_MAX_CTX is a UserError here."""
     mc = net.config
-    backends = shift_attn.training_backends(choose_dtype(cfg.dtype, d.device), d.device.type,
-                                            mc.n_heads != mc.n_kv_heads, cfg.ctx)
-    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
+    return shift_attn.training_kernels(choose_dtype(cfg.dtype, d.device), d.device.type,
+                                       mc.n_heads != mc.n_kv_heads, cfg.ctx)
 
 
 def make_schedule(cfg: TrainConfig, total_steps: int):
@@ -317,9 +316,11 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     cursor and RNG restored), with --resume-from that checkpoint's, else 0; an --out holding another run's
     checkpoints is refused. The settings that may change (lr, schedule, steps, ...) are this run's from the
     resumed step on: lr = --lr x schedule(step) with this run's schedule and total."""
-    if cfg.resume_from is not None and not (Path(cfg.resume_from) / "trainer_state.json").is_file():
-        raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
     ckpt = Path(cfg.resume_from) if cfg.resume_from else newest_checkpoint(out) if cfg.resume else None
+    place = f"--resume-from {ckpt}" if cfg.resume_from else f"--out {out}"
+    guards.check_same_files(d, [ckpt or newest_checkpoint(out)], place)  # every rank finds the same (multi-node)
+    if cfg.resume_from is not None and not (ckpt / "trainer_state.json").is_file():
+        raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
     if cfg.resume and ckpt is None:
         log0(d, f"--resume: no checkpoint in {out}; starting fresh")
     if ckpt is None:
@@ -559,7 +560,7 @@ def main(argv=None):
             preflight(cfg, load_tok(cfg))
             plan.dry_run(cfg)
             return
-        d = parallel.init_distributed()
+        d = parallel.init_distributed(given.get("nccl_timeout"))
         if given.get("model") is None:  # no model given: the built-in demo (demo.py)
             if given.get("data") is not None:
                 raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")

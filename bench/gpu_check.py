@@ -3,18 +3,22 @@
     python bench/gpu_check.py --out DIR [--device cuda] [--small]     # writes DIR/report.md, DIR/report.json
 
 Sections, each catching its own failure (recorded, then the next one runs):
-  smoke      NF4 quantize/dequantize bit-exact against the CPU, Linear4bit forward/backward, bf16 forward
-             against float32, the SDPA kernels actually run (profiled), train.py --compile and --offload,
-             a 1-rank process group (NCCL for CUDA tensors, gloo for CPU ones) with the loss all-reduce and
-             DDP, sampling with a CPU generator from device logits, context parallelism if parallel.py has it;
+  smoke      NF4 quantize/dequantize bit-exact against the CPU (the double-quantization offset included),
+             Linear4bit forward/backward, bf16 forward against float32, the SDPA kernels actually run
+             (profiled) on the model's strided and stride-0 expanded q/k/v, train.py --compile and
+             --offload, a 1-rank process group (NCCL for CUDA tensors, gloo for CPU ones) with the loss
+             all-reduce and DDP, sampling with a CPU generator from device logits;
+  multi_rank with 2 GPUs (2 gloo processes on the CPU): NCCL all-reduce and all-to-all against their known
+             results, and train.py --cp 2 under torchrun against one process;
   train      one training step of the llama-3-8b shape (random weights, NF4 + LoRA r=32 on q,k,v,o, bf16,
              recipe llama3-80k without its trained embedding) at 8K/32K/80K tokens, sizes the memory plan
-             (plan.memory_plan) says do not fit skipped; peak memory against the plan, tokens/s, MFU
-             against a bf16 matmul rate measured in the same run;
+             (plan.memory_plan) says do not fit skipped; peak memory from the built model on (the peak is
+             reset after the build) against the plan, tokens/s, MFU against a bf16 matmul rate measured
+             in the same run;
   hf         the same step through transformers + PEFT (bitsandbytes NF4 when importable) at 8K and 32K;
   demo       the built-in demo (train.py with no --model), at its full scale on CUDA when time allows.
---small runs every section at tiny sizes (the tiny preset, 64-256 tokens): `--device cpu --small` takes
-about a minute on a CPU and is what tests/test_gpu_check.py runs, so this script cannot rot unnoticed.
+--small runs every section at tiny sizes (the tiny preset, 64-256 tokens): `--device cpu --small` took
+266 s on a loaded 2-core CPU and is what tests/test_gpu_check.py runs, so this script cannot rot unnoticed.
 
 Tolerances: NF4 codes and dequantized weights bit-exact (the same integer arithmetic and one fp32 rounding);
 Linear4bit and the compiled/offloaded/DDP trainer 1e-3 relative (different matmul kernels and Inductor's
@@ -24,11 +28,11 @@ against float32 within 3e-2 relative L2 (8 significant bits: 2^-8 = 0.4% per rou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -44,6 +48,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import config  # noqa: E402
 import demo  # noqa: E402
+import devices  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
 import memory  # noqa: E402
@@ -158,36 +163,40 @@ def smoke_bf16(device) -> dict:
 
 
 def smoke_sdpa(device, T) -> dict:
-    """The kernels that training attention (full and S²-Attn, under train.attention_backends' policy) and
-    chunked prefill (cached_attention with start > 0) actually run, for the dtype the trainer picks."""
-    dtype = config.choose_dtype(None, device)
-    H, Hkv, D = 32, 8, 128
-    if T < 1024:
-        H, Hkv, D = 4, 2, 16
+    """The kernels that training attention (full, S²-Attn, and S²-Attn with a context-parallel rank's head
+    border, under train.attention_backends' policy: shift_attn.training_kernels) and chunked prefill
+    (cached_attention with start > 0) actually run, for the dtype the trainer picks, on the model's own
+    layouts: q, k, v as the attention module makes them, (B, T, H, D) projections viewed as (B, H, T, D)
+    (strided, not contiguous), and a border inside a kv group, whose pieces broadcast their one kv head
+    by a stride-0 expand (shift_attn's note)."""
+    dtype = devices.choose_dtype(None, device)
+    H, Hkv, D = (32, 8, 128) if T >= 1024 else (8, 2, 16)
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, h, T, D, generator=g).to(device, dtype).requires_grad_() for h in (H, Hkv, Hkv))
-    backends = shift_attn.training_backends(dtype, device.type, gqa=True, ctx=T)
-    ctx = (lambda: torch.nn.attention.sdpa_kernel(backends)) if backends else contextlib.nullcontext
-    res = {"dtype": str(dtype), "allowed": [b.name for b in backends] if backends else "any"}
+    q, k, v = (torch.randn(1, T, h, D, generator=g).to(device, dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D) views of (B, T, H, D), as model.Attention's
+    border = H // 2 - H // Hkv // 2  # inside a kv group: pieces of rep/2 query heads on one (expanded) kv head
+    res = {"dtype": str(dtype), "q_stride": list(q.stride()), "border_in_kv_group": border,
+           "allowed": [b.name for b in shift_attn.training_backends(dtype, device.type, True, T) or []] or "any"}
 
     def train_step(attn):
         def f():
-            with ctx():
+            with shift_attn.training_kernels(dtype, device.type, gqa=True, ctx=T):
                 attn(q, k, v).float().sum().backward()
             sync(device)
         return f
 
     res["full"] = sdpa_kernels_run(train_step(shift_attn.causal_attention))
     res["s2"] = sdpa_kernels_run(train_step(shift_attn.make_attention(group_ratio=0.25)))
+    res["s2_border"] = sdpa_kernels_run(train_step(shift_attn.make_attention(group_ratio=0.25, border=border)))
     with torch.no_grad():
         chunk = T // 4
         qc = q[:, :, -chunk:].detach()
         res["prefill_chunk"] = sdpa_kernels_run(lambda: (cached_attention(qc, k.detach(), v.detach(), T - chunk), sync(device)))
     fused = ("flash_attention", "efficient_attention", "cudnn_attention")
     if device.type == "cuda":
-        res["ok"] = all(res[p] and all(k_ in fused for k_ in res[p]) for p in ("full", "s2", "prefill_chunk"))
+        res["ok"] = all(res[p] and all(k_ in fused for k_ in res[p]) for p in ("full", "s2", "s2_border", "prefill_chunk"))
     else:
-        res["ok"] = all(res[p] for p in ("full", "s2", "prefill_chunk"))  # CPU: whichever kernel, recorded
+        res["ok"] = all(res[p] for p in ("full", "s2", "s2_border", "prefill_chunk"))  # CPU: whichever kernel, recorded
     return res
 
 
@@ -262,11 +271,60 @@ def section_smoke(args, device, sizes, out: Path) -> dict:
             res[name] = fn()
         except Exception as e:  # noqa: BLE001
             res[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
-    res["context_parallel"] = {"ok": None, "skipped": "parallel.py has no context parallelism in this tree"} \
-        if not any("context" in n for n in dir(parallel)) else {"ok": None, "skipped": "present; not wired here yet"}
     return res
 
-# ----------------------------------------------------------------------------- section 2: our training step
+# ----------------------------------------------------------------------------- section 2: several ranks
+
+
+def collectives_worker(rank: int, world: int, port: int, device_type: str, out: str) -> None:
+    """One rank of section_multi_rank: an all-reduce and parallel.exchange's all-to-all (NCCL on CUDA, gloo
+    on the CPU) against the results they must give, written to OUT/rank{rank}.json."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        x = torch.full((1024,), float(rank + 1), device=device)
+        dist.all_reduce(x)
+        t = torch.arange(2 * world, device=device, dtype=torch.float32) + 100 * rank  # piece j: [2j, 2j+1] + 100 rank
+        got = parallel.exchange(t, 0, 0, None)  # piece `rank` of every rank j, in rank order
+        want = torch.cat([torch.arange(2 * rank, 2 * rank + 2, dtype=torch.float32) + 100 * j for j in range(world)])
+        res = {"backend": dist.get_backend(), "all_reduce_ok": bool((x == world * (world + 1) / 2).all()),
+               "all_to_all_ok": bool(torch.equal(got.cpu(), want))}
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+
+
+def section_multi_rank(device, out: Path) -> dict:
+    """Two ranks (two GPUs; gloo processes on the CPU): the collectives of collectives_worker, then
+    `torchrun --nproc_per_node 2 train.py --cp 2` against `python train.py` on the same data and seed in
+    float32, every logged loss within 1e-5 on the CPU (only the order of the reductions differs), 1e-4 on
+    CUDA (cuBLAS picks other kernels, split-K included, for half-length shards). Skipped below 2 GPUs."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        return {"ok": None, "skipped": f"{torch.cuda.device_count()} GPU: needs 2"}
+    world, where = 2, out / "collectives"
+    where.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.spawn(collectives_worker, args=(world, free_port(), device.type, str(where)), nprocs=world)
+    ranks = [json.loads((where / f"rank{r}.json").read_text()) for r in range(world)]
+    common = [str(ROOT / "train.py"), "--model", "tiny", "--tokenizer", "bytes", "--ctx", "128", "--steps", "2",
+              "--data", str(corpus(out)), "--lr", "1e-2", "--schedule", "constant", "--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"one": [sys.executable, *common], "cp2": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc_per_node", "2", *common, "--cp", "2"]}
+    losses = {}
+    for name, cmd in runs.items():
+        r = subprocess.run([*cmd, "--out", str(out / f"cp_{name}")], capture_output=True, text=True, env=env, cwd=ROOT)
+        if r.returncode:
+            return {"ok": False, "collectives": ranks, "error": f"{name}: {r.stderr[-1500:]}"}
+        losses[name] = [json.loads(l)["loss"] for l in (out / f"cp_{name}" / "metrics.jsonl").read_text().splitlines()]
+    tol = 1e-4 if device.type == "cuda" else 1e-5
+    diff = max(abs(a - b) for a, b in zip(losses["one"], losses["cp2"]))
+    ok = all(r["all_reduce_ok"] and r["all_to_all_ok"] for r in ranks) and len(losses["cp2"]) == 2 and diff <= tol
+    return {"ok": ok, "collectives": ranks, "losses": losses, "cp2_max_loss_diff": diff, "tolerance": tol}
+
+# ----------------------------------------------------------------------------- section 3: our training step
 
 
 def matmul_rate(device) -> dict:
@@ -308,7 +366,7 @@ def random_nf4_model(mc: ModelConfig, dtype, device, memory: MemoryOptions) -> T
 def section_train(args, device, sizes, rate: dict, deadline: float) -> dict:
     d = parallel.Dist(0, 0, 1, device)
     mc = ModelConfig.from_name(sizes["model"])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = devices.choose_dtype(None, device)  # as the trainer picks it
     capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     rows = {}
     for T in sizes["lengths"]:
@@ -319,10 +377,10 @@ def section_train(args, device, sizes, rate: dict, deadline: float) -> dict:
             continue
         net = None
         try:
-            reset_peak(device)
             net = random_nf4_model(mc, dtype, device, MemoryOptions(checkpointing=cfg.checkpointing))
             summary = lora.apply_lora(net, **cfg.lora_kwargs())
             net.to(device).train()
+            reset_peak(device)  # after the build: quantize_model's transient copies are not the step's peak
             need = plan.memory_plan(cfg, mc, torch.finfo(dtype).bits // 8, summary["trainable"], device.type)["total"]
             if capacity is not None and need > capacity:
                 rows[T] = {"skipped": f"plan {need / 2**30:.1f} GiB > device {capacity / 2**30:.1f} GiB"}
@@ -353,7 +411,7 @@ def section_train(args, device, sizes, rate: dict, deadline: float) -> dict:
     return {"ok": all("error" not in r for r in rows.values()), "model": sizes["model"], "dtype": str(dtype),
             "rows": rows}
 
-# ----------------------------------------------------------------------------- section 3: transformers + PEFT
+# ----------------------------------------------------------------------------- section 4: transformers + PEFT
 
 
 def section_hf(args, device, sizes, rate: dict, deadline: float) -> dict:
@@ -367,7 +425,7 @@ def section_hf(args, device, sizes, rate: dict, deadline: float) -> dict:
     except ImportError:
         bnb = None
     mc = ModelConfig.from_name(sizes["model"])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = devices.choose_dtype(None, device)  # as the trainer picks it
     hc = transformers.LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.dim, num_hidden_layers=mc.n_layers,
                                   num_attention_heads=mc.n_heads, num_key_value_heads=mc.n_kv_heads,
                                   intermediate_size=mc.ffn_dim, rope_theta=mc.rope_theta, attn_implementation="sdpa",
@@ -379,7 +437,6 @@ def section_hf(args, device, sizes, rate: dict, deadline: float) -> dict:
             continue
         net = None
         try:
-            reset_peak(device)
             with torch.device(device):
                 net = transformers.LlamaForCausalLM(hc).to(dtype)
             quant = "none"
@@ -398,6 +455,7 @@ def section_hf(args, device, sizes, rate: dict, deadline: float) -> dict:
             net.enable_input_require_grads()
             net = peft.get_peft_model(net, peft.LoraConfig(r=32, lora_alpha=16, target_modules=list(lora.ATTN_PROJ)))
             net.train()
+            reset_peak(device)  # after the build, as section_train
             opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=5e-5)
             x = torch.randint(0, mc.vocab_size, (1, T), device=device)
             times = []
@@ -422,7 +480,7 @@ def section_hf(args, device, sizes, rate: dict, deadline: float) -> dict:
             "versions": {"transformers": transformers.__version__, "peft": peft.__version__,
                          "bitsandbytes": getattr(bnb, "__version__", None)}}
 
-# ----------------------------------------------------------------------------- section 4: the demo
+# ----------------------------------------------------------------------------- section 5: the demo
 
 
 def section_demo(args, device, small: bool, out: Path, deadline: float) -> dict:
@@ -444,7 +502,7 @@ def section_demo(args, device, small: bool, out: Path, deadline: float) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# gpu_check report", "", f"device: {report['device']} ({report['device_name']}), torch "
              f"{report['torch']}, small={report['small']}, {report['seconds']:.0f} s", ""]
-    for name in ("smoke", "train", "hf", "demo"):
+    for name in ("smoke", "multi_rank", "train", "hf", "demo"):
         sec = report["sections"][name]
         lines += [f"## {name}", ""]
         if name == "smoke" and isinstance(sec, dict) and "error" not in sec:
@@ -472,11 +530,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for report.md, report.json and scratch runs")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--small", action="store_true", help="tiny sizes: every section in about a minute on a CPU")
+    ap.add_argument("--small", action="store_true", help="tiny sizes: every section in a few minutes on a CPU")
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
-        device = config.choose_device(args.device)
+        device = devices.choose_device(args.device)
     except config.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -496,6 +554,7 @@ def main(argv=None) -> int:
             sections[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
 
     guarded("smoke", lambda: section_smoke(args, device, sizes, out))
+    guarded("multi_rank", lambda: section_multi_rank(device, out / "multi_rank"))
     try:
         rate = matmul_rate(device)
     except Exception as e:  # noqa: BLE001

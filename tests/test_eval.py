@@ -90,7 +90,7 @@ def test_cli_scores_equal_with_chunked_prefill(tmp_path):
     assert nll64 == pytest.approx(ev.window_nll(tiny, stream)[0], rel=REL_TOL)
     assert res["0p"]["rows"][0]["items"][0]["answer"] == res["7p"]["rows"][0]["items"][0]["answer"]
     meta = res["7"]
-    want_device = "cuda" if torch.cuda.is_available() else "cpu"  # config.choose_device's default
+    want_device = "cuda" if torch.cuda.is_available() else "cpu"  # devices.choose_device's default
     assert meta["device"] == want_device and meta["dtype"] == ("bfloat16" if want_device == "cuda" else "float32")
     assert meta["git_revision"] and meta["rows"][1]["rope_scaling"]["rope_type"] == "yarn"
     assert (tmp_path / "7" / "ppl.png").stat().st_size > 0

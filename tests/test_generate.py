@@ -70,3 +70,20 @@ def test_cli_continues_a_prompt_greedily(smollm2_path, capsys):
     model = load_model(smollm2_path, dtype=torch.float32)
     ids = generate(model, tok.encode("The capital of France is", bos=True), 4, stop_ids=tok.eos_id)
     assert out == "The capital of France is" + tok.decode(ids) + "\n"
+
+
+def test_cli_chooses_device_and_dtype_as_eval_does(tmp_path, capsys):
+    """--device/--dtype (devices.add_device_flags, eval.py's flags): --dtype bfloat16 on the CPU prints the
+    continuation of the model loaded in bfloat16, which differs from float32's here (the check can fail)."""
+    from checkpoint import save_model
+    from tokenizer import BYTE_VOCAB_SIZE, save_tokenizer
+    folder = tmp_path / "tiny"
+    save_model(load_model("tiny", vocab_size=BYTE_VOCAB_SIZE, seed=5), folder)  # a seed whose bf16 run differs
+    save_tokenizer("bytes", folder)
+    tok, prompt = load_tokenizer(str(folder)), "def main():"
+    want = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(str(folder), dtype=dtype)
+        want[dtype] = prompt + tok.decode(generate(model, tok.encode(prompt, bos=True), 24, stop_ids=tok.eos_id)) + "\n"
+    main(["--model", str(folder), "--prompt", prompt, "--max-new-tokens", "24", "--device", "cpu", "--dtype", "bfloat16"])
+    assert capsys.readouterr().out == want[torch.bfloat16] != want[torch.float32]

@@ -19,7 +19,7 @@ MAX_LINES = 600
 # other only where listed in SAME_LAYER (one direction each).
 LAYERS = {
     "errors": 0,
-    "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1,
+    "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
     "model": 2,
     "checkpoint": 3, "lora": 3,
     "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "ruler": 4, "protocols": 4, "generate": 4,
@@ -34,7 +34,7 @@ LAYERS = {
 SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
               ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
               ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("plan", "config"), ("plan", "parallel"),
-              ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
+              ("config", "parallel"), ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
               ("protocols", "tasks"), ("protocols", "data"), ("protocols", "tokenizer")}
 
 

@@ -61,3 +61,32 @@ def test_all_unsupervised_chunks_are_skipped():
         labels[1, 13] = 7
         want = -torch.log_softmax(model.lm_head(h[1, 13]).float(), -1)[7]
         assert abs(chunked_cross_entropy(h, model.lm_head, labels, chunk=8).item() - want.item()) < 1e-5
+
+
+def test_supervised_chunks_match_a_per_chunk_test():
+    """supervised_chunks (one host copy) against `.any()` chunk by chunk, for lengths that do and do not
+    divide by the chunk."""
+    from loss import supervised_chunks
+    g = torch.Generator().manual_seed(3)
+    for n, chunk in [(20, 8), (24, 8), (5, 16), (1, 1), (33, 4)]:
+        labels = torch.randint(0, 3, (n,), generator=g)
+        labels[labels == 0] = -100
+        labels[: n // 2] = -100
+        want = [bool((labels[s:s + chunk] != -100).any()) for s in range(0, n, chunk)]
+        assert supervised_chunks(labels, chunk) == want
+
+
+def test_no_supervised_token_still_carries_the_graph():
+    """Labels all -100 (a context-parallel shard made only of prompt tokens), trained head or frozen: the
+    loss is exactly 0 and backward gives every trained parameter a gradient, all zeros (DDP needs one from
+    every rank; the backward's collectives need every rank to run it)."""
+    for head_trained in (True, False):
+        model = load_model("tiny").train()
+        model.lm_head.weight.requires_grad_(head_trained)
+        x = tokens(20)
+        loss = model(x, labels=torch.full_like(x, -100), loss_chunk=8)
+        assert loss.item() == 0.0 and loss.requires_grad
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and not p.grad.any(), n

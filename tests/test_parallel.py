@@ -43,6 +43,25 @@ CASES = [  # (H, Hkv, T, S²-Attn group ratio or None); H / 2 = 3 heads per rank
 ]
 
 
+def test_process_group_gets_the_nccl_timeout(monkeypatch):
+    """--nccl-timeout reaches init_process_group as a timedelta (the default: parallel.TIMEOUT_MINUTES); a
+    value that is not > 0 is one UserError naming the flag, before any group is made."""
+    import datetime
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    d = parallel.init_distributed(90)
+    assert (d.rank, d.world) == (1, 2) and seen == [("gloo", {"timeout": datetime.timedelta(minutes=90)})]
+    parallel.init_distributed()
+    assert seen[-1][1]["timeout"] == datetime.timedelta(minutes=parallel.TIMEOUT_MINUTES) > datetime.timedelta(minutes=10)
+    for bad in (0, -5, float("inf")):
+        with pytest.raises(UserError, match=r"^--nccl-timeout must be"):
+            parallel.init_distributed(bad)
+    assert len(seen) == 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -315,3 +315,27 @@ def test_compiled_dequant_matmul_serves_many_shapes_without_hitting_the_recompil
         x = torch.randn(n, 128)
         torch.testing.assert_close(fn(x, q), Q.dequant_matmul(x, q), rtol=0, atol=0)
     assert cnt.frame_count < 8, cnt.frame_count  # below dynamo's recompile limit: 6 in torch 2.13 (branch kinds)
+
+
+def test_absmax_offset_is_bnb_cpu_mean_and_independent_of_the_reduction_order():
+    """The double-quantization offset c: bit-equal to bitsandbytes' CPU `absmax.mean()` up to 32768 blocks,
+    and beyond that the same float32 value at every CPU thread count (as on any device: it is taken on the
+    CPU in single-thread slices), where torch's own float32 mean changes with the thread count (checked
+    here, so the test shows an order that matters). Within 1e-6 relative of the float64 mean."""
+    from quant4 import absmax_offset
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 1000, 32768):
+        a = torch.rand(n, generator=g) * torch.rand(n, generator=g) * 3
+        assert torch.equal(absmax_offset(a), a.mean())
+    a = torch.rand(2_000_000, generator=g) * torch.rand(2_000_000, generator=g) * 3
+    threads = torch.get_num_threads()
+    try:
+        offsets, means = set(), set()
+        for t in (1, 2, 4, 8):
+            torch.set_num_threads(t)
+            offsets.add(absmax_offset(a).item())
+            means.add(a.mean().item())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(offsets) == 1 and len(means) > 1, (offsets, means)
+    assert abs(offsets.pop() / a.double().mean().item() - 1) < 1e-6

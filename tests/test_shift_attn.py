@@ -239,7 +239,7 @@ def test_training_backends_policy_for_cuda_shaped_calls():
     from errors import UserError
     from shift_attn import FUSED_BACKENDS, MATH_MAX_CTX, training_backends
 
-    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
     for dt in (torch.bfloat16, torch.float16):
         assert training_backends(dt, "cuda", gqa=True, ctx=81920) == fused == list(FUSED_BACKENDS)
         assert training_backends(dt, "cuda", gqa=False, ctx=81920) == fused
@@ -250,6 +250,26 @@ def test_training_backends_policy_for_cuda_shaped_calls():
         training_backends(torch.float32, "cuda", gqa=True, ctx=MATH_MAX_CTX + 1)
     for dt in (torch.float32, torch.bfloat16):
         assert training_backends(dt, "cpu", gqa=True, ctx=81920) is None
+
+
+def test_training_kernels_set_the_priority_flash_first_cudnn_last():
+    """Starting from cuDNN first (torch's own order on Hopper with a recent cuDNN), inside training_kernels
+    for a CUDA bf16 run torch's SDPA priority order (read back from torch; the flags are global, so any
+    build shows them) is flash, memory-efficient, then cuDNN, nothing else enabled; on leaving it the
+    previous order returns. CPU runs get no restriction."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
+
+    from shift_attn import training_kernels
+
+    hopper = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(hopper, set_priority=True):
+        assert _cur_sdpa_kernel_backends(with_priority=True) == hopper
+        with training_kernels(torch.bfloat16, "cuda", gqa=True, ctx=81920):
+            order = _cur_sdpa_kernel_backends(with_priority=True)
+        assert order == [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+        assert _cur_sdpa_kernel_backends(with_priority=True) == hopper
+        with training_kernels(torch.bfloat16, "cpu", gqa=True, ctx=81920):
+            assert _cur_sdpa_kernel_backends(with_priority=True) == hopper
 
 
 @pytest.mark.slow
