@@ -55,7 +55,7 @@ from tqdm import tqdm
 import memory
 import rope
 import ruler
-from checkpoint import atomic_write_text, load_model, read_config
+from checkpoint import load_model, read_config
 from config import choose_device, choose_dtype
 from data import list_files
 from errors import UserError, run_cli
@@ -63,6 +63,7 @@ from generate import generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
+from outputs import atomic_write_text, check_output, save_figure
 from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, exact_match,
                    haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt, rouge_l_recall,
                    sentence_starts, stdlib_files, stdlib_split, token_stream, windows)
@@ -384,7 +385,7 @@ def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
             ax.set(xlabel="context length (tokens)", ylabel=ylabel, title=label(r))
             ax.title.set_fontsize(7)
         fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight")
+    save_figure(fig, path, dpi=PLOT_DPI, bbox_inches="tight")
     plt.close(fig)
     return None
 
@@ -493,9 +494,9 @@ def load(spec: str, adapter: str | None, args):
 
 def evaluate(args) -> list[dict]:
     """Every (model, adapter) x RoPE row; identical effective settings are computed once and reused."""
-    out = Path(args.out)  # created by the first write_json: a run that fails before any result leaves none
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a folder")
+    out = check_output(args.out, "folder", "--out")  # created by the first write_json: a failed start leaves none
+    for name in (f"{args.task}.json", f"{args.task}.png"):
+        check_output(out / name, "file", "--out")
     meta = {"task": args.task, "git_revision": git_revision(), "device": str(args.device), "dtype": args.dtype,
             "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,

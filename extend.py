@@ -52,10 +52,11 @@ import torch
 import eval as ev
 import lora
 import rope
-from checkpoint import atomic_write_text, load_model, read_checkpoint
+from checkpoint import load_model, read_checkpoint
 from config import TrainConfig, choose_dtype, resolve
 from errors import UserError
 from model import MemoryOptions, ModelConfig, Transformer
+from outputs import atomic_write_text, save_figure
 from quant4 import quantize_model
 from parallel import Dist, all_reduce_sum, barrier
 from plan import memory_plan
@@ -141,7 +142,7 @@ def plot(rows: dict[str, dict], lengths: list[int], path: Path) -> str | None:
     ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return str(path)
 
