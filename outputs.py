@@ -2,7 +2,8 @@
 
 The rule, checked by every entry point before its work starts and again by every writer:
   - "file"    a file the command writes whole: an existing file there is replaced (atomically; through a
-              symbolic link the link's target is replaced and the link kept); a folder there is refused;
+              symbolic link, here and below, the link's target is replaced and the link kept); a folder
+              there is refused;
   - "folder"  a folder the command puts its own named files in (eval's results): created if missing, an
               existing one kept, its other entries untouched; a file there is refused;
   - "new"     a folder the command writes whole (a converted or merged model): missing or empty, or one
@@ -61,7 +62,8 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "",
     if kind == "file" and path.is_dir():
         raise UserError(f"{name}: is a folder; a file goes there (nothing was written or deleted: name a file)")
     if kind != "file" and (path.exists() or path.is_symlink()) and not path.is_dir():
-        raise UserError(f"{name}: is a file; a folder goes there (nothing was written or deleted: choose a folder)")
+        what = "a file" if path.exists() else "a broken link"
+        raise UserError(f"{name}: is {what}; a folder goes there (nothing was written or deleted: choose a folder)")
     if kind == "new" and path.is_dir() and (owned is None or not owned(path)):
         entry = next(iter(sorted(p.name for p in path.iterdir())), None)
         if entry is not None:
@@ -111,14 +113,14 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, replace: bool = T
     OS errors (read-only or full disk, permissions) become one UserError naming the path.
     """
     path = check_output(path, "new" if is_dir and not replace else "folder" if is_dir else "file")
-    if not is_dir and path.is_symlink():
+    if path.is_symlink():
         path = Path(_real(path))  # write through the link: its target is replaced, the link kept
     tmp = old = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_beside(path, is_dir)
         yield tmp
-        if is_dir and path.is_dir() and not path.is_symlink():
+        if is_dir and path.is_dir():
             old = _temp_beside(path, True)
             os.replace(path, old)  # the previous folder aside, then the new one in place
             try:
