@@ -56,7 +56,7 @@ from checkpoint import load_model, read_checkpoint
 from config import TrainConfig, choose_dtype, resolve
 from errors import UserError
 from model import MemoryOptions, ModelConfig, Transformer
-from outputs import atomic_write_text, save_figure
+from outputs import atomic_write_text, check_output, holds_only, save_figure
 from quant4 import quantize_model
 from parallel import Dist, all_reduce_sum, barrier
 from plan import memory_plan
@@ -171,7 +171,8 @@ def make_job(d: Dist, flags: dict, recipe: str | None) -> Job:
     gguf = smollm2_gguf()
     mcfg = read_checkpoint(gguf)[0]
     N, L0 = given["ctx"], mcfg.max_seq_len
-    out = Path(given.pop("out", JOB["out"]))
+    out = check_output(given.pop("out", JOB["out"]), "new", "--out",
+                       owned=holds_only("long.jsonl*", "short.jsonl*", "train", "results.*", "ppl_by_length.png"))
     lengths = sorted(set(given.pop("eval_lengths", [min(L0, N), N])))
     windows, keys = given.pop("eval_windows", EVAL_WINDOWS), given.pop("eval_keys", EVAL_KEYS)
     short_len = max(1024, min(L0, N))

@@ -69,8 +69,8 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "",
         if entry is not None:
             raise UserError(f"{name}: a folder that holds other files ({entry!r}) and is not this command's own; "
                             "choose a new or empty folder (nothing was deleted)")
-    for inp in inputs:
-        if inp is not None and os.path.exists(inp) and _real(inp) == _real(path):
+    for inp in inputs:  # the same file under any name: a symbolic or hard link, a relative path
+        if inp is not None and os.path.exists(inp) and path.exists() and os.path.samefile(inp, path):
             raise UserError(f"{name}: is also an input of this command ({inp}); choose another path")
     return path
 

@@ -161,7 +161,7 @@ def test_save_refuses_non_empty_directory_and_leaves_no_temp(tmp_path):
     model = load_model("tiny")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep")
-    with pytest.raises(UserError, match="exists and is not empty"):
+    with pytest.raises(UserError, match="holds other files"):
         save_model(model, tmp_path / "taken")
     save_model(model, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "taken"]

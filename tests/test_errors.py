@@ -631,3 +631,28 @@ def test_a_full_disk_names_the_file_and_cuts_no_line(small_disk, assets):
     errors = [l for l in err.splitlines() if l.startswith("error:")]
     assert code == 1 and len(errors) == 1 and f"error: {out}" in errors[0], err[-2000:]
     assert "No space left on device" in errors[0] and metrics.read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["data-missing", "out-locked"])
+def test_under_torchrun_one_rank_prints_the_error(tmp_path, assets, case):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    data = tmp_path / "missing.txt" if case == "data-missing" else assets / "text.txt"
+    fd = None
+    if case == "out-locked":
+        shutil.copytree(assets / "run", out)
+        fd = os.open(out / guards.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(ROOT / "train.py"), *RUN, "--data", str(data), "--out", str(out), "--steps", "4",
+                            "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        if fd is not None:
+            os.close(fd)
+    errors = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1, (r.stdout + r.stderr)[-3000:]
+    assert ("missing.txt" if case == "data-missing" else "another trainer") in errors[0]
