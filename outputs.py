@@ -9,8 +9,8 @@ The rule, checked by every entry point before its work starts and again by every
   - "new"     a folder the command writes whole (a converted or merged model): missing or empty, or one
               that `owned(path)` says is the command's own (a training run's folder); a file there, or a
               non-empty folder it does not own, is refused.
-A file standing where a parent folder should be, and an output that is also one of the command's inputs,
-are refused too. Refused means one UserError line naming the flag and the path; nothing is deleted.
+A file standing where a parent folder should be, and an existing output that is one of the command's
+inputs or lies inside an input folder, are refused too. Refused means one UserError line naming the flag and the path; nothing is deleted.
 
 Writing: `atomic_path` yields a temporary name beside the target (`.tmp-NAME-XXXXXXXX`, same folder, so the
 rename stays on one file system), created with the user's umask (0666 & ~umask for a file, 0777 & ~umask
@@ -69,9 +69,11 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "",
         if entry is not None:
             raise UserError(f"{name}: a folder that holds other files ({entry!r}) and is not this command's own; "
                             "choose a new or empty folder (nothing was deleted)")
-    for inp in inputs:  # the same file under any name: a symbolic or hard link, a relative path
-        if inp is not None and os.path.exists(inp) and path.exists() and os.path.samefile(inp, path):
-            raise UserError(f"{name}: is also an input of this command ({inp}); choose another path")
+    for inp in inputs:  # the same file under any name (a symbolic or hard link), or an existing part of an input
+        if inp is None or not os.path.exists(inp) or not path.exists():
+            continue
+        if os.path.samefile(inp, path) or os.path.isdir(inp) and Path(_real(path)).is_relative_to(_real(inp)):
+            raise UserError(f"{name}: is also an input of this command, or part of one ({inp}); choose another path")
     return path
 
 

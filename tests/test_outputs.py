@@ -108,6 +108,14 @@ def test_check_output_rule(tmp_path):
     src.write_text("x")
     with pytest.raises(UserError, match="also an input"):
         check_output(tmp_path / "." / "docs.txt", "file", "--out", inputs=[src])
+    os.link(src, tmp_path / "hard.txt")
+    with pytest.raises(UserError, match="also an input"):
+        check_output(tmp_path / "hard.txt", "file", "--out", inputs=[src])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.safetensors").write_text("w")
+    with pytest.raises(UserError, match="part of one"):
+        check_output(tmp_path / "model" / "w.safetensors", "file", "OUT", inputs=[tmp_path / "model"])
+    check_output(tmp_path / "model" / "new.gguf", "file", "OUT", inputs=[tmp_path / "model"])  # a new file beside
 
 
 def test_append_line_never_leaves_a_torn_line(tmp_path):
