@@ -169,7 +169,7 @@ def load_tok(cfg: TrainConfig):
     return load_tokenizer(tokenizer_source(cfg))
 
 
-def preflight(cfg: TrainConfig, tokenizer, d: Dist) -> None:
+def preflight(cfg: TrainConfig, tokenizer) -> None:
     """Checks that need files but load no weights: the --data spec, the tokenizer against the model's
     vocabulary. (--out is checked and locked by guards.own_run_folder.)"""
     D.parse_data_spec(cfg.data)
@@ -443,7 +443,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))  # checkpoints record the dtype used
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
-    preflight(cfg, tokenizer, d)
+    preflight(cfg, tokenizer)
     check_context_parallel(cfg)
     mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
