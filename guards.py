@@ -52,9 +52,10 @@ class Interrupts:
     thread it installs nothing and `requested()` is False."""
 
     def __init__(self, d: Dist):
-        self.d, self.flag, self.old, self.final = d, False, {}, None
+        self.d, self.flag, self.old, self.final, self.signum = d, False, {}, None, signal.SIGTERM
 
     def _handle(self, signum, frame):
+        self.signum = signum
         if self.final is not None:
             raise UserError(f"{signal.Signals(signum).name}: stopped before the final outputs were complete (none "
                             f"half-written); checkpoint {self.final} is kept: rerun the same command with --resume")
@@ -89,7 +90,7 @@ class Interrupts:
         self.final = ckpt
         try:
             if self.flag:
-                self._handle(signal.SIGTERM, None)
+                self._handle(self.signum, None)
             yield
         finally:
             self.final = None
