@@ -141,24 +141,33 @@ def check_run_folder(out: Path) -> None:
 
 
 def _lock(out: Path, d: Dist) -> int | None:
-    """Rank 0: an exclusive flock on OUT/.lock (its fd), every rank agreeing; UserError if it is held."""
-    fd, holder = None, None
+    """Rank 0: an exclusive flock on OUT/.lock (its fd), every rank agreeing; UserError if it is held or
+    cannot be made. A file system without locks (some network mounts) gets a warning and no lock."""
+    fd, problem = None, None
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            problem = (f"--out {out}: another trainer (pid {holder}) is writing there; wait for it to end or "
+                       "choose another --out")
+        except OSError as e:
+            if fd is None:
+                problem = f"--out {out}: cannot write there ({e.strerror or e})"
+            else:
+                print(f"warning: --out {out}: cannot lock {out / LOCK_NAME} ({e.strerror or e}); a second trainer "
+                      "on it would not be refused", file=sys.stderr, flush=True)
+        if problem is not None and fd is not None:
             os.close(fd)
-    busy = holder is not None
+    failed = problem is not None
     if d.world > 1:
-        busy = parallel.all_reduce_sum(torch.tensor(float(busy), device=d.device), d).item() > 0
-    if busy:
-        raise UserError(f"--out {out}: another trainer (pid {holder}) is writing there; wait for it to end or "
-                        "choose another --out")
+        failed = parallel.all_reduce_sum(torch.tensor(float(failed), device=d.device), d).item() > 0
+    if failed:
+        raise UserError(problem or f"--out {out}: rank 0 could not take the lock")
     return fd
 
 
