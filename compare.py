@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -44,12 +43,14 @@ from pathlib import Path
 import torch
 
 import demo
+import guards
 import ruler
-from checkpoint import SAFETENSORS_SINGLE, atomic_write_text, read_config
+from checkpoint import SAFETENSORS_SINGLE, read_config
 from config import TrainConfig, resolve
 from errors import UserError, run_cli
 from generate import generate
 from lora import load_adapter
+from outputs import atomic_write_text, check_output, holds_only
 from parallel import destroy, init_distributed
 from tasks import haystack_text, sentence_starts
 from tokenizer import ByteTokenizer
@@ -192,6 +193,7 @@ def compare(args) -> dict:
     if not (base_dir / SAFETENSORS_SINGLE).is_file():
         raise UserError(f"--base {base_dir}: no {SAFETENSORS_SINGLE}; make it with `python demo.py pretrain`")
     L, factor = read_config(base_dir).max_seq_len, max(demo.FACTORS)
+    check_output(out, "new", "--out", owned=holds_only("data.jsonl", "short-*.jsonl", "results.*", *METHODS))
     out.mkdir(parents=True, exist_ok=True)
     filler = demo.corpus_bytes(demo.stdlib_split()[1])
     tok, text = ByteTokenizer(), haystack_text(None)
@@ -217,8 +219,7 @@ def compare(args) -> dict:
             t = time.time()
             data = write_data(out, m, L, factor * L, args.steps)
             cfg = resolve(train_settings(m, L, factor, args.steps, base_dir, data, out / key / "train"), world_size=1)
-            if Path(cfg.out).exists():
-                shutil.rmtree(cfg.out)  # this command's own previous run of the method
+            guards.remove_run(cfg.out)  # this command's own previous run of the method
             train(cfg, d)
             net = demo.load_base(base_dir, cfg, quant=cfg.quant)
             load_adapter(net, Path(cfg.out) / "adapter")

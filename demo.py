@@ -52,7 +52,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -63,14 +62,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import guards
 import memory
 import model as llama
 import rope
-from checkpoint import SAFETENSORS_SINGLE, atomic_path, atomic_write_text, load_model, read_config, save_model
+from checkpoint import SAFETENSORS_SINGLE, load_model, read_config, save_model
 from config import TrainConfig, resolve
 from errors import UserError, run_cli
 from guards import check_same_files
 from lora import load_adapter
+from outputs import atomic_path, atomic_write_text, check_output, holds_only, save_figure
 from parallel import Dist, barrier
 from tasks import (KEY_DIGITS, PASSKEY_NAME, code_passkey_items, corpus_bytes, query_bytes, random_value,
                    stdlib_split)
@@ -89,6 +90,7 @@ TRAIN_SEED, EVAL_SEED = 1234, 987654321  # separate RNG streams for training and
 BASE_PRESET = dict(vocab_size=VOCAB, dim=128, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=384, max_seq_len=256,
                    rope_theta=10000.0, bos_id=BOS, eos_id=EOS)
 FACTORS = (1, 5, 10)  # evaluation lengths in units of the base context L
+DEMO_OUTPUTS = ("data.jsonl", "train", "results.json", "results.md", "nll_by_position.png")  # what --out holds
 EVAL_WINDOWS, EVAL_KEYS = 8, 40
 DEMO_RECIPE = dict(tokenizer="bytes", quant="nf4", lora_r=16, lora_alpha=32.0, lora_targets="all-linear",
                    train="embed,norm", rope="yarn:16", attn="s2", group_ratio=0.25, lr=2e-3, warmup=10,
@@ -185,7 +187,7 @@ def pretrain(args) -> None:
                             lr=args.lr, betas=(0.9, 0.95))
     rng = random.Random(TRAIN_SEED + args.seed)
     T = cfg.max_seq_len
-    out = Path(args.out)
+    out = check_output(args.out, "new", "--out")  # before training: step-N folders are never replaced
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for step in range(1, args.steps + 1):
@@ -329,7 +331,7 @@ def plot(rows: dict[str, dict], L: int, path: Path) -> str | None:
     ax.set_ylabel("NLL (nats/byte), held-out stdlib code")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return str(path)
 
@@ -353,7 +355,7 @@ def prepare(d: Dist, flags: dict) -> DemoRun:
     and write the extension data. Every rank returns the same config; the caller trains, then `finish`."""
     t0 = time.time()
     given = {k: v for k, v in flags.items() if v is not None}
-    out = Path(given.pop("out", DEMO_RECIPE["out"]))
+    out = check_output(given.pop("out", DEMO_RECIPE["out"]), "new", "--out", owned=holds_only(*DEMO_OUTPUTS))
     base_dir = Path(given.pop("base", DEMO_DIR))
     n_windows, n_keys = given.pop("eval_windows", EVAL_WINDOWS), given.pop("eval_keys", EVAL_KEYS)
     untrained = given.pop("eval_untrained", False)
@@ -367,8 +369,7 @@ def prepare(d: Dist, flags: dict) -> DemoRun:
     if d.main:
         print(f"demo: base {base_dir} (context L = {L} bytes), extending to {cfg.ctx} with {d.world} process(es)",
               flush=True)
-        if (out / "train").exists():
-            shutil.rmtree(out / "train")  # the demo's own previous run
+        guards.remove_run(out / "train")  # the demo's own previous run
         out.mkdir(parents=True, exist_ok=True)
         write_extension_data(out / "data.jsonl", corpus_bytes(stdlib_split()[0]), cfg.ctx,
                              cfg.steps * cfg.grad_accum * d.world, TRAIN_SEED + 7)

@@ -15,19 +15,19 @@ class UserError(Exception):
     """A mistake in the command line, data or files: reported as one line, exit code 1."""
 
 
-def run_cli(body: Callable[[], object]) -> int:
+def run_cli(body: Callable[[], object], quiet: bool = False) -> int:
     """Run an entry point's body; return its exit code.
 
     0 when it returns; 1 with one `error: ...` line on stderr for a UserError, or for an OSError on a path
     the user named (unreadable, vanished, a file where a folder should be), which names that path. Any
-    other exception propagates with its traceback: it is a bug.
+    other exception propagates with its traceback: it is a bug. quiet: exit 1 without the line (the ranks
+    of a torchrun job but rank 0, which prints the same line once).
     """
     try:
         body()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        if not quiet:
+            where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+            print(f"error: {where}{e.strerror or e}" if isinstance(e, OSError) else f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -62,7 +62,7 @@ import memory
 import protocols
 import rope
 import ruler
-from checkpoint import atomic_write_text, load_model, read_config
+from checkpoint import load_model, read_config
 from data import list_files
 from devices import add_device_flags, device_and_dtype
 from errors import UserError, run_cli
@@ -70,6 +70,7 @@ from generate import generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
+from outputs import atomic_write_text, check_output, save_figure
 from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes,
                    haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt,
                    sentence_starts, stdlib_files, stdlib_split, token_stream, windows)
@@ -396,7 +397,7 @@ def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
             ax.set(xlabel="context length (tokens)", ylabel=ylabel, title=label(r))
             ax.title.set_fontsize(7)
         fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight")
+    save_figure(fig, path, dpi=PLOT_DPI, bbox_inches="tight")
     plt.close(fig)
     return None
 
@@ -525,9 +526,9 @@ def run_harness(args) -> dict:
 
 def evaluate(args) -> list[dict]:
     """Every (model, adapter) x RoPE row; identical effective settings are computed once and reused."""
-    out = Path(args.out)  # created by the first write_json: a run that fails before any result leaves none
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a folder")
+    out = check_output(args.out, "folder", "--out")  # created by the first write_json: a failed start leaves none
+    for name in (f"{args.task}.json", f"{args.task}.png"):
+        check_output(out / name, "file", "--out")
     meta = {"task": args.task, "git_revision": git_revision(), "device": str(args.device), "dtype": args.dtype,
             "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,

@@ -52,12 +52,13 @@ import torch
 import eval as ev
 import lora
 import rope
-from checkpoint import atomic_write_text, load_model, read_checkpoint
+from checkpoint import load_model, read_checkpoint
 from config import TrainConfig, resolve
 from devices import choose_dtype
 from errors import UserError
 from guards import check_same_files
 from model import MemoryOptions, ModelConfig, Transformer
+from outputs import atomic_write_text, check_output, holds_only, save_figure
 from quant4 import quantize_model
 from parallel import Dist, all_reduce_sum, barrier
 from plan import memory_plan
@@ -143,7 +144,7 @@ def plot(rows: dict[str, dict], lengths: list[int], path: Path) -> str | None:
     ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return str(path)
 
@@ -172,7 +173,8 @@ def make_job(d: Dist, flags: dict, recipe: str | None) -> Job:
     gguf = smollm2_gguf()
     mcfg = read_checkpoint(gguf)[0]
     N, L0 = given["ctx"], mcfg.max_seq_len
-    out = Path(given.pop("out", JOB["out"]))
+    out = check_output(given.pop("out", JOB["out"]), "new", "--out",
+                       owned=holds_only("long.jsonl*", "short.jsonl*", "train", "results.*", "ppl_by_length.png"))
     lengths = sorted(set(given.pop("eval_lengths", [min(L0, N), N])))
     windows, keys = given.pop("eval_windows", EVAL_WINDOWS), given.pop("eval_keys", EVAL_KEYS)
     short_len = max(1024, min(L0, N))

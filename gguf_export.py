@@ -29,7 +29,7 @@ The file follows what llama.cpp's own converter (convert_hf_to_gguf.py) writes f
     python gguf_export.py SRC OUT.gguf [--type f16|bf16|q8_0|f32] [--tokenizer PATH]
 
 SRC is a Hugging Face safetensors directory or a .gguf file. The file is written through
-checkpoint.atomic_path. Notation: O out features, I in features, H heads, D head dim, s scaling
+outputs.atomic_path; an OUT that is a folder, or SRC itself, is refused before anything is read. Notation: O out features, I in features, H heads, D head dim, s scaling
 factor, L0 original context.
 """
 from __future__ import annotations
@@ -45,9 +45,10 @@ import numpy as np
 import torch
 
 import rope
-from checkpoint import GGUF_NAMES, atomic_path, read_checkpoint
-from errors import UserError
+from checkpoint import GGUF_NAMES, read_checkpoint
+from errors import UserError, run_cli
 from model import ModelConfig
+from outputs import atomic_path, check_output
 from tokenizer import LLAMA3_SPLIT, HFTokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -235,6 +236,20 @@ def tokenizer_keys(spec: str | os.PathLike, vocab_size: int, writer) -> None:
 # ----------------------------------------------------------------------------- export
 
 
+class _NoWriter:
+    """A GGUFWriter stand-in that records nothing: tokenizer_keys runs its checks without a file."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def check_exportable(cfg: ModelConfig, tokenizer: str | os.PathLike) -> None:
+    """Everything export_gguf would refuse in the model's RoPE and its tokenizer, checked without weights
+    (the trainer's --merge --gguf runs this before training)."""
+    rope_keys(cfg)
+    tokenizer_keys(tokenizer, cfg.vocab_size, _NoWriter())
+
+
 def _gguf_name(name: str, where: str) -> str:
     parts = name.split(".")
     if parts[:2] == ["model", "layers"] and ".".join(parts[3:-1]) in HF_TO_GGUF:
@@ -272,9 +287,9 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, ftype: str = "f1
         raise UserError("writing GGUF needs the optional package 'gguf' (pip install gguf)") from None
     if ftype not in FILE_TYPES:
         raise UserError(f"--type {ftype!r}: choose one of {', '.join(FILE_TYPES)}")
+    out = check_output(out, "file", "OUT", inputs=[src, tokenizer])
     cfg, items = read_checkpoint(src)
     keys, rope_freqs = rope_keys(cfg)
-    out = Path(out)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama", use_temp_file=True)
         w.add_name(Path(src).stem if Path(src).suffix == ".gguf" else Path(src).name)
@@ -324,10 +339,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json, tokenizer.model, .gguf or a folder "
                                                       "holding one (default: the one in SRC)")
     args = ap.parse_args(argv)
-    try:
-        print(f"wrote {export_gguf(args.src, args.out, args.type, args.tokenizer)}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if run_cli(lambda: print(f"wrote {export_gguf(args.src, args.out, args.type, args.tokenizer)}")):
         sys.exit(1)
 
 

@@ -1,10 +1,12 @@
-"""Run guards for the trainer: interrupts that save, an output folder that a failed start does not leave
-behind, temporary debris removed, numerical checks on the gradient.
+"""Run guards for the trainer: one trainer per output folder, interrupts that save, an output folder that a
+failed start does not leave behind, temporary debris removed, a rollback that becomes the live branch,
+numerical checks on the gradient.
 
+    with own_run_folder(out, d):         # --out checked, locked (flock), debris removed; removed if untrained
     with Interrupts(d) as stop:          # SIGINT/SIGTERM set a flag; a second SIGINT exits at once
         ... if stop.requested(): save, then raise UserError(stop.message(...))
-    with discard_if_untrained(out, d):   # a run that fails before its first step leaves no --out
-    remove_debris(out)                   # `.tmp-*` left by a kill -9 during an atomic write
+        with stop.at_once(ckpt): ...     # the final writes: a signal stops at once, nothing half-written
+    set_aside_later(out, step, d)        # --resume-from STEP: later checkpoints moved to OUT/abandoned/
     watch = GradWatch(); watch.check(step, grad_norm, out)
     check_same_files(d, [ckpt], "--out")  # files rank 0 wrote and every rank reads: the same on every node
 
@@ -12,6 +14,10 @@ Note: the interrupt is a flag the loop reads once per step, after the step's opt
 saved checkpoint is exactly what `--save-every` would have written at that step and `--resume` continues
 bit-identically. Ranks agree on the flag through one all-reduce per step (a signal may reach them at
 different steps); a single process reads it directly.
+
+Note: the lock is an flock on OUT/.lock held by rank 0 for the whole run. The kernel drops it when the
+process ends, however it ends (kill -9 included), so a lock file left behind never blocks the next run;
+the file holds the holder's pid for the message.
 
 Note: files one rank writes and all read. Rank 0 alone writes checkpoints (and the demo's data), every
 rank reads them (`--resume`). On several nodes without a shared filesystem for --out, the other nodes
@@ -23,6 +29,7 @@ cursors) and every rank stops with the same one-line UserError when the descript
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import shutil
@@ -37,10 +44,14 @@ from pathlib import Path
 import torch
 
 import parallel
-from checkpoint import TMP_PREFIX
 from errors import UserError
+from outputs import TMP_PREFIX, check_output
 from parallel import Dist
 
+CKPT_PREFIX = "ckpt-"  # checkpoint folders: ckpt-STEP, the step in 7 digits
+LOCK_NAME = ".lock"
+ABANDONED = "abandoned"  # checkpoints after a --resume-from rollback point are moved here
+RUN_FILES = {"metrics.jsonl": "file", "adapter": "folder", "merged": "folder", "merged.gguf": "file"}
 ZERO_GRAD_STEPS = 5  # consecutive steps with gradient norm exactly 0 before the one warning
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DIGEST_MAX_BYTES = 16 * 2**20  # files up to this size are hashed whole; larger ones (weights, Adam moments) by size
@@ -53,9 +64,13 @@ class Interrupts:
     thread it installs nothing and `requested()` is False."""
 
     def __init__(self, d: Dist):
-        self.d, self.flag, self.old = d, False, {}
+        self.d, self.flag, self.old, self.final, self.signum = d, False, {}, None, signal.SIGTERM
 
     def _handle(self, signum, frame):
+        self.signum = signum
+        if self.final is not None:
+            raise UserError(f"{signal.Signals(signum).name}: stopped before the final outputs were complete (none "
+                            f"half-written); checkpoint {self.final} is kept: rerun the same command with --resume")
         if self.flag and signum == signal.SIGINT:
             print("\ninterrupted again: stopped at once, without saving", file=sys.stderr, flush=True)
             os._exit(130)
@@ -80,6 +95,18 @@ class Interrupts:
             return self.flag
         return parallel.all_reduce_sum(torch.tensor(float(self.flag), device=self.d.device), self.d).item() > 0
 
+    @contextlib.contextmanager
+    def at_once(self, ckpt: Path):
+        """Within: a signal (or one already received) stops at once with one line; the atomic writers
+        remove their temporaries, `ckpt` stays, and --resume writes the final outputs again."""
+        self.final = ckpt
+        try:
+            if self.flag:
+                self._handle(self.signum, None)
+            yield
+        finally:
+            self.final = None
+
     @staticmethod
     def message(ckpt: Path, step: int) -> str:
         return (f"interrupted after step {step}: checkpoint {ckpt}; continue with the same command and --resume")
@@ -96,22 +123,106 @@ def remove_debris(out: Path) -> list[Path]:
     return gone
 
 
-@contextlib.contextmanager
-def discard_if_untrained(out: str | os.PathLike, d: Dist):
-    """On an exception, remove `out` if this run created it and no step reached it: no checkpoint, no
-    metrics line (a data, tokenizer or model error found at setup or in the first step)."""
+def is_run_folder(out: Path) -> bool:
+    """A folder a trainer wrote: it holds metrics.jsonl, the lock file, a checkpoint or an adapter."""
+    return out.is_dir() and ((out / "metrics.jsonl").is_file() or (out / LOCK_NAME).is_file() or
+                             any(out.glob(CKPT_PREFIX + "*")) or (out / "adapter" / "adapter_config.json").is_file())
+
+
+def trained(out: Path) -> bool:
+    """A step reached `out`: a checkpoint or a metrics line."""
+    metrics = out / "metrics.jsonl"
+    return any(out.glob(CKPT_PREFIX + "*")) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def remove_run(out: str | os.PathLike) -> None:
+    """Delete a previous training run (a demo's or compare's own); a folder that is not one is refused."""
     out = Path(out)
-    existed = out.exists()
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not is_run_folder(out):
+            raise UserError(f"{out}: not a training run folder; it is not deleted: move it or choose another --out")
+        shutil.rmtree(out)
+
+
+def check_run_folder(out: Path) -> None:
+    """--out and the paths the trainer writes in it, by outputs.check_output's rule: a new or empty folder
+    or an earlier run's; metrics.jsonl and merged.gguf files, adapter and merged folders."""
+    check_output(out, "new", "--out", owned=is_run_folder)
+    for name, kind in RUN_FILES.items():
+        check_output(out / name, kind, "--out")
+
+
+def _lock(out: Path, d: Dist) -> int | None:
+    """Rank 0: an exclusive flock on OUT/.lock (its fd), every rank agreeing; UserError if it is held or
+    cannot be made. A file system without locks (some network mounts) gets a warning and no lock."""
+    fd, problem = None, None
+    if d.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            problem = (f"--out {out}: another trainer (pid {holder}) is writing there; wait for it to end or "
+                       "choose another --out")
+        except OSError as e:
+            if fd is None:
+                problem = f"--out {out}: cannot write there ({e.strerror or e})"
+            else:
+                print(f"warning: --out {out}: cannot lock {out / LOCK_NAME} ({e.strerror or e}); a second trainer "
+                      "on it would not be refused", file=sys.stderr, flush=True)
+        if problem is not None and fd is not None:
+            os.close(fd)
+    failed = problem is not None
+    if d.world > 1:
+        failed = parallel.all_reduce_sum(torch.tensor(float(failed), device=d.device), d).item() > 0
+    if failed:
+        raise UserError(problem or f"--out {out}: rank 0 could not take the lock")
+    return fd
+
+
+@contextlib.contextmanager
+def own_run_folder(out: str | os.PathLike, d: Dist):
+    """The trainer's hold on --out for the whole run: the folder checked (check_run_folder), locked against a
+    second trainer, cleared of `.tmp-*` debris; on an exception before any step reached it, removed if this
+    run created it (a data, tokenizer or model error found at setup or in the first step)."""
+    out = Path(out)
+    check_run_folder(out)
+    created = not out.exists()
+    fd = _lock(out, d)
     try:
+        if d.main:
+            for p in remove_debris(out):
+                parallel.log0(d, f"removed {p} (left by an interrupted save)")
         yield
     except BaseException:
-        if d.main and not existed and out.is_dir():
-            metrics = out / "metrics.jsonl"
-            trained = any(p.name.startswith("ckpt-") for p in out.iterdir()) or \
-                (metrics.is_file() and metrics.stat().st_size > 0)
-            if not trained:
-                shutil.rmtree(out, ignore_errors=True)
+        if d.main and created and out.is_dir() and not trained(out):
+            shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def set_aside_later(out: Path, step: int, d: Dist) -> list[Path]:
+    """A rollback (--resume-from a step-`step` checkpoint): rank 0 moves the checkpoints of `out` after
+    `step` (the abandoned branch) into OUT/abandoned/, nothing deleted, so the newest checkpoint, which
+    --resume continues and --keep counts from, is the rollback's own. Returns the new paths."""
+    later = [p for p in sorted(out.glob(CKPT_PREFIX + "*")) if p.is_dir() and p.name > f"{CKPT_PREFIX}{step:07d}"]
+    moved = []
+    for p in later if d.main else []:
+        dest, i = out / ABANDONED / p.name, 1
+        while dest.exists():
+            dest, i = out / ABANDONED / f"{p.name}.{i}", i + 1
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(p, dest)
+        moved.append(dest)
+    if moved:
+        parallel.log0(d, f"rollback to step {step}: moved {len(moved)} later checkpoint(s) to {out / ABANDONED} "
+                         "(move one back and pass --resume-from to continue that branch)")
+    return moved
 
 
 class GradWatch:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import atomic_path
+from outputs import atomic_path
 from errors import UserError
 from generate import generate
 

@@ -29,7 +29,7 @@ Adapter files follow PEFT 0.21 (`PeftModel.from_pretrained` loads ours; we load 
                                  base_model.model.<module>.lora_B.weight  (O, r)
                                  base_model.model.<module>.weight         (a module in modules_to_save)
 Module names are Hugging Face Llama names, which are also ours (model.py), so only the prefix changes.
-Files are read and written through checkpoint.py (iter_checkpoint, strict_items, atomic_path, save_model).
+Files are read through checkpoint.py (iter_checkpoint, strict_items), written through outputs.atomic_path.
 
 Notation: N leading dims (batch x tokens), I in features, O out features, r rank, s scaling, V vocab, C dim.
 
@@ -56,9 +56,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from checkpoint import (atomic_path, atomic_write_text, copy_tokenizer_files, iter_checkpoint, load_model, read_json,
-                        save_model, strict_items)
+from checkpoint import copy_tokenizer_files, iter_checkpoint, load_model, read_json, save_model, strict_items
 from errors import UserError, run_cli
+from outputs import atomic_path, atomic_write_text, check_output
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_LINEARS = ATTN_PROJ + ("gate_proj", "up_proj", "down_proj")  # "all-linear"; never lm_head
@@ -372,8 +372,7 @@ def adapter_config(model: nn.Module, base_model_path: str | os.PathLike | None =
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None if base_model_path is None else str(base_model_path),
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora, "bias": "none",
-        "target_modules": [n for n in LLAMA_LINEARS if n in leaves],
-        "modules_to_save": modules_to_save or None,
+        "target_modules": [n for n in LLAMA_LINEARS if n in leaves], "modules_to_save": modules_to_save or None,
         "ensure_weight_tying": tied and "embed_tokens" in modules_to_save,
         "init_lora_weights": True, "fan_in_fan_out": False, "use_dora": False, "inference_mode": True,
     }
@@ -584,6 +583,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     def body():
+        check_output(args.out, "new", "OUT", inputs=[args.base, args.adapter])  # before the model loads
         model = load_model(args.base, dtype=torch.float32)
         load_adapter(model, args.adapter)
         with atomic_path(args.out, is_dir=True, replace=False) as tmp:

@@ -23,7 +23,7 @@ fsync'ed before the next is written, in completion order (with --concurrency N t
 sample indices at once); a sample whose replies could not be parsed is recorded as {"failed": index}.
 A rerun with the same arguments reads OUT.partial, drops a torn last line (a kill mid-write), and
 computes only the indices not yet there, so each sample is made and written once. When all n are done
-OUT is written atomically (checkpoint.atomic_path) with the samples in index order and OUT.partial is
+OUT is written atomically (outputs.atomic_path) with the samples in index order and OUT.partial is
 removed; OUT itself is therefore never half-written.
 
 Command line:
@@ -50,10 +50,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import atomic_path, load_model
+from checkpoint import load_model
 from data import DataError, list_files, utf8_error
 from errors import UserError, run_cli
 from generate import generate
+from outputs import atomic_path, check_output
 from tokenizer import CHAT_TEMPLATES, Tokenizer, chat_template_for, encode_chat, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -421,7 +422,7 @@ def write_resumable(out, n: int, make: Callable[[int], dict | None], concurrency
 
 
 def write_jsonl(out, rows: Iterable[dict]) -> int:
-    """Write rows to `out` atomically (checkpoint.atomic_path): the file appears complete or not at all."""
+    """Write rows to `out` atomically (outputs.atomic_path): the file appears complete or not at all."""
     n = 0
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
@@ -481,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         if args.n < 1:
             raise UserError(f"--n must be >= 1, got {args.n}")
+        for path in (args.out, args.out + ".partial"):  # before anything is generated
+            check_output(path, "file", "--out", inputs=[*args.docs, args.tokenizer, args.generator])
         tokenizer = load_tokenizer(args.tokenizer)
         name, info = args.generator, None
         if args.generator_url:

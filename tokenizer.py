@@ -23,8 +23,9 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from checkpoint import atomic_write_text, copy_tokenizer_files
+from checkpoint import copy_tokenizer_files
 from errors import UserError
+from outputs import atomic_write_text
 
 # ----------------------------------------------------------------------------- constants
 

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -47,15 +48,17 @@ import plan
 import pose
 import rope
 import shift_attn
-from checkpoint import atomic_path, atomic_write_text, load_model, read_json
+import trainstate
+from checkpoint import load_model, read_json
 from config import TrainConfig
 from devices import choose_dtype
 from errors import UserError, run_cli
 from model import PRESETS, MemoryOptions
+from outputs import append_line, atomic_path, atomic_write_text
 from parallel import Dist, log0
 from tokenizer import CHAT_TEMPLATES, load_tokenizer, save_tokenizer
 
-CKPT_PREFIX = "ckpt-"
+CKPT_PREFIX = guards.CKPT_PREFIX
 DEMO_MAX_CTX = demo.FACTORS[-1] * demo.BASE_PRESET["max_seq_len"]  # no --model: --ctx up to this runs the demo
 
 # ----------------------------------------------------------------------------- model
@@ -152,10 +155,10 @@ def load_tok(cfg: TrainConfig):
     return load_tokenizer(tokenizer_source(cfg))
 
 
-def preflight(cfg: TrainConfig, tokenizer, d: Dist | None = None) -> None:
+def preflight(cfg: TrainConfig, tokenizer) -> None:
     """Checks that need files but load no weights, in a run and in the dry run: the --data spec (if given),
-    the tokenizer against the model's vocabulary, --out a folder; then, in a run (d), `.tmp-*` debris of an
-    interrupted write in --out is removed."""
+    the tokenizer against the model's vocabulary. (--out is checked by guards.check_run_folder, and locked
+    for a run by guards.own_run_folder.)"""
     if cfg.data is not None:
         D.parse_data_spec(cfg.data)
     if cfg.chat_template is not None and cfg.chat_template not in CHAT_TEMPLATES:
@@ -165,13 +168,16 @@ def preflight(cfg: TrainConfig, tokenizer, d: Dist | None = None) -> None:
         if tokenizer.vocab_size > vocab:
             raise UserError(f"--tokenizer {tokenizer.name}: {tokenizer.vocab_size} tokens, more than the vocab_size "
                             f"{vocab} of --model {cfg.model}; use the model's own tokenizer")
-    out = Path(cfg.out)
-    bad = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
-    if bad is not None:
-        raise UserError(f"--out {out}: {bad} is a file, not a folder")
-    if d is not None and d.main:
-        for p in guards.remove_debris(out):
-            log0(d, f"removed {p} (left by an interrupted save)")
+
+
+def check_gguf(cfg: TrainConfig, mc) -> None:
+    """--merge --gguf: what the export would refuse (a RoPE llama.cpp cannot store, a tokenizer it has no
+    equivalent of), found once the model's config is final and before any step."""
+    if cfg.gguf:
+        try:
+            gguf_export.check_exportable(mc, cfg.tokenizer or cfg.model)
+        except UserError as e:
+            raise UserError(f"--gguf {cfg.gguf}: {e}; nothing was trained") from None
 
 
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
@@ -208,61 +214,17 @@ def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
 # ----------------------------------------------------------------------------- checkpoints and resume
 
 
-def rng_state(d: Dist) -> dict[str, torch.Tensor]:
-    """This rank's RNG states by device type, uint8 tensors: "cpu", and "cuda" on a CUDA rank."""
-    s = {"cpu": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(d.device)
-    return s
-
-
-def rng_tensors(rngs: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """rng.safetensors: rank{i} the CPU state, rank{i}.cuda the CUDA one (when the run had it)."""
-    return {f"rank{i}" if kind == "cpu" else f"rank{i}.{kind}": t for kind, ts in rngs.items() for i, t in enumerate(ts)}
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], d: Dist):
-    """Restore this rank's states from rng.safetensors; a state of a device type this run lacks is skipped
-    (a CPU checkpoint resumed on CUDA keeps the CUDA generator of --seed, and the reverse drops it).
-    A CPU+CUDA state concatenated in rank{i} (the earlier layout) is split at the CPU state's size."""
-    cpu, n = tensors[f"rank{d.rank}"], torch.get_rng_state().numel()
-    torch.set_rng_state(cpu[:n].clone())
-    cuda = tensors.get(f"rank{d.rank}.cuda", cpu[n:] if cpu.numel() > n else None)
-    if d.device.type == "cuda" and cuda is not None:
-        torch.cuda.set_rng_state(cuda.clone(), d.device)
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
-    """AdamW state as named tensors (safetensors holds tensors only; no pickle)."""
-    out = {}
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            out[f"{names[p]}::{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    return out
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, names: dict, tensors: dict):
-    by_name = {n: p for p, n in names.items()}
-    for key, v in tensors.items():
-        name, _, field = key.partition("::")
-        if name not in by_name:
-            raise UserError(f"checkpoint optimizer state names {name!r}, which this model does not train")
-        p = by_name[name]
-        opt.state[p][field] = v.to(p.device) if field != "step" else v
-    return opt
-
-
 def save_checkpoint(out: Path, step: int, net, opt, sched, mixture, cfg: TrainConfig, d: Dist):
     """Every rank: gather the data cursors and RNG states (ranks stand at different places of the global
     stream). Rank 0: write adapter + trainer state as `ckpt-STEP` (atomically), keep the newest --keep."""
     cursor = parallel.gather_objects(mixture.state_dict(), d)
-    rngs = {kind: parallel.gather_tensors(s, d) for kind, s in rng_state(d).items()}
+    rngs = {kind: parallel.gather_tensors(s, d) for kind, s in trainstate.rng_state(d).items()}
     if not d.main:
         return
     with atomic_path(out / f"{CKPT_PREFIX}{step:07d}", is_dir=True) as tmp:
         lora.save_adapter(net, tmp / "adapter", base_model_path=cfg.model)
-        save_file(optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
-        save_file(rng_tensors(rngs), str(tmp / "rng.safetensors"))
+        save_file(trainstate.optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
+        save_file(trainstate.rng_tensors(rngs), str(tmp / "rng.safetensors"))
         state = {"step": step, "scheduler": sched.state_dict(), "data_cursor": cursor, "config": cfg.to_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     for old in sorted(out.glob(CKPT_PREFIX + "*"))[:-cfg.keep]:
@@ -335,8 +297,11 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
         raise UserError(f"{where}: unreadable trainer state ({e}){fallback_hint(ckpt)}") from None
     check_same_run(saved, cfg, ckpt)
     optimizer, rngs = read_tensors(ckpt / "optimizer.safetensors", ckpt), read_tensors(ckpt / "rng.safetensors", ckpt)
-    lora.load_adapter(net, ckpt / "adapter")
-    load_optimizer_tensors(opt, trained_names(net), optimizer)
+    try:
+        lora.load_adapter(net, ckpt / "adapter")
+    except UserError as e:
+        raise UserError(f"{e}{fallback_hint(ckpt)}") from None
+    trainstate.load_optimizer_tensors(opt, trained_names(net), optimizer)
     sched.load_state_dict(scheduler)
     sched.base_lrs = [cfg.lr for _ in opt.param_groups]  # this run's --lr, not the saved one
     sched._last_lr = [cfg.lr * f(step) for f in sched.lr_lambdas]
@@ -345,7 +310,9 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     mixture.load_state_dict(cursor[d.rank])
     if f"rank{d.rank}" not in rngs:
         raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{fallback_hint(ckpt)}")
-    set_rng_state(rngs, d)
+    trainstate.set_rng_state(rngs, d)
+    if cfg.resume_from is not None:  # a rollback: its branch becomes the one a later --resume continues
+        guards.set_aside_later(out, step, d)
     changed = changed_settings(saved, cfg)
     log0(d, f"resumed from {ckpt} at step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
     return step
@@ -389,8 +356,7 @@ class MetricsLog:
 
     def write(self, rec: dict):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_line(self.path, json.dumps(rec))
 
 
 class Progress:
@@ -454,18 +420,25 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
 
 
 def train(cfg: TrainConfig, d: Dist) -> int:
-    """Fine-tune as `cfg` says, on every rank of `d`; returns the last step."""
+    """Fine-tune as `cfg` says, on every rank of `d`, holding --out (guards.own_run_folder); returns the last step."""
+    with guards.own_run_folder(cfg.out, d):
+        return fit(cfg, d)
+
+
+def fit(cfg: TrainConfig, d: Dist) -> int:
+    """The run itself: setup, resume, the loop, the final checkpoint and outputs."""
     # setup: seed, tokenizer, model (RoPE change, LoRA), this rank's data, optimizer and schedule
     torch.manual_seed(cfg.seed)
     dtype = choose_dtype(cfg.dtype, d.device)
     cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))  # checkpoints record the dtype used
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
-    preflight(cfg, tokenizer, d)
+    preflight(cfg, tokenizer)
     if not str(cfg.model).endswith(".gguf"):  # before any weight loads (a GGUF's config: in build_model)
         plan.check_run(cfg, plan.model_config(cfg.model), d.device)
     mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
+    check_gguf(cfg, net.config)
     log0(d, json.dumps(cfg.to_dict(), indent=2))
     log0(d, "trainable:", json.dumps(summary))
     mixture = build_data(cfg, d, tokenizer)
@@ -522,9 +495,10 @@ def train(cfg: TrainConfig, d: Dist) -> int:
             if stop.requested() and step < total:  # SIGINT/SIGTERM: this step is done; keep it and stop
                 save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
                 raise UserError(stop.message(out / f"{CKPT_PREFIX}{step:07d}", step))
-        # save: the last checkpoint, then the adapter (and merged model)
+        # save: the last checkpoint, then the adapter (and merged model); a signal now stops at once
         save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
-    finish(cfg, net, out, d, step)
+        with stop.at_once(out / f"{CKPT_PREFIX}{step:07d}"):
+            finish(cfg, net, out, d, step)
     return step
 
 
@@ -558,6 +532,7 @@ def main(argv=None):
         if dry_run:  # every check of a run that loads no weights, then the plan
             cfg = config.resolve(given, recipe, dry_run=True)
             preflight(cfg, load_tok(cfg))
+            guards.check_run_folder(Path(cfg.out))
             plan.dry_run(cfg)
             return
         d = parallel.init_distributed(given.get("nccl_timeout"))
@@ -569,12 +544,10 @@ def main(argv=None):
                 return
             demo.run(d, given, train)  # demo.py needs nothing above it: the trainer is handed in
             return
-        cfg = config.resolve(given, recipe, d.world)
-        with guards.discard_if_untrained(cfg.out, d):
-            train(cfg, d)
+        train(config.resolve(given, recipe, d.world), d)
 
     try:
-        code = run_cli(body)
+        code = run_cli(body, quiet=int(os.environ.get("RANK", "0")) > 0)  # under torchrun rank 0 prints errors
     finally:
         parallel.destroy(d)
     if code:

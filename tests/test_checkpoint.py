@@ -1,4 +1,4 @@
-"""checkpoint.py: atomic writers; safetensors save/load (into transformers too), sharding; GGUF import; the
+"""checkpoint.py: safetensors save/load (into transformers too), sharding; GGUF import; the
 strict name check of every loader; NF4 streaming load and the quantized file; the convert CLI.
 
 Tolerances: float32 logits of an identical computation differ only by summation order, so 1e-5 absolute
@@ -18,9 +18,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import quant4 as Q
-from checkpoint import (TMP_PREFIX, assign_quantized, atomic_path, atomic_write_text, dequantize_gguf_block,
-                        load_model, load_quantized_file, read_checkpoint, save_model, save_quantized, strict_items,
-                        unpermute_qk)
+from checkpoint import (assign_quantized, dequantize_gguf_block, load_model, load_quantized_file, read_checkpoint,
+                        save_model, save_quantized, strict_items, unpermute_qk)
 from conftest import StandInModel, hf_llama
 from errors import UserError
 from generate import generate
@@ -36,40 +35,6 @@ CONFIGS = {
 
 def tokens(n=24, vocab=128, batch=2, seed=0):
     return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def test_atomic_file_replaces_only_when_complete(tmp_path):
-    target = tmp_path / "out.txt"
-    atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash while writing")
-    assert target.read_text() == "old"
-    assert os.listdir(tmp_path) == ["out.txt"]  # the temporary is gone
-    atomic_write_text(target, "new")
-    assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.txt"]
-
-
-def test_atomic_dir_and_refusal(tmp_path):
-    target = tmp_path / "model"
-    with atomic_path(target, is_dir=True) as tmp:
-        assert tmp.is_dir() and tmp.name.startswith(TMP_PREFIX)
-        (tmp / "a").write_text("1")
-    assert (target / "a").read_text() == "1"
-    with pytest.raises(UserError, match="exists and is not empty"):
-        with atomic_path(target, is_dir=True, replace=False):
-            pass
-    with atomic_path(target, is_dir=True) as tmp:  # replace=True swaps the whole directory
-        (tmp / "b").write_text("2")
-    assert sorted(os.listdir(target)) == ["b"] and os.listdir(tmp_path) == ["model"]
-
-
-def test_atomic_path_os_error_is_one_line(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(UserError, match=str(blocker / "sub")):
-        atomic_write_text(blocker / "sub" / "out.txt", "y")  # parent is a file
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -196,7 +161,7 @@ def test_save_refuses_non_empty_directory_and_leaves_no_temp(tmp_path):
     model = load_model("tiny")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep")
-    with pytest.raises(UserError, match="exists and is not empty"):
+    with pytest.raises(UserError, match="holds other files"):
         save_model(model, tmp_path / "taken")
     save_model(model, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "taken"]

@@ -1,10 +1,12 @@
 """Every bad input is one clear line: a table of user mistakes across the entry points (train.py, eval.py,
-data.py, synth.py, checkpoint.py convert, generate.py, lora.py), each asserting a non-zero exit, no
-traceback, the offending flag/file/field named in the message, and no new file left behind.
+data.py, synth.py, checkpoint.py convert, generate.py, lora.py, gguf_export.py, demo.py, compare.py), each
+asserting a non-zero exit, no traceback, the offending flag/file/field named in the message, and no file
+left behind or deleted (output paths that exist and are not what the command writes are refused).
 
 Every case calls the entry point's `main(argv)` in-process (the fast path); the working directory is the
 case's own temporary folder, so a stray relative write would show up in the before/after listing too.
 """
+import fcntl
 import json
 import os
 import shutil
@@ -15,11 +17,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import compare
 import data
+import demo
 import eval as evaluate_cli
 import generate
+import gguf_export
+import guards
 import lora
 import synth
+import tokenizer
 import train
 from model import ModelConfig, Transformer
 
@@ -100,8 +107,9 @@ def corrupt_run(ws: Path, a: Path, what: str) -> None:
 
 
 T, E, D, S, C, G, L = "train", "eval", "data", "synth", "convert", "generate", "lora"
+GG, DM, CM = "gguf", "demo", "compare"
 MAINS = {T: train.main, E: evaluate_cli.main, D: data.main, S: synth.main, C: checkpoint.main, G: generate.main,
-         L: lora.main}
+         L: lora.main, GG: gguf_export.main, DM: demo.main, CM: compare.main}
 DATA = ["--data", "{ws}/a.txt", "--out", "{ws}/out", "--steps", "2"]
 RESUME = [*TINY, "--data", "{a}/text.txt", "--out", "{ws}/out", "--steps", "4", "--save-every", "1", "--keep", "2"]
 
@@ -260,7 +268,69 @@ CASES = [
     ("lora-out-nonempty", L, ["{a}/hf", "{a}/adapter", "{ws}/nonempty"], "nonempty", None),
     ("lora-out-under-file", L, ["{a}/hf", "{a}/adapter", "{ws}/afile/out"], "afile", None),
     ("lora-base-config-only", L, ["{ws}/cfg_only", "{a}/adapter", "{ws}/out"], "weights", None),
+    # ------------------------------------------------------------------------- output paths and run control
+    # (refused in one line before any work, nothing deleted: the listing check below covers every case)
+    ("out-gguf-existing-folder", GG, ["{a}/hf", "{ws}/nonempty"], "nonempty", None),
+    ("out-gguf-is-its-source", GG, ["{ws}/bad.gguf", "{ws}/bad.gguf"], "input", None),
+    ("out-gguf-under-file", GG, ["{a}/hf", "{ws}/afile/m.gguf"], "afile", None),
+    ("out-synth-existing-folder", S, ["--docs", "{ws}/a.txt", "--tokenizer", "bytes", "--ctx", "2048", "--template",
+                                      "chatml", "--out", "{ws}/nonempty"], "nonempty", None),
+    ("out-synth-is-a-document", S, ["--docs", "{ws}/a.txt", "--tokenizer", "bytes", "--ctx", "2048", "--template",
+                                    "chatml", "--out", "{ws}/a.txt"], "input", None),
+    ("out-synth-partial-is-folder", S, ["--docs", "{ws}/a.txt", "--tokenizer", "bytes", "--ctx", "2048", "--template",
+                                        "chatml", "--out", "{ws}/s.jsonl"], "s.jsonl.partial", "partial-folder"),
+    ("out-eval-json-is-folder", E, ["ppl", "--model", "tiny", "--lengths", "16", "--docs", "{ws}/a.txt", "--windows",
+                                    "1", "--out", "{ws}/res"], "ppl.json", "eval-json-folder"),
+    ("out-eval-png-is-folder", E, ["ppl", "--model", "tiny", "--lengths", "16", "--docs", "{ws}/a.txt", "--windows",
+                                   "1", "--out", "{ws}/res"], "ppl.png", "eval-png-folder"),
+    ("out-convert-is-file", C, ["convert", "{a}/hf", "{ws}/afile"], "afile", None),
+    ("out-lora-is-its-base", L, ["{ws}/hfb", "{a}/adapter", "{ws}/hfb"], "hfb", "hf-bytes"),
+    ("out-train-foreign-folder", T, [*TINY, "--data", "{ws}/a.txt", "--out", "{ws}/nonempty", "--steps", "1"],
+     "nonempty", None),
+    ("out-train-is-its-model", T, ["--model", "{ws}/hfb", "--data", "{ws}/a.txt", "--ctx", "32", "--steps", "1",
+                                   "--out", "{ws}/hfb"], "hfb", "hf-bytes"),
+    ("out-train-merged-is-file", T, [*RESUME, "--lora-r", "2", "--resume", "--merge"], "merged", "run-merged-file"),
+    ("out-train-locked", T, [*RESUME, "--lora-r", "2", "--resume"], "another trainer", "run-locked"),
+    ("out-train-gguf-rope", T, ["--model", "{ws}/hfb", "--data", "{ws}/a.txt", "--ctx", "32", "--steps", "1",
+                                "--out", "{ws}/out", "--rope", "dynamic:2", "--merge", "--gguf", "f16"],
+     "nothing was trained", "hf-bytes"),
+    ("out-train-gguf-byte-tokenizer", T, ["--model", "{ws}/hfb", "--data", "{ws}/a.txt", "--ctx", "32", "--steps",
+                                          "1", "--out", "{ws}/out", "--merge", "--gguf", "f16"], "nothing was trained",
+     "hf-bytes"),
+    ("resume-truncated-adapter", T, [*RESUME, "--lora-r", "2", "--resume"], "--resume-from", "adapter-truncated"),
+    ("out-demo-foreign-folder", T, ["--out", "{ws}/nonempty", "--steps", "1"], "nonempty", None),
+    ("out-demo-pretrain-nonempty", DM, ["pretrain", "--out", "{ws}/nonempty", "--steps", "1"], "nonempty", None),
+    ("out-compare-foreign-folder", CM, ["--out", "{ws}/nonempty", "--steps", "1"], "nonempty", None),
 ]
+
+
+def prepare_outputs(ws: Path, a: Path, what: str):
+    """The output-path cases' own setups; returns what to close after the case (or None)."""
+    if what == "partial-folder":
+        (ws / "s.jsonl.partial").mkdir()
+        (ws / "s.jsonl.partial" / "keep.txt").write_text("x")
+    elif what in ("eval-json-folder", "eval-png-folder"):
+        (ws / "res" / ("ppl.json" if what == "eval-json-folder" else "ppl.png")).mkdir(parents=True)
+    elif what == "hf-bytes":  # the tiny HF model with the byte tokenizer recorded beside it
+        shutil.copytree(a / "hf", ws / "hfb")
+        tokenizer.save_tokenizer("bytes", ws / "hfb")
+    elif what == "run-merged-file":
+        shutil.copytree(a / "run", ws / "out")
+        (ws / "out" / "merged").write_text("not a folder")
+    elif what == "run-locked":  # another trainer holds --out (an flock on its own open file)
+        shutil.copytree(a / "run", ws / "out")
+        fd = os.open(ws / "out" / guards.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lambda: os.close(fd)
+    elif what == "adapter-truncated":
+        shutil.copytree(a / "run", ws / "out")
+        f = sorted((ws / "out").glob("ckpt-*"))[-1] / "adapter" / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:60])
+    return None
+
+
+OUT_SETUPS = ("partial-folder", "eval-json-folder", "eval-png-folder", "hf-bytes", "run-merged-file", "run-locked",
+              "adapter-truncated")
 
 
 def listing(root: Path) -> set[str]:
@@ -271,8 +341,11 @@ def listing(root: Path) -> set[str]:
 def test_bad_input(name, entry, argv, needle, setup, assets, tmp_path, monkeypatch, capsys):
     ws = tmp_path
     prepare(ws, assets)
+    close = None
     if setup == "run":
         shutil.copytree(assets / "run", ws / "out")
+    elif setup in OUT_SETUPS:
+        close = prepare_outputs(ws, assets, setup)
     elif setup:
         corrupt_run(ws, assets, setup)
     monkeypatch.chdir(ws)
@@ -282,6 +355,9 @@ def test_bad_input(name, entry, argv, needle, setup, assets, tmp_path, monkeypat
         code = MAINS[entry](args)
     except SystemExit as e:
         code = e.code
+    finally:
+        if close is not None:
+            close()
     out, err = capsys.readouterr()
     assert code not in (0, None), f"exit code {code}; stdout: {out[-500:]}"
     assert "Traceback" not in out + err
@@ -442,3 +518,141 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_stays(small_disk, ass
     load_file(str(ckpt / "optimizer.safetensors"))
     load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     assert not list(out.rglob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- output paths and run control
+
+
+def run_main(main, argv) -> int:
+    try:
+        return main(argv) or 0
+    except SystemExit as e:
+        return e.code or 0
+
+
+def test_rollback_is_the_branch_that_resume_continues(tmp_path, assets, capsys):
+    """--resume-from ckpt-4 moves ckpt-5 and ckpt-6 to OUT/abandoned/ (kept whole), so a later --resume
+    continues the rollback's own ckpt-5, not the abandoned branch's ckpt-6."""
+    out = tmp_path / "run"
+    base = [*RUN, "--data", str(assets / "text.txt"), "--out", str(out), "--save-every", "1", "--keep", "3"]
+    assert run_main(train.main, [*base, "--steps", "6"]) == 0
+    abandoned = load_file(str(out / "ckpt-0000006" / "adapter" / "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert run_main(train.main, [*base, "--steps", "5", "--lr", "5e-4", "--resume-from",
+                                 str(out / "ckpt-0000004")]) == 0
+    assert sorted(p.name for p in (out / "abandoned").iterdir()) == ["ckpt-0000005", "ckpt-0000006"]
+    kept = load_file(str(out / "abandoned" / "ckpt-0000006" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(kept[k], abandoned[k]) for k in abandoned)
+    capsys.readouterr()
+    assert run_main(train.main, [*base, "--steps", "7", "--lr", "5e-4", "--resume"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"resumed from {out / 'ckpt-0000005'} at step 5" in stdout, stdout[-1500:]
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 7] and recs[4]["lr"] == 5e-4
+
+
+def test_a_signal_during_the_final_writes_stops_at_once_without_debris(tmp_path):
+    import signal
+    import time
+    from errors import UserError
+    from outputs import atomic_path
+    from parallel import Dist
+    d = Dist(rank=0, local_rank=0, world=1, device=torch.device("cpu"))
+    with guards.Interrupts(d) as stop:
+        with pytest.raises(UserError, match=r"SIGTERM: stopped before the final outputs.*ckpt-7.*--resume"):
+            with stop.at_once(tmp_path / "ckpt-7"):
+                with atomic_path(tmp_path / "merged", is_dir=True) as tmp:
+                    (tmp / "model.safetensors").write_bytes(b"half")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # the handler raises here
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_the_same_out_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path, assets):
+    out = tmp_path / "run"
+    args = [*RUN, "--data", str(assets / "text.txt"), "--out", str(out), "--save-every", "1", "--keep", "2"]
+    first = start([*args, "--steps", "150"])
+    wait_for_step(out, 2, first)
+    code, _, err = finish([*args, "--steps", "150", "--resume"])
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "another trainer" in errors[0], err[-2000:]
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 151))  # the second trainer truncated nothing
+    again = start([*args, "--steps", "300", "--resume"])
+    wait_for_step(out, 152, again)
+    again.kill()  # kill -9 while it holds the lock
+    again.communicate(timeout=60)
+    assert (out / guards.LOCK_NAME).exists()
+    code, _, err = finish([*args, "--steps", "160", "--resume"])
+    assert code == 0, err[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_last_step_with_merge_is_one_line_and_resume_writes_the_outputs(tmp_path, assets):
+    import signal
+    out = tmp_path / "run"
+    args = [*RUN, "--data", str(assets / "text.txt"), "--out", str(out), "--steps", "40", "--merge"]
+    p = start(args)
+    wait_for_step(out, 39, p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert p.returncode == 1 and "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert not list(out.rglob(".tmp-*")) and not (out / "merged").exists()
+    code, _, err = finish([*args, "--resume"])
+    assert code == 0, err[-2000:]
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_full_disk_names_the_file_and_cuts_no_line(small_disk, assets):
+    from errors import UserError
+    from outputs import append_line
+    out = small_disk / "run"
+    args = [*RUN, "--data", str(assets / "text.txt"), "--out", str(out), "--save-every", "1", "--keep", "1"]
+    code, _, err = finish([*args, "--steps", "2"])
+    assert code == 0, err[-2000:]
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last page
+        for size in (4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+    metrics = out / "metrics.jsonl"
+    before = metrics.read_bytes()
+    with pytest.raises(UserError, match=f"{metrics}: cannot write"):
+        append_line(metrics, json.dumps({"step": 3, "pad": "x" * 20000}))
+    assert metrics.read_bytes() == before
+    code, _, err = finish([*args, "--steps", "4", "--resume"])
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and f"error: {out}" in errors[0], err[-2000:]
+    assert "No space left on device" in errors[0] and metrics.read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["data-missing", "out-locked"])
+def test_under_torchrun_one_rank_prints_the_error(tmp_path, assets, case):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    data = tmp_path / "missing.txt" if case == "data-missing" else assets / "text.txt"
+    fd = None
+    if case == "out-locked":
+        shutil.copytree(assets / "run", out)
+        fd = os.open(out / guards.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(ROOT / "train.py"), *RUN, "--data", str(data), "--out", str(out), "--steps", "4",
+                            "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        if fd is not None:
+            os.close(fd)
+    errors = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1, (r.stdout + r.stderr)[-3000:]
+    assert ("missing.txt" if case == "data-missing" else "another trainer") in errors[0]

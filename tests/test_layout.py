@@ -18,13 +18,13 @@ MAX_LINES = 600
 # Lower number = lower layer (README, "How the code is layered"). Modules of one layer may import each
 # other only where listed in SAME_LAYER (one direction each).
 LAYERS = {
-    "errors": 0,
+    "errors": 0, "outputs": 0,
     "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
     "model": 2,
     "checkpoint": 3, "lora": 3,
     "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "ruler": 4, "protocols": 4, "generate": 4,
     "gguf_export": 4,
-    "parallel": 5, "plan": 5, "config": 5, "guards": 5, "memory": 5,
+    "parallel": 5, "plan": 5, "config": 5, "guards": 5, "memory": 5, "trainstate": 5,
     "harness": 5,  # lm-eval over a model eval.py loads; knows only generate and checkpoint
     "eval": 6,
     "demo": 7, "extend": 7,
@@ -34,7 +34,8 @@ LAYERS = {
 SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
               ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
               ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("plan", "config"), ("plan", "parallel"),
-              ("config", "parallel"), ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
+              ("config", "parallel"), ("guards", "parallel"), ("outputs", "errors"), ("trainstate", "parallel"),
+              ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
               ("protocols", "tasks"), ("protocols", "data"), ("protocols", "tokenizer")}
 
 
