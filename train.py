@@ -421,6 +421,8 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
 
 def train(cfg: TrainConfig, d: Dist) -> int:
     """Fine-tune as `cfg` says, on every rank of `d`, holding --out (guards.own_run_folder); returns the last step."""
+    if not str(cfg.model).endswith(".gguf"):  # before --out is touched or a weight loads (a GGUF's: in build_model)
+        plan.check_run(cfg, plan.model_config(cfg.model), d.device)
     with guards.own_run_folder(cfg.out, d):
         return fit(cfg, d)
 
@@ -434,8 +436,6 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     out = Path(cfg.out)
     tokenizer = load_tok(cfg)
     preflight(cfg, tokenizer)
-    if not str(cfg.model).endswith(".gguf"):  # before any weight loads (a GGUF's config: in build_model)
-        plan.check_run(cfg, plan.model_config(cfg.model), d.device)
     mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
     check_gguf(cfg, net.config)
