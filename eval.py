@@ -235,15 +235,21 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
         if args.task == "needle":
             by_length[L]["rouge_l_recall"] = sum(i["rouge_l_recall"] for i in sel) / len(sel)
     out = {"by_length": by_length, "items": items}
-    if args.task == "ruler":  # accuracy above is the average over tasks; here each task alone
-        out["by_task"] = {s: {L: sum(i["correct"] for i in items if i["task"] == s and i["length"] == L) /
-                              (len(args.depths) * args.trials) for L in args.lengths} for s in subtasks}
+    if args.task == "ruler":  # accuracy above is the average over tasks; here each task alone, with its s.e.
+        out["by_task"] = {s: {L: ruler.summarize([i["correct"] for i in items if i["task"] == s and i["length"] == L])
+                              for L in args.lengths} for s in subtasks}
+        out["average"] = {"name": ruler.average_name(subtasks),
+                          **{L: ruler.average([out["by_task"][s][L] for s in subtasks]) for L in args.lengths}}
     return out
 
 
 def prompt_maker(task: str, tokenizer, args, hay):
     """The task's make_prompt(L, depth, trial); keys and UUIDs depend only on (seed, L, depth, trial)."""
     template = None
+    if task == "ruler":  # RULER's own templates and haystack sizes (ruler.py); sample t of each task and length
+        data, args.ruler_haystack = ruler.setup(tokenizer, args.template, args.chat_template, args.haystack,
+                                                args.qa_files, args.ruler_tasks, args.seed)
+        return (lambda L, d, t, sub: data.prompt(sub, L, t)), data.template or "base"
     if task != "passkey" and not args.no_chat and args.chat_template != "none":
         try:
             template = chat_template_for(tokenizer, args.chat_template)
@@ -263,8 +269,6 @@ def prompt_maker(task: str, tokenizer, args, hay):
                 code_items[L] = code_passkey_items(hay, L, args.trials, args.seed)
             prompts, answers = code_items[L]
             return prompts[t], bytes(answers[t]).decode(), KEY_DIGITS, None
-        if task == "ruler":
-            return ruler.make_prompt(sub, tokenizer, L, d, rng(L, d, f"{sub}:{t}"), template, hay[0], hay[1])
         if task == "passkey":
             key = str(rng(L, d, t).randint(10000, 99999))
             ids, at = passkey_prompt(tokenizer, L, d, key)
@@ -333,18 +337,20 @@ def markdown_table(task: str, rows: list[dict], lengths: list[int], retain_at: i
     return "\n".join(lines)
 
 
-def ruler_table(rows: list[dict], lengths: list[int], retain_at: int | None = None) -> str:
-    """Per-task accuracy (RULER's string_match_all) of each row, one line per (row, task); with several
-    rows a last column: the task's retention() against the first row at retain_at (default: shortest)."""
+def ruler_table(rows: list[dict], lengths: list[int], retain_at: int | None = None, haystack: str = "") -> str:
+    """Per-task score (RULER's metric) +- its standard error of each row, one line per (row, task), then the
+    average over tasks (named RULER only when all 13 ran); with several rows a last column: the task's
+    retention() against the first row at retain_at (default: shortest)."""
     at = retain_at or min(lengths)
     extra = [f"retained@{at} vs first row"] if len(rows) > 1 else []
     heads = [str(L) for L in lengths] + extra
     lines = ["| model | task | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     for r in rows:
-        for task, by_length in r["by_task"].items():
-            cells = [f"{by_length[L]:.3f}" for L in lengths]
+        for task, by_length in [*r["by_task"].items(), (r["average"]["name"] + haystack, r["average"])]:
+            cells = [f"{by_length[L]['score']:.3f} ± {by_length[L]['se']:.3f}" for L in lengths]
             if extra:
-                cells.append(retention_cell(retention("ruler", [rows[0]["by_task"][task][at], by_length[at]])[1]))
+                first = rows[0]["by_task"].get(task, rows[0]["average"])[at]["score"]
+                cells.append(retention_cell(retention("ruler", [first, by_length[at]["score"]])[1]))
             lines.append(f"| {label(r)} | {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -371,7 +377,7 @@ def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
         for ax, r in zip(axes[0], rows):
             if task == "ruler":  # tasks x lengths
                 names = list(r["by_task"])
-                grid = torch.tensor([[r["by_task"][n][L] for L in args.lengths] for n in names])
+                grid = torch.tensor([[r["by_task"][n][L]["score"] for L in args.lengths] for n in names])
                 ylabels, ylabel = names, "RULER task"
             else:  # depths x lengths
                 grid = torch.zeros(len(args.depths), len(args.lengths))
@@ -395,7 +401,7 @@ def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Perplexity by length and long-context recall probes.")
     ap.add_argument("task", choices=TASKS)
-    ap.add_argument("--model", action="append", required=True, help="preset, HF directory or .gguf (repeatable)")
+    ap.add_argument("--model", action="append", default=None, help="preset, HF directory or .gguf (repeatable)")
     ap.add_argument("--adapter", action="append", default=None,
                     help="LoRA adapter directory per --model, in order, or 'none' (repeatable)")
     ap.add_argument("--tokenizer", default=None, help="default: the model's own; 'bytes' for presets")
@@ -423,11 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stride", type=int, default=None, help="ppl: sliding windows scoring their last STRIDE tokens")
     ap.add_argument("--docs", action="append", default=None, help="ppl: files/dirs (default: Python's stdlib .py)")
     ap.add_argument("--haystack", action="append", default=None,
-                    help="needle: files/dirs (default: Python's reference manual text, pydoc_data.topics)")
+                    help="needle: files/dirs; ruler: RULER's PaulGrahamEssays.json (default: Python's reference "
+                         "manual text, pydoc_data.topics; not RULER's haystack)")
     ap.add_argument("--needle", default=NEEDLE)
     ap.add_argument("--question", default=QUESTION)
-    ap.add_argument("--ruler-tasks", default=",".join(ruler.TASKS),
-                    help="ruler: comma list of RULER tasks (default: all; see ruler.py)")
+    ap.add_argument("--tasks", "--ruler-tasks", dest="ruler_tasks", default=None,
+                    help="ruler: comma list of RULER tasks (default: all 13, qa_1/qa_2 only with their files)")
+    ap.add_argument("--samples", default=str(ruler.DEFAULT_SAMPLES),
+                    help=f"ruler: samples per task and length, or 'quick' ({ruler.QUICK_SAMPLES}, a smoke run)")
+    ap.add_argument("--template", choices=ruler.TEMPLATE_KINDS, default=None,
+                    help="ruler: RULER's base template or the model's chat template (default: chat for a "
+                         "tokenizer with a chat template)")
+    ap.add_argument("--squad", default=None, help="ruler: SQuAD v2 dev JSON for qa_1 (RULER's squad.json)")
+    ap.add_argument("--hotpotqa", default=None, help="ruler: HotpotQA dev JSON for qa_2 (RULER's hotpotqa.json)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="ruler: write OUT/<L>/<task>/validation.jsonl in RULER's format; needs --tokenizer, no model")
     ap.add_argument("--no-chat", action="store_true", help="needle/kv/ruler: plain prompt even for chat models")
     ap.add_argument("--chat-template", default=None,
                     help="needle/kv: template name instead of the detected one (none = plain prompt)")
@@ -450,6 +466,7 @@ def check_args(args) -> None:
         args.depths = [None]
     else:
         args.depths = parse_depths(args.depths)
+    check_ruler_args(args)
     args.adapter = args.adapter or ["none"] * len(args.model)
     if len(args.adapter) != len(args.model):
         raise UserError(f"--adapter given {len(args.adapter)} times for {len(args.model)} --model; give one per "
@@ -467,10 +484,23 @@ def check_args(args) -> None:
         raise UserError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     args.prefill_chunk = args.prefill_chunk or None
     args.rope = args.rope or [None]
-    args.ruler_tasks = [t for t in (x.strip() for x in args.ruler_tasks.split(",")) if t]
-    unknown = [t for t in args.ruler_tasks if t not in ruler.TASKS]
-    if unknown or not args.ruler_tasks:
-        raise UserError(f"--ruler-tasks: unknown {unknown or 'empty list'}; choose from {','.join(ruler.TASKS)}")
+
+
+def check_ruler_args(args) -> None:
+    """RULER's protocol: samples instead of depths x trials; the qa tasks only with their files."""
+    args.qa_files = {"qa_1": args.squad, "qa_2": args.hotpotqa}
+    args.ruler_tasks = ruler.parse_tasks(args.ruler_tasks, args.qa_files)
+    if args.prepare_only and (args.task != "ruler" or args.tokenizer is None or args.model):
+        raise UserError("--prepare-only: ruler only, with --tokenizer TOK and no --model (no model is loaded)")
+    if args.model is None and not args.prepare_only:
+        raise UserError("--model is required (or ruler --prepare-only --tokenizer TOK)")
+    args.model = args.model or []
+    if args.task != "ruler":
+        return
+    if args.depths != [float(x) for x in DEFAULT_DEPTHS.split(",")] or args.trials != 1:
+        raise UserError("--depths/--trials do not apply to ruler: it draws depths by RULER's law; use --samples N")
+    args.samples = ruler.parse_samples(args.samples)
+    args.depths, args.trials = [None], args.samples
 
 
 def load(spec: str, adapter: str | None, args):
@@ -500,8 +530,14 @@ def evaluate(args) -> list[dict]:
             "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride, "format": args.format,
-            "base_length": args.base_length,
+            "base_length": args.base_length, "samples": getattr(args, "samples", None),
             "docs": args.docs or "python stdlib *.py (sorted)"}
+    if args.prepare_only:  # RULER's jsonl files, no model
+        data, _ = ruler.setup(load_tokenizer(args.tokenizer), args.template, args.chat_template, args.haystack,
+                              args.qa_files, args.ruler_tasks, args.seed)
+        for path in ruler.write_validation(data, args.lengths, args.ruler_tasks, args.samples, out):
+            print(f"wrote {path}")
+        return []
     hay = None
     rows, t0 = [], time.time()
     for spec, adapter in zip(args.model, args.adapter):
@@ -517,7 +553,7 @@ def evaluate(args) -> list[dict]:
                 raise UserError(f"--format code: {spec} has the {tok.kind} tokenizer; the code passkey is "
                                 "byte-level (the demo's models)")
             hay = corpus_bytes(stdlib_split()[1])  # held-out stdlib code, as the demo evaluates on
-        elif args.task in ("needle", "ruler"):
+        elif args.task == "needle":
             text = haystack_text(args.haystack)
             ids, spans = tok.encode_offsets(text)
             hay = (ids, sentence_starts(text, spans))
@@ -544,7 +580,8 @@ def evaluate(args) -> list[dict]:
     note = plot(args.task, rows, args, out / f"{args.task}.png")
     print(markdown_table(args.task, rows, args.lengths, args.base_length))
     if args.task == "ruler":
-        print(ruler_table(rows, args.lengths, args.base_length))
+        print(ruler_table(rows, args.lengths, args.base_length,
+                          "" if args.ruler_haystack else " (essay tasks on the manual haystack: not RULER's)"))
     print(note or f"wrote {out / (args.task + '.json')} and {out / (args.task + '.png')}")
     return rows
 
