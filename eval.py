@@ -236,7 +236,7 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
             by_length[L]["rouge_l_recall"] = sum(i["rouge_l_recall"] for i in sel) / len(sel)
     out = {"by_length": by_length, "items": items}
     if args.task == "ruler":  # accuracy above is the average over tasks; here each task alone, with its s.e.
-        out["by_task"] = {s: {L: ruler.summarize([i["correct"] for i in items if i["task"] == s and i["length"] == L])
+        out["by_task"] = {s: {L: ruler.summarize([i["correct"] for i in items if (i["task"], i["length"]) == (s, L)])
                               for L in args.lengths} for s in subtasks}
         out["average"] = {"name": ruler.average_name(subtasks),
                           **{L: ruler.average([out["by_task"][s][L] for s in subtasks]) for L in args.lengths}}
@@ -347,7 +347,7 @@ def ruler_table(rows: list[dict], lengths: list[int], retain_at: int | None = No
     lines = ["| model | task | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     for r in rows:
         for task, by_length in [*r["by_task"].items(), (r["average"]["name"] + haystack, r["average"])]:
-            cells = [f"{by_length[L]['score']:.3f} ± {by_length[L]['se']:.3f}" for L in lengths]
+            cells = [ruler.cell_text(by_length[L]) for L in lengths]
             if extra:
                 first = rows[0]["by_task"].get(task, rows[0]["average"])[at]["score"]
                 cells.append(retention_cell(retention("ruler", [first, by_length[at]["score"]])[1]))
@@ -444,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hotpotqa", default=None, help="ruler: HotpotQA dev JSON for qa_2 (RULER's hotpotqa.json)")
     ap.add_argument("--prepare-only", action="store_true",
                     help="ruler: write OUT/<L>/<task>/validation.jsonl in RULER's format; needs --tokenizer, no model")
-    ap.add_argument("--no-chat", action="store_true", help="needle/kv/ruler: plain prompt even for chat models")
+    ap.add_argument("--no-chat", action="store_true", help="needle/kv: plain prompt even for chat models")
     ap.add_argument("--chat-template", default=None,
-                    help="needle/kv: template name instead of the detected one (none = plain prompt)")
+                    help="needle/kv/ruler: template name instead of the detected one (needle/kv: none = plain prompt)")
     return ap
 
 
@@ -530,7 +530,7 @@ def evaluate(args) -> list[dict]:
             "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride, "format": args.format,
-            "base_length": args.base_length, "samples": getattr(args, "samples", None),
+            "base_length": args.base_length, "samples": args.samples if args.task == "ruler" else None,
             "docs": args.docs or "python stdlib *.py (sorted)"}
     if args.prepare_only:  # RULER's jsonl files, no model
         data, _ = ruler.setup(load_tokenizer(args.tokenizer), args.template, args.chat_template, args.haystack,

@@ -48,7 +48,6 @@ Notation: L requested length, n haystack count, T prompt tokens.
 from __future__ import annotations
 
 import functools
-import heapq
 import json
 import math
 import random
@@ -150,18 +149,23 @@ def score(task: str, prediction: str, references: list[str]) -> float:
 
 
 def summarize(scores: list[float]) -> dict:
-    """{"score": mean, "se": sample standard deviation / sqrt(n), "n": n} of per-sample scores."""
+    """{"score": mean, "se": sample standard deviation / sqrt(n) (None for one sample), "n": n}."""
     n = len(scores)
     mean = sum(scores) / n
-    var = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
-    return {"score": mean, "se": math.sqrt(var / n), "n": n}
+    se = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n) if n > 1 else None
+    return {"score": mean, "se": se, "n": n}
 
 
 def average(cells: list[dict]) -> dict:
     """The mean of task scores with its standard error sqrt(sum se^2) / k (independent tasks)."""
-    k = len(cells)
-    return {"score": sum(c["score"] for c in cells) / k, "se": math.sqrt(sum(c["se"] ** 2 for c in cells)) / k,
-            "n": sum(c["n"] for c in cells)}
+    k, ses = len(cells), [c["se"] for c in cells]
+    se = None if None in ses else math.sqrt(sum(s ** 2 for s in ses)) / k
+    return {"score": sum(c["score"] for c in cells) / k, "se": se, "n": sum(c["n"] for c in cells)}
+
+
+def cell_text(cell: dict) -> str:
+    """'0.812 ± 0.017', or '0.812 (n=1)' without a standard error."""
+    return f"{cell['score']:.3f} " + (f"(n={cell['n']})" if cell["se"] is None else f"± {cell['se']:.3f}")
 
 
 def average_name(tasks) -> str:
@@ -253,19 +257,6 @@ def read_haystack(paths: list[str] | None) -> tuple[list[str], bool]:
     if words == [""]:
         raise UserError(f"--haystack {', '.join(paths)}: no text")
     return words, True
-
-
-def shuffle_sublists(lists: list[list[str]], rng: random.Random) -> list[str]:
-    """All items, each list's order kept, lists interleaved at random (RULER's shuffle_sublists_heap)."""
-    heap = [(rng.random(), i, 0) for i in range(len(lists))]
-    heapq.heapify(heap)
-    out = []
-    while heap:
-        _, i, j = heapq.heappop(heap)
-        out.append(lists[i][j])
-        if j + 1 < len(lists[i]):
-            heapq.heappush(heap, (rng.random(), i, j + 1))
-    return out
 
 
 def insert_in_sentences(words: list[str], n: int, items: list[str], rng: random.Random) -> str:
@@ -435,8 +426,9 @@ class RulerData:
     def fit(self, build, limit: int, step: int, rng: random.Random, probe: int, cap: int | None, floor: int = 1
             ) -> int:
         """RULER's binary search: the largest n in [floor, 3 x estimate] (at most cap) whose draw fits `limit`
-        tokens, the estimate from one draw at n = probe; floor if none does (RULER searches from `step` up). The result is itself a draw: where
-        n + 1 lines straddle the limit, RULER's n and most samples' step down follow the luck of the probes."""
+        tokens, the estimate from one draw at n = probe; floor if none does (RULER searches from `step` up).
+        The result is itself a draw: where n + 1 lines straddle the limit, RULER's n (and so whether most
+        samples step down) follows the luck of the probes."""
         per = self.count(build(probe, rng)[0]) / probe
         lo, hi, best = floor, min(max(int(limit / per * 3), 2 * step), cap or math.inf), None
         while lo <= hi:  # a fresh draw at each probe, as RULER's
@@ -458,13 +450,13 @@ class RulerData:
 
     def draw(self, build, n: int, limit: int, step: int, rng: random.Random, floor: int = 1) -> tuple[str, list[str]]:
         """Sample at count n, stepping n down by `step` while it does not fit (RULER's retry loop); at or
-        below one step the count halves, down to `floor` (where RULER would retry the same count forever)."""
+        below one step it steps down by a tenth, to `floor` at least (where RULER retries the same count forever)."""
         state = rng.getstate()
         while True:
             text, outputs = build(n, rng)
             if self.fits(text, limit) or n <= floor:
                 return text, outputs
-            n = max(floor, n - step if n > step else n // 2)
+            n = max(floor, n - step if n > step else n - max(1, n // 10))
             rng.setstate(state)
 
     def vt_example(self, L: int) -> str:

@@ -219,8 +219,8 @@ def test_qa_readers_follow_rulers_squad_and_hotpotqa_layouts():
 def test_qa_prompt_has_rulers_template_documents_and_answer_prefix(tok, task):
     data = qa_data(tok)
     r = data.row(task, 2048, 1)
-    assert r["input"].startswith("Answer the question based on the given documents. Only give me the answer and "
-                                 "do not output any other words.\n\nThe following are given documents.\n\nDocument 1:\n")
+    assert r["input"].startswith("Answer the question based on the given documents. Only give me the answer and do "
+                                 "not output any other words.\n\nThe following are given documents.\n\nDocument 1:\n")
     question = "Where is the Amazon river?" if task == "qa_1" else "In which city was the composer of Bolero born?"
     assert r["input"].endswith("\n\nQuestion: " + question) and r["answer_prefix"] == " Answer:"
     gold = ("The Amazon river in South America" if task == "qa_1" else "Maurice Ravel\nJoseph Maurice Ravel")
