@@ -37,8 +37,10 @@ Metrics (RULER's, as fractions instead of percentages), lower-case substring tes
 Note: where this departs from the reference. Essays are split into sentences by a regular expression
 (a sentence ends at . ! or ? before white space), where RULER uses nltk's punkt. A word key is an adjective
 and a noun drawn independently from wonderwords' de-duplicated lists (RULER draws from their sorted product
-set: the same law unless two pairs spell the same string). cwe stops at wonderwords' ~8,600 words (RULER then
-draws from its own English list, past ~100K tokens). The row's `index` is the sample number (RULER's niah
+set: the same law unless two pairs spell the same string). cwe stops at wonderwords' 8,166 distinct words
+(RULER then draws from its own English list, past ~100K tokens). Below one fitting step (RULER's increments
+assume a subword tokenizer; a byte-level model's essay step of 500 words can exceed L) the count steps down by
+a tenth, where RULER would retry forever. The row's `index` is the sample number (RULER's niah
 rows carry the answer's character offset there). The niah singular edit ('Some' -> 'A', 'are' -> 'is', ...)
 touches the task template only (RULER's touches the model template too). Seeds are per sample, so our
 prompts are RULER's in law, not draw for draw.

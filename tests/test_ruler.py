@@ -23,11 +23,13 @@ DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "ruler_reference_4096.json").read_text())
 COMPARED = tuple(REFERENCE["tasks"])
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-# Mean input length within 2% of RULER's, except vt: its haystack count is fitted on one draw and a sample
-# steps down 10 noise lines (~240 tokens, 6%) when it overflows, so at L = 4096 with this tokenizer RULER's
-# mean sits in one of two regimes (RULER's run: 85% of samples stepped down; mean 3,887 of 4,066 allowed).
-# vt is held to one step.
-MEAN_TOLERANCE = {"vt": 0.065}
+# Mean input length. Where the haystack unit has a fixed length (noise lines, list words, coded words) RULER's
+# fitted count is the same on every run and our mean is held within 2% of RULER's. Where it has a random
+# length (needles with random keys or UUIDs, vt with random names), RULER's count is fitted on one draw and a
+# sample that overflows steps down a whole increment (25 needles, 10 lines), so RULER's own mean moves between
+# regimes from seed to seed (recorded "seed_means": e.g. niah_multikey_3 4,030 at seed 42, 2,535 at seed 43);
+# there our mean is held within 2% of the range of RULER's seed means.
+RANDOM_UNITS = ("niah_multikey_2", "niah_multikey_3", "vt")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -80,6 +82,17 @@ def data4096(smol):
 
 
 @pytest.fixture(scope="module")
+def rulers_data(smollm2_path, tmp_path_factory):
+    """RulerData on the tokenizer RULER's run loaded: transformers' conversion of the same GGUF, saved as a
+    tokenizer.json (the two differ on a few white-space merges)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    path = Path(smollm2_path)
+    transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    return ruler.RulerData(tokenizer.load_tokenizer(folder), None, ruler.read_haystack(None)[0])
+
+
+@pytest.fixture(scope="module")
 def tok():
     return tokenizer.load_tokenizer("bytes")
 
@@ -120,13 +133,15 @@ def test_prompts_match_rulers_text_answers_and_bound(data4096, task):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", COMPARED)
-def test_mean_length_and_depth_law_match_rulers(data4096, task):
-    """200 samples: mean `length` within 2% of RULER's (vt: one fitting step, MEAN_TOLERANCE), and the
-    answer's depth distributed as RULER's (KS test at alpha = 0.001: D < 1.95 sqrt((n + m) / (n m)))."""
+def test_mean_length_and_depth_law_match_rulers(rulers_data, task):
+    """200 samples: mean `length` within 2% of RULER's (RANDOM_UNITS: of the range of RULER's seed means), and
+    the answer's depth distributed as RULER's (KS test at alpha = 0.001: D < 1.95 sqrt((n + m) / (n m)))."""
     ref = REFERENCE["tasks"][task]
-    rows = [data4096.row(task, 4096, i) for i in range(ref["samples"])]
+    rows = [rulers_data.row(task, 4096, i) for i in range(ref["samples"])]
     mean = statistics.mean(r["length"] for r in rows)
-    assert abs(mean / ref["mean_length"] - 1) <= MEAN_TOLERANCE.get(task, 0.02), (mean, ref["mean_length"])
+    low, high = (min(ref["seed_means"].values()), max(ref["seed_means"].values())) if task in RANDOM_UNITS else (
+        ref["mean_length"], ref["mean_length"])
+    assert 0.98 * low <= mean <= 1.02 * high, (mean, low, high)
     if "answer_depths" in ref:
         ours, theirs = answer_depths(task, rows), ref["answer_depths"]
         n, m = len(ours), len(theirs)
