@@ -26,6 +26,7 @@ Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
     python eval.py passkey --model $SMOL --lengths 2048,4096,8192 --depths 0,0.5,1 --trials 2
     python eval.py needle --model $SMOL --lengths 2048,4096 --out /tmp/evalruns/needle
     python eval.py kv --model tiny --model out/merged --adapter none --adapter none --lengths 512
+    python eval.py ruler --model $SMOL --lengths 4096 --samples quick   # RULER's 13 tasks (ruler.py, README)
     python eval.py passkey --format code --model demo --adapter runs/demo/train/adapter --quant nf4 \
         --rope yarn:16 --lengths 256,1280,2560 --trials 40 --seed 987654321     # the demo's passkey column
 
