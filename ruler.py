@@ -427,19 +427,24 @@ class RulerData:
 
     def fit(self, build, limit: int, step: int, rng: random.Random, probe: int, cap: int | None, floor: int = 1
             ) -> int:
-        """RULER's binary search: the largest n in [floor, 3 x estimate] (at most cap) whose draw fits `limit`
-        tokens, the estimate from one draw at n = probe; floor if none does (RULER searches from `step` up).
+        """RULER's binary search: the largest n in [step, 3 x estimate] (at most cap) whose draw fits `limit`
+        tokens, the estimate from one draw at n = probe; if none does, the same search in [floor, step).
         The result is itself a draw: where n + 1 lines straddle the limit, RULER's n (and so whether most
         samples step down) follows the luck of the probes."""
         per = self.count(build(probe, rng)[0]) / probe
-        lo, hi, best = floor, min(max(int(limit / per * 3), 2 * step), cap or math.inf), None
-        while lo <= hi:  # a fresh draw at each probe, as RULER's
-            mid = (lo + hi) // 2
-            if self.fits(build(mid, rng)[0], limit):
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        return best or floor
+        hi = min(max(int(limit / per * 3), 2 * step), cap or math.inf)
+        for lo in (step, floor):  # RULER's range; below it only where nothing from `step` up fits
+            best = None
+            while lo <= hi:  # a fresh draw at each probe, as RULER's
+                mid = (lo + hi) // 2
+                if self.fits(build(mid, rng)[0], limit):
+                    best, lo = mid, mid + 1
+                else:
+                    hi = mid - 1
+            if best is not None:
+                return best
+            hi = step - 1
+        return floor
 
     def fit_fwe(self, build, limit: int, step: int, rng: random.Random) -> int:
         """RULER's fwe search: from limit // 6 words up in steps until the text reaches the limit, one step
@@ -452,7 +457,7 @@ class RulerData:
 
     def draw(self, build, n: int, limit: int, step: int, rng: random.Random, floor: int = 1) -> tuple[str, list[str]]:
         """Sample at count n, stepping n down by `step` while it does not fit (RULER's retry loop); at or
-        below one step it steps down by a tenth, to `floor` at least (where RULER retries the same count forever)."""
+        below one step it steps down by a tenth, to `floor` at least (RULER retries the same count forever)."""
         state = rng.getstate()
         while True:
             text, outputs = build(n, rng)
