@@ -21,7 +21,7 @@ changed, nothing trained), the lecture's "frozen" rows (Lu et al. 2024, the cont
 
 Each row reports: perplexity of 8 held-out windows over their first L, 5 L and 10 L positions; passkey
 (demo.evaluate: greedy exact match of a 4-digit fact, 40 prompts per length) at L, 5 L, 10 L; RULER tasks
-at 10 L (ruler.py prompts of at most 10 L bytes with BOS first, greedy decoding, RULER's string_match_all;
+at 10 L (ruler.py's RULER prompts of at most 10 L bytes with BOS first, greedy decoding, RULER's metric;
 a model pretrained on Python source has never read such English prompts); retention at L against the base
 (demo.retained: base ppl@L / row ppl@L and row passkey@L / base passkey@L, 1 = kept, above 1 = better);
 and the row's wall seconds (training plus evaluation).
@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -52,7 +51,6 @@ from generate import generate
 from lora import load_adapter
 from outputs import atomic_write_text, check_output, holds_only
 from parallel import destroy, init_distributed
-from tasks import haystack_text, sentence_starts
 from tokenizer import ByteTokenizer
 from train import train
 
@@ -143,17 +141,16 @@ def format_table(rows: dict[str, dict], L: int, factors: tuple[int, ...], tasks:
 
 
 @torch.no_grad()
-def ruler_scores(net, tok, length: int, tasks: tuple[str, ...], trials: int, hay) -> dict[str, float]:
-    """{task: mean string_match_all} over `trials` prompts of at most `length` tokens (BOS + a RULER prompt
-    of length - 1), depths (t + 0.5) / trials, greedy decoding until EOS or RULER's token budget."""
+def ruler_scores(net, data: ruler.RulerData, length: int, tasks: tuple[str, ...], trials: int) -> dict[str, float]:
+    """{task: mean RULER score} over the first `trials` samples of RULER's prompts (BOS first, prompt plus
+    tokens to generate <= length), greedy decoding until EOS or RULER's token budget."""
     out = {}
     for task in tasks:
         total = 0.0
         for t in range(trials):
-            rng = random.Random(f"{demo.EVAL_SEED}:{task}:{length}:{t}")
-            ids, refs, max_new, _ = ruler.make_prompt(task, tok, length - 1, (t + 0.5) / trials, rng, None, *hay)
-            new = generate(net, [demo.BOS] + ids, max_new, stop_ids=[demo.EOS])
-            total += ruler.score(task, tok.decode(new), refs)
+            ids, refs, max_new, _ = data.prompt(task, length, t)
+            new = generate(net, ids, max_new, stop_ids=[demo.EOS])
+            total += ruler.score(task, data.tok.decode(new), refs)
         out[task] = total / trials
     return out
 
@@ -161,7 +158,7 @@ def ruler_scores(net, tok, length: int, tasks: tuple[str, ...], trials: int, hay
 def evaluate_row(net, filler, L: int, args, hay, base_row: dict | None) -> dict:
     """demo.evaluate (ppl and passkey at L, 5 L, 10 L) plus RULER at 10 L and retention against the base."""
     row = demo.evaluate(net, filler, L, demo.FACTORS, args.eval_windows, args.eval_keys)
-    row["ruler"] = ruler_scores(net, ByteTokenizer(), max(demo.FACTORS) * L, args.ruler_tasks, args.ruler_trials, hay)
+    row["ruler"] = ruler_scores(net, hay, max(demo.FACTORS) * L, args.ruler_tasks, args.ruler_trials)
     row["retained"] = demo.retained(row, base_row or row, L)
     return row
 
@@ -196,9 +193,7 @@ def compare(args) -> dict:
     check_output(out, "new", "--out", owned=holds_only("data.jsonl", "short-*.jsonl", "results.*", *METHODS))
     out.mkdir(parents=True, exist_ok=True)
     filler = demo.corpus_bytes(demo.stdlib_split()[1])
-    tok, text = ByteTokenizer(), haystack_text(None)
-    ids, spans = tok.encode_offsets(text)
-    hay = (ids, sentence_starts(text, spans))
+    hay = ruler.RulerData(ByteTokenizer(), None, ruler.read_haystack(None)[0], seed=demo.EVAL_SEED)
     d = init_distributed()
     try:
         if d.world != 1:

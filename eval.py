@@ -31,6 +31,7 @@ Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
     python eval.py needle --protocol llama3-80k --model $SMOL --haystack PaulGrahamEssays/ --lengths 8000
     python eval.py harness --model $SMOL --tasks longctx_mc --include-path tests/harness_tasks --out /tmp/h
     python eval.py kv --model tiny --model out/merged --adapter none --adapter none --lengths 512
+    python eval.py ruler --model $SMOL --lengths 4096 --samples quick   # RULER's 13 tasks (ruler.py, README)
     python eval.py passkey --format code --model demo --adapter runs/demo/train/adapter --quant nf4 \
         --rope yarn:16 --lengths 256,1280,2560 --trials 40 --seed 987654321     # the demo's passkey column
 
@@ -47,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -66,11 +66,12 @@ from checkpoint import load_model, read_config
 from data import list_files
 from devices import add_device_flags, device_and_dtype
 from errors import UserError, run_cli
+from eval_report import label, markdown_table, plot, retention, ruler_table
 from generate import generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
-from outputs import atomic_write_text, check_output, save_figure
+from outputs import atomic_write_text, check_output
 from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes,
                    haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt,
                    sentence_starts, stdlib_files, stdlib_split, token_stream, windows)
@@ -81,7 +82,6 @@ from tokenizer import chat_template_for, load_tokenizer
 TASKS = ("ppl", "passkey", "needle", "kv", "ruler", "harness")
 FORMATS = ("text", "code")  # passkey prompts: the filler-text probe, or the demo's code probe (tasks.py)
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
-PLOT_DPI = 80
 
 # ----------------------------------------------------------------------------- pure functions: parsing
 
@@ -243,15 +243,21 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
             if k in sel[0]:
                 by_length[L][k] = sum(i[k] for i in sel) / len(sel)
     out = {"by_length": by_length, "items": items}
-    if args.task == "ruler":  # accuracy above is the average over tasks; here each task alone
-        out["by_task"] = {s: {L: sum(i["correct"] for i in items if i["task"] == s and i["length"] == L) /
-                              (len(args.depths) * args.trials) for L in args.lengths} for s in subtasks}
+    if args.task == "ruler":  # accuracy above is the average over tasks; here each task alone, with its s.e.
+        out["by_task"] = {s: {L: ruler.summarize([i["correct"] for i in items if (i["task"], i["length"]) == (s, L)])
+                              for L in args.lengths} for s in subtasks}
+        out["average"] = {"name": ruler.average_name(subtasks),
+                          **{L: ruler.average([out["by_task"][s][L] for s in subtasks]) for L in args.lengths}}
     return out
 
 
 def prompt_maker(task: str, tokenizer, args, hay):
     """The task's make_prompt(L, depth, trial); keys and UUIDs depend only on (seed, L, depth, trial)."""
     template = None
+    if task == "ruler":  # RULER's own templates and haystack sizes (ruler.py); sample t of each task and length
+        data, args.ruler_haystack = ruler.setup(tokenizer, args.template, args.chat_template, args.haystack,
+                                                args.qa_files, args.ruler_tasks, args.seed)
+        return (lambda L, d, t, sub: data.prompt(sub, L, t)), data.template or "base"
     if task == "kv" and args.protocol == "helmet":  # HELMET's recall runs without a chat template
         template = chat_template_for(tokenizer, args.chat_template) if args.chat_template not in (None, "none") else None
     elif task != "passkey" and not args.no_chat and args.chat_template != "none":
@@ -275,8 +281,6 @@ def prompt_maker(task: str, tokenizer, args, hay):
             return prompts[t], bytes(answers[t]).decode(), KEY_DIGITS, None
         if args.protocol != "ours":
             return protocols.make_prompt(task, args.protocol, tokenizer, L, d, rng(L, d, t), template, hay)
-        if task == "ruler":
-            return ruler.make_prompt(sub, tokenizer, L, d, rng(L, d, f"{sub}:{t}"), template, hay[0], hay[1])
         if task == "passkey":
             key = str(rng(L, d, t).randint(10000, 99999))
             ids, at = passkey_prompt(tokenizer, L, d, key)
@@ -306,109 +310,13 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
-def label(row: dict) -> str:
-    name = Path(row["model"]).name if os.sep in row["model"] else row["model"]
-    ad = f"+{Path(row['adapter']).name}" if row["adapter"] else ""
-    return f"{name}{ad} rope={row['rope']}"
-
-
-def retention(task: str, values: list[float]) -> list[float | None]:
-    """Each row's score at the reference length as a fraction of the first row's, "1 = kept, above 1 =
-    better" for every task: first ppl / row ppl for perplexity (lower is better), row accuracy / first
-    accuracy for the probes (None when the first row scores 0)."""
-    ref = values[0]
-    if task == "ppl":
-        return [ref / v for v in values]
-    return [v / ref if ref > 0 else None for v in values]
-
-
-def retention_cell(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}x"
-
-
-def markdown_table(task: str, rows: list[dict], lengths: list[int], retain_at: int | None = None) -> str:
-    """One line per row; with several rows a last column `retained@N`: retention() against the first row at
-    N = retain_at (the base's own length, --base-length), by default the shortest length."""
-    metric = "ppl" if task == "ppl" else "accuracy"
-    at = retain_at or min(lengths)
-    kept = retention(task, [r["by_length"][at][metric] for r in rows]) if len(rows) > 1 else None
-    extra = [f"retained@{at} vs first row"] if kept else []
-    heads = [str(L) for L in lengths] + extra
-    lines = ["| model | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    for i, r in enumerate(rows):
-        cells = []
-        for L in lengths:
-            m = r["by_length"][L]
-            rouge = [f" ({n} {m[k]:.2f})" for k, n in (("rouge_l_recall", "R"), ("rouge_l_f", "ROUGE-L F")) if k in m]
-            cells.append(f"{m[metric]:.3f}" + "".join(rouge))
-        cells += [retention_cell(kept[i])] if kept else []
-        lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def ruler_table(rows: list[dict], lengths: list[int], retain_at: int | None = None) -> str:
-    """Per-task accuracy (RULER's string_match_all) of each row, one line per (row, task); with several
-    rows a last column: the task's retention() against the first row at retain_at (default: shortest)."""
-    at = retain_at or min(lengths)
-    extra = [f"retained@{at} vs first row"] if len(rows) > 1 else []
-    heads = [str(L) for L in lengths] + extra
-    lines = ["| model | task | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
-    for r in rows:
-        for task, by_length in r["by_task"].items():
-            cells = [f"{by_length[L]:.3f}" for L in lengths]
-            if extra:
-                cells.append(retention_cell(retention("ruler", [rows[0]["by_task"][task][at], by_length[at]])[1]))
-            lines.append(f"| {label(r)} | {task} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(task: str, rows: list[dict], args, path: Path) -> str | None:
-    """PNG of the results; returns a note instead when matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib not installed; no plot written"
-    if task == "ppl":
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for r in rows:
-            ax.plot(args.lengths, [r["by_length"][L]["ppl"] for L in args.lengths], marker="o", label=label(r))
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
-        ax.set_xticks(args.lengths, [str(L) for L in args.lengths])
-        ax.minorticks_off()
-        ax.legend(fontsize=7)
-    else:
-        fig, axes = plt.subplots(1, len(rows), figsize=(3 + 2.5 * len(rows), 3), squeeze=False)
-        for ax, r in zip(axes[0], rows):
-            if task == "ruler":  # tasks x lengths
-                names = list(r["by_task"])
-                grid = torch.tensor([[r["by_task"][n][L] for L in args.lengths] for n in names])
-                ylabels, ylabel = names, "RULER task"
-            else:  # depths x lengths
-                grid = torch.zeros(len(args.depths), len(args.lengths))
-                for it in r["items"]:
-                    grid[args.depths.index(it["depth"]), args.lengths.index(it["length"])] += it["correct"] / args.trials
-                ylabels, ylabel = [f"{d:.0%}" if d is not None else "random" for d in args.depths], "depth"
-            im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-            ax.set_xticks(range(len(args.lengths)), [str(L) for L in args.lengths])
-            ax.set_yticks(range(len(ylabels)), ylabels)
-            ax.set(xlabel="context length (tokens)", ylabel=ylabel, title=label(r))
-            ax.title.set_fontsize(7)
-        fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-    save_figure(fig, path, dpi=PLOT_DPI, bbox_inches="tight")
-    plt.close(fig)
-    return None
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Perplexity by length and long-context recall probes.")
     ap.add_argument("task", choices=TASKS)
-    ap.add_argument("--model", action="append", required=True, help="preset, HF directory or .gguf (repeatable)")
+    ap.add_argument("--model", action="append", default=None, help="preset, HF directory or .gguf (repeatable)")
     ap.add_argument("--adapter", action="append", default=None,
                     help="LoRA adapter directory per --model, in order, or 'none' (repeatable)")
     ap.add_argument("--tokenizer", default=None, help="default: the model's own; 'bytes' for presets")
@@ -436,19 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stride", type=int, default=None, help="ppl: sliding windows scoring their last STRIDE tokens")
     ap.add_argument("--docs", action="append", default=None, help="ppl: files/dirs (default: Python's stdlib .py)")
     ap.add_argument("--haystack", action="append", default=None,
-                    help="needle: files/dirs (default: Python's reference manual text, pydoc_data.topics)")
+                    help="needle: files/dirs; ruler: RULER's PaulGrahamEssays.json (default: Python's reference "
+                         "manual text, pydoc_data.topics; not RULER's haystack)")
     ap.add_argument("--needle", default=NEEDLE)
     ap.add_argument("--question", default=QUESTION)
-    ap.add_argument("--ruler-tasks", default=",".join(ruler.TASKS),
-                    help="ruler: comma list of RULER tasks (default: all; see ruler.py)")
-    ap.add_argument("--tasks", default=None, help="harness: lm-eval task names, comma-separated (e.g. mmlu)")
+    ap.add_argument("--tasks", "--ruler-tasks", default=None,
+                    help="ruler: RULER tasks, comma-separated (default: all 13, qa_1/qa_2 only with their files); "
+                         "harness: lm-eval task names (e.g. mmlu)")
     ap.add_argument("--include-path", default=None, help="harness: a folder of lm-eval task YAML files")
     ap.add_argument("--limit", type=float, default=None, help="harness: examples per task (a fraction if < 1)")
     ap.add_argument("--num-fewshot", type=int, default=None, help="harness: in-context examples per prompt")
     ap.add_argument("--log-samples", action="store_true", help="harness: also write per-sample logs")
-    ap.add_argument("--no-chat", action="store_true", help="needle/kv/ruler: plain prompt even for chat models")
+    ap.add_argument("--samples", default=str(ruler.DEFAULT_SAMPLES),
+                    help=f"ruler: samples per task and length, or 'quick' ({ruler.QUICK_SAMPLES}, a smoke run)")
+    ap.add_argument("--template", choices=ruler.TEMPLATE_KINDS, default=None,
+                    help="ruler: RULER's base template or the model's chat template (default: chat for a "
+                         "tokenizer with a chat template)")
+    ap.add_argument("--squad", default=None, help="ruler: SQuAD v2 dev JSON for qa_1 (RULER's squad.json)")
+    ap.add_argument("--hotpotqa", default=None, help="ruler: HotpotQA dev JSON for qa_2 (RULER's hotpotqa.json)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="ruler: write OUT/<L>/<task>/validation.jsonl in RULER's format; needs --tokenizer, no model")
+    ap.add_argument("--no-chat", action="store_true", help="needle/kv: plain prompt even for chat models")
     ap.add_argument("--chat-template", default=None,
-                    help="needle/kv: template name instead of the detected one (none = plain prompt)")
+                    help="needle/kv/ruler: template name instead of the detected one (needle/kv: none = plain prompt)")
     return ap
 
 
@@ -470,6 +388,7 @@ def check_args(args) -> None:
         args.depths = [None]
     else:
         args.depths = parse_depths(args.depths or (",".join(map(str, grid[1])) if grid else DEFAULT_DEPTHS))
+    check_ruler_args(args)
     args.adapter = args.adapter or ["none"] * len(args.model)
     if len(args.adapter) != len(args.model):
         raise UserError(f"--adapter given {len(args.adapter)} times for {len(args.model)} --model; give one per "
@@ -487,10 +406,23 @@ def check_args(args) -> None:
         raise UserError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     args.prefill_chunk = args.prefill_chunk or None
     args.rope = args.rope or [None]
-    args.ruler_tasks = [t for t in (x.strip() for x in args.ruler_tasks.split(",")) if t]
-    unknown = [t for t in args.ruler_tasks if t not in ruler.TASKS]
-    if unknown or not args.ruler_tasks:
-        raise UserError(f"--ruler-tasks: unknown {unknown or 'empty list'}; choose from {','.join(ruler.TASKS)}")
+
+
+def check_ruler_args(args) -> None:
+    """RULER's protocol: samples instead of depths x trials; the qa tasks only with their files."""
+    args.qa_files = {"qa_1": args.squad, "qa_2": args.hotpotqa}
+    args.ruler_tasks = ruler.parse_tasks(args.tasks if args.task == "ruler" else None, args.qa_files)
+    if args.prepare_only and (args.task != "ruler" or args.tokenizer is None or args.model):
+        raise UserError("--prepare-only: ruler only, with --tokenizer TOK and no --model (no model is loaded)")
+    if args.model is None and not args.prepare_only:
+        raise UserError("--model is required (or ruler --prepare-only --tokenizer TOK)")
+    args.model = args.model or []
+    if args.task != "ruler":
+        return
+    if args.depths != [float(x) for x in DEFAULT_DEPTHS.split(",")] or args.trials != 1:
+        raise UserError("--depths/--trials do not apply to ruler: it draws depths by RULER's law; use --samples N")
+    args.samples = ruler.parse_samples(args.samples)
+    args.depths, args.trials = [None], args.samples
 
 
 def load(spec: str, adapter: str | None, args):
@@ -534,7 +466,14 @@ def evaluate(args) -> list[dict]:
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride, "format": args.format,
             "base_length": args.base_length, "protocol": args.protocol, "scoring": protocols.SCORING[args.protocol],
+            "samples": args.samples if args.task == "ruler" else None,
             "docs": args.docs or "python stdlib *.py (sorted)"}
+    if args.prepare_only:  # RULER's jsonl files, no model
+        data, _ = ruler.setup(load_tokenizer(args.tokenizer), args.template, args.chat_template, args.haystack,
+                              args.qa_files, args.ruler_tasks, args.seed)
+        for path in ruler.write_validation(data, args.lengths, args.ruler_tasks, args.samples, out):
+            print(f"wrote {path}")
+        return []
     hay = None
     rows, t0 = [], time.time()
     for spec, adapter in zip(args.model, args.adapter):
@@ -552,7 +491,7 @@ def evaluate(args) -> list[dict]:
             hay = corpus_bytes(stdlib_split()[1])  # held-out stdlib code, as the demo evaluates on
         elif args.task == "needle" and args.protocol != "ours":
             hay, meta["haystack"] = protocols.read_haystack(args.haystack)
-        elif args.task in ("needle", "ruler"):
+        elif args.task == "needle":
             text = haystack_text(args.haystack)
             ids, spans = tok.encode_offsets(text)
             hay = (ids, sentence_starts(text, spans))
@@ -579,7 +518,8 @@ def evaluate(args) -> list[dict]:
     note = plot(args.task, rows, args, out / f"{args.task}.png")
     print(markdown_table(args.task, rows, args.lengths, args.base_length))
     if args.task == "ruler":
-        print(ruler_table(rows, args.lengths, args.base_length))
+        print(ruler_table(rows, args.lengths, args.base_length,
+                          "" if args.ruler_haystack else " (essay tasks on the manual haystack: not RULER's)"))
     if args.protocol != "ours":
         print(f"protocol {args.protocol}: scored by {meta['scoring']}; haystack: {meta.get('haystack', 'none')}")
     print(note or f"wrote {out / (args.task + '.json')} and {out / (args.task + '.png')}")

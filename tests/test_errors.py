@@ -31,6 +31,7 @@ import train
 from model import ModelConfig, Transformer
 
 TINY = ["--model", "tiny", "--tokenizer", "bytes", "--ctx", "32"]
+RULER = "ruler --model tiny --samples 1 --lengths 2048".split()
 
 
 def tiny_config(**kw) -> dict:
@@ -210,8 +211,22 @@ CASES = [
     ("eval-rope-theta-inf", E, ["ppl", "--model", "tiny", "--rope-theta", "inf", "--out", "{ws}/out"],
      "--rope-theta", None),
     ("eval-rope-bad", E, ["ppl", "--model", "tiny", "--rope", "linear:-1", "--out", "{ws}/out"], "--rope", None),
-    ("eval-ruler-tasks", E, ["ruler", "--model", "tiny", "--ruler-tasks", "nope", "--out", "{ws}/out"],
-     "--ruler-tasks", None),
+    ("eval-ruler-tasks", E, ["ruler", "--model", "tiny", "--tasks", "nope", "--out", "{ws}/out"], "--tasks", None),
+    ("eval-ruler-too-short", E, [*RULER, "--lengths", "300", "--tasks", "vt", "--out", "{ws}/out"], "--lengths 300",
+     None),
+    ("eval-ruler-samples", E, ["ruler", "--model", "tiny", "--samples", "0", "--out", "{ws}/out"], "--samples", None),
+    ("eval-ruler-depths", E, [*RULER, "--depths", "0.5", "--out", "{ws}/out"], "--depths", None),
+    ("eval-ruler-template", E, [*RULER, "--template", "fancy", "--out", "{ws}/out"], "--template", None),
+    ("eval-ruler-qa-without-file", E, [*RULER, "--tasks", "qa_1", "--out", "{ws}/out"], "--squad", None),
+    ("eval-ruler-squad-missing", E, [*RULER, "--tasks", "qa_1", "--squad", "{ws}/nosquad.json", "--out", "{ws}/out"],
+     "nosquad.json", None),
+    ("eval-ruler-squad-not-json", E, [*RULER, "--tasks", "qa_1", "--squad", "{ws}/tokenizer.json", "--out",
+                                      "{ws}/out"], "--squad", None),
+    ("eval-ruler-hotpotqa-shape", E, [*RULER, "--tasks", "qa_2", "--hotpotqa", "{ws}/cfg_only/config.json", "--out",
+                                      "{ws}/out"], "--hotpotqa", None),
+    ("eval-ruler-haystack-shape", E, [*RULER, "--tasks", "niah_single_2", "--haystack", "{ws}/cfg_only/config.json",
+                                      "--out", "{ws}/out"], "--haystack", None),
+    ("eval-ruler-prepare-no-tokenizer", E, ["ruler", "--prepare-only", "--out", "{ws}/out"], "--prepare-only", None),
     ("eval-adapter-missing", E, ["ppl", "--model", "tiny", "--adapter", "{ws}/noadapter", "--out", "{ws}/out"],
      "noadapter", None),
     ("eval-model-missing", E, ["ppl", "--model", "{ws}/nowhere", "--lengths", "16", "--out", "{ws}/out"], "nowhere",

@@ -18,6 +18,7 @@ import eval as ev
 from test_tasks import HAY
 import lora
 import rope
+import ruler
 from checkpoint import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,9 +125,10 @@ def test_adapter_equals_merged_model(tmp_path):
 def test_retention_is_oriented_so_that_one_is_kept():
     """Hand-made rows: perplexity is lower-is-better, so the ratio is first / row; accuracy row / first;
     a first row that retrieves nothing gives no ratio."""
-    assert ev.retention("ppl", [4.0, 2.0, 8.0]) == [1.0, 2.0, 0.5]
-    assert ev.retention("passkey", [0.5, 0.25, 1.0]) == [1.0, 0.5, 2.0]
-    assert ev.retention("kv", [0.0, 0.5]) == [None, None]
+    from eval_report import retention
+    assert retention("ppl", [4.0, 2.0, 8.0]) == [1.0, 2.0, 0.5]
+    assert retention("passkey", [0.5, 0.25, 1.0]) == [1.0, 0.5, 2.0]
+    assert retention("kv", [0.0, 0.5]) == [None, None]
 
 
 def test_tables_report_the_base_length_and_retention(tmp_path, capsys):
@@ -142,6 +144,32 @@ def test_tables_report_the_base_length_and_retention(tmp_path, capsys):
     assert res["rows"][0]["retained"]["ppl"] == 1.0 and res["rows"][1]["retained"]["ppl"] == first / second
     out = capsys.readouterr().out
     assert "retained@64 vs first row" in out and f"{first / second:.3f}x" in out
+
+
+def test_ruler_scores_carry_standard_errors_and_the_average_names_its_tasks(tmp_path, capsys):
+    """RULER's protocol through the CLI: --samples prompts per task and length, each within L with its tokens
+    to generate, scored by RULER's metric; per-task score +- s.e. and an average not called RULER."""
+    assert run_main("ruler", "--model", "tiny", "--lengths", "2048", "--samples", "2", "--tasks", "niah_single_1,fwe",
+                    "--out", str(tmp_path)) == 0
+    row = json.loads((tmp_path / "ruler.json").read_text())["rows"][0]
+    assert len(row["items"]) == 4 and row["chat_template"] == "base"
+    for it in row["items"]:
+        assert it["prompt_tokens"] + ruler.tokens_to_generate(it["task"]) <= 2048
+        assert it["correct"] == ruler.score(it["task"], it["answer"], it["reference"])
+    cell = row["by_task"]["fwe"]["2048"]
+    assert cell["n"] == 2 and cell == ruler.summarize([i["correct"] for i in row["items"] if i["task"] == "fwe"])
+    assert row["average"]["name"] == "mean of 2 tasks (niah_single_1, fwe)"
+    out = capsys.readouterr().out
+    assert f"| fwe | {cell['score']:.3f} ± {cell['se']:.3f} |" in out and "not RULER's" in out
+
+
+def test_ruler_prepare_only_writes_rulers_jsonl_without_a_model(tmp_path):
+    assert run_main("ruler", "--prepare-only", "--tokenizer", "bytes", "--lengths", "2048", "--tasks", "vt,cwe",
+                    "--samples", "2", "--template", "base", "--out", str(tmp_path)) == 0
+    data = ruler.RulerData(tokenizer.load_tokenizer("bytes"), None, ruler.read_haystack(None)[0])
+    for task in ("vt", "cwe"):
+        rows = [json.loads(x) for x in (tmp_path / "2048" / task / "validation.jsonl").read_text().splitlines()]
+        assert rows == [{k: v for k, v in data.row(task, 2048, i).items() if k != "ids"} for i in range(2)]
 
 
 @pytest.mark.parametrize("argv,needle", [

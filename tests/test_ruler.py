@@ -1,21 +1,95 @@
-"""ruler.py: every task's prompt has T <= L tokens and L - T below one filler unit; its answer is recoverable
-from the decoded prompt exactly (the asked key's values stand next to it, vt's chain resolves to the
-references, cwe's and fwe's references are the strict top-k by count); seeds decide the prompt; the scorers
-match RULER's string_match_all / string_match_part on hand-made cases.
+"""ruler.py and ruler_qa.py against NVIDIA/RULER: the prompts of niah_single_1, niah_multikey_2,
+niah_multikey_3, vt, cwe and fwe at L = 4096 with SmolLM2's tokenizer and the base template are compared with
+facts recorded from RULER's own generators (tests/data/ruler_reference_4096.json: RULER at commit c3f5e3b,
+prepare.py, 200 samples per task; how it was run is in the file's "source"): length fields and bound, lead
+line, question line and answer prefix with keys and values masked, number of answers, key and word
+vocabulary, and the depth law (two-sample Kolmogorov-Smirnov test). qa_1/qa_2 are built from small SQuAD v2
+and HotpotQA fixtures in tests/data. The scorers match RULER's on hand-made cases.
 """
-import collections
+import json
 import math
-import random
 import re
+import statistics
+from pathlib import Path
 
 import pytest
 
 import ruler
-import tasks
+import ruler_qa
 import tokenizer
 from errors import UserError
 
-LENGTHS_DEPTHS_SEEDS = [(2048, 0.0, 0), (3000, 0.5, 1), (4096, 1.0, 2)]
+DATA = Path(__file__).parent / "data"
+REFERENCE = json.loads((DATA / "ruler_reference_4096.json").read_text())
+COMPARED = tuple(REFERENCE["tasks"])
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Mean input length. Where the haystack unit has a fixed length (noise lines, list words, coded words) RULER's
+# fitted count is the same on every run and our mean is held within 2% of RULER's. Where it has a random
+# length (needles with random keys or UUIDs, vt with random names), RULER's count is fitted on one draw and a
+# sample that overflows steps down a whole increment (25 needles, 10 lines), so RULER's own mean moves between
+# regimes from seed to seed (recorded "seed_means": e.g. niah_multikey_3 4,030 at seed 42, 2,535 at seed 43);
+# there our mean is held within 2% of the range of RULER's seed means.
+RANDOM_UNITS = ("niah_multikey_2", "niah_multikey_3", "vt")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def mask(text):
+    """Keys, values and names masked: UUIDs <U>, numbers <N>, vt names <V>, niah's asked key <K> (the masking
+    the reference file was recorded with)."""
+    text = UUID.sub("<U>", text)
+    text = re.sub(r"\d+", "<N>", text)
+    text = re.sub(r"VAR [A-Z]+", "VAR <V>", text)
+    return re.sub(r"for .+? mentioned", "for <K> mentioned", text)
+
+
+def lead_and_question(task, row):
+    first, last = row["input"].split("\n")[0], row["input"].rstrip("\n").split("\n")[-1]
+    if task == "fwe":
+        first = first[:first.index("coded words.") + len("coded words.")]
+    return mask(first), mask(last)
+
+
+def first_statement_depth(text):
+    """Relative line index of vt's first statement (VAR X = number) among the task's lines after the example."""
+    lines = text[text.index("Memorize", 10):].split("\n")
+    hits = [i for i, line in enumerate(lines) if re.fullmatch(r"VAR [A-Z]+ = \d+", line)]
+    noise = [i for i, line in enumerate(lines) if line.startswith("The grass")]
+    return (hits[0] - noise[0]) / (noise[-1] - noise[0] + 1)
+
+
+def answer_depths(task, rows):
+    if task == "vt":
+        return [first_statement_depth(r["input"]) for r in rows]
+    return [r["token_position_answer"] / r["length"] for r in rows]
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov D = max_x |F_a(x) - F_b(x)|."""
+    a, b = sorted(a), sorted(b)
+    return max(abs(sum(x <= v for x in a) / len(a) - sum(x <= v for x in b) / len(b)) for v in a + b)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    return tokenizer.load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def data4096(smol):
+    return ruler.RulerData(smol, None, ruler.read_haystack(None)[0])
+
+
+@pytest.fixture(scope="module")
+def rulers_data(smollm2_path, tmp_path_factory):
+    """RulerData on the tokenizer RULER's run loaded: transformers' conversion of the same GGUF, saved as a
+    tokenizer.json (the two differ on a few white-space merges)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    path = Path(smollm2_path)
+    transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    return ruler.RulerData(tokenizer.load_tokenizer(folder), None, ruler.read_haystack(None)[0])
 
 
 @pytest.fixture(scope="module")
@@ -23,226 +97,190 @@ def tok():
     return tokenizer.load_tokenizer("bytes")
 
 
-@pytest.fixture(scope="module")
-def hay(tok):
-    """The default haystack, as eval.py builds it."""
-    text = tasks.haystack_text(None)
-    ids, spans = tok.encode_offsets(text)
-    return ids, tasks.sentence_starts(text, spans)
+def qa_data(tok, template=None):
+    qa = {"qa_1": ruler_qa.read("qa_1", str(DATA / "squad_v2_mini.json")),
+          "qa_2": ruler_qa.read("qa_2", str(DATA / "hotpotqa_mini.json"))}
+    return ruler.RulerData(tok, template, ruler.read_haystack(None)[0], qa)
 
 
-def build(task, tok, hay, length, depth, seed, template=None):
-    return ruler.make_prompt(task, tok, length, depth, random.Random(seed), template, *hay)
+# ----------------------------------------------------------------------------- RULER's own output at 4096
 
 
-def filler_unit(task, tok):
-    """The most tokens one filler unit may take (byte tokenizer): the slack allowed below L."""
-    if task in ruler.NIAH and ruler.NIAH[task][0] == "essay":
-        return 1  # real text is cut to the token
-    if task == "cwe":  # f_u = 3 entries of a number up to 5 digits and a word up to 12 letters
-        return 3 * (len(" 99999.") + len(" " + "w" * 12))
-    if task == "fwe":
-        return len(" ...")
-    if task in ("niah_multikey_2", "niah_multikey_3"):  # a distractor needle line
-        key = "x" * 36 if task.endswith("3") else "-".join([max(ruler.ADJECTIVES, key=len), max(ruler.NOUNS, key=len)])
-        value = "x" * 36 if task.endswith("3") else "1234567"
-        return len("\n" + ruler.NIAH_NEEDLE.format(kind="uuids", key=key, value=value))
-    return len("\n" + ruler.NOISE)
+@pytest.mark.parametrize("task", COMPARED)
+def test_prompts_match_rulers_text_answers_and_bound(data4096, task):
+    """Every sample within L with its tokens to generate; RULER's fields, lead line, question line, answer
+    prefix (keys and values masked) and number of answers; keys and words from RULER's vocabulary."""
+    ref = REFERENCE["tasks"][task]
+    rows = [data4096.row(task, 4096, i) for i in range(20)]
+    t2g = ruler.tokens_to_generate(task)
+    nouns, adjectives, verbs = map(set, ruler.wonderwords_lists())
+    for r in rows:
+        assert len(r["ids"]) + t2g <= 4096 and r["length"] <= 4096 and r["length"] == r["length_w_model_temp"]
+        assert sorted(k for k in r if k != "ids") == ref["fields"]
+        assert lead_and_question(task, r) == (ref["lead"], ref["question"])
+        assert mask(r["answer_prefix"]) == ref["answer_prefix"] and len(r["outputs"]) == ref["outputs"]
+        assert r["input"] + r["answer_prefix"] == data4096.tok.decode(r["ids"])
+    if "words" in ref:  # RULER's recorded keys/words lie in our lists: the same vocabulary, and ours too
+        ours = ([o for r in rows for o in r["outputs"]] if task == "cwe" else
+                [re.search(r"for (.+?) mentioned in the provided text\?", r["input"]).group(1) for r in rows])
+        for word in ref["words"] + ours:
+            if task == "cwe":
+                assert word in nouns | adjectives | verbs, word
+            else:
+                assert any(word[:i] in adjectives and word[i + 1:] in nouns for i in range(len(word))
+                           if word[i] == "-"), word
 
 
-def context_of(text, lead_end, question_start):
-    """The main context: after the last `lead_end`, before the last `question_start`."""
-    a = text.rindex(lead_end) + len(lead_end)
-    return text[a:text.rindex(question_start)]
+@pytest.mark.slow
+@pytest.mark.parametrize("task", COMPARED)
+def test_mean_length_and_depth_law_match_rulers(rulers_data, task):
+    """200 samples: mean `length` within 2% of RULER's (RANDOM_UNITS: of the range of RULER's seed means), and
+    the answer's depth distributed as RULER's (KS test at alpha = 0.001: D < 1.95 sqrt((n + m) / (n m)))."""
+    ref = REFERENCE["tasks"][task]
+    rows = [rulers_data.row(task, 4096, i) for i in range(ref["samples"])]
+    mean = statistics.mean(r["length"] for r in rows)
+    low, high = (min(ref["seed_means"].values()), max(ref["seed_means"].values())) if task in RANDOM_UNITS else (
+        ref["mean_length"], ref["mean_length"])
+    assert 0.98 * low <= mean <= 1.02 * high, (mean, low, high)
+    if "answer_depths" in ref:
+        ours, theirs = answer_depths(task, rows), ref["answer_depths"]
+        n, m = len(ours), len(theirs)
+        assert ks_statistic(ours, theirs) < 1.95 * math.sqrt((n + m) / (n * m))
 
 
-# ----------------------------------------------------------------------------- lengths and determinism
+# ----------------------------------------------------------------------------- the depth law and the fit
 
 
-@pytest.mark.parametrize("length,depth,seed", LENGTHS_DEPTHS_SEEDS)
-@pytest.mark.parametrize("task", ruler.TASKS)
-def test_length_is_at_most_L_and_within_one_filler_unit(tok, hay, task, length, depth, seed):
-    if task == "cwe" and length >= ruler.CWE_SMALL:
-        length *= 2  # from 4096 its 10 words appear 30 times: 300 entries are ~3.9K bytes
-    ids, refs, max_new, at = build(task, tok, hay, length, depth, seed)
-    assert length - filler_unit(task, tok) < len(ids) <= length
-    assert refs and all(isinstance(r, str) and r for r in refs)
-    assert max_new >= len(tok.encode(" " + ", ".join(refs))) and 0 < at < len(ids)
+def test_essay_needles_go_after_sentence_int_s_depth_over_100_for_grid_depths():
+    words = " ".join(f"Sentence{i} ends." for i in range(80)).split(" ")
+    rng = ruler.random.Random(0)
+    for _ in range(50):
+        text = ruler.insert_in_sentences(words, len(words), ["NEEDLE."], rng)
+        sents = ruler.split_sentences(text)
+        at = sents.index("NEEDLE.")
+        assert at in {int(80 * d / 100) for d in ruler.DEPTHS}
+    assert len(ruler.DEPTHS) == 40 and ruler.DEPTHS[:6] == [0, 3, 5, 8, 10, 13] and ruler.DEPTHS[-1] == 100
 
 
-@pytest.mark.parametrize("task", ["niah_single_1", "niah_multiquery", "vt", "cwe", "fwe"])
-def test_chat_prompt_is_one_user_turn_ending_in_the_answer_prefix(tok, hay, task):
-    ids, _, _, _ = build(task, tok, hay, 3000, 0.5, 0, template="chatml")
-    text = tok.decode(ids)
-    assert len(ids) <= 3000 and text.startswith("<|im_start|>user\n") and text.count("<|im_start|>") == 2
-    assert re.search(r"<\|im_end\|>\n<\|im_start\|>assistant\n (The special magic|Answer:)", text)
-    ending = {"niah_single_1": "provided text is", "niah_multiquery": "provided text are", "vt": "they are: ",
-              "cwe": "in the list are:", "fwe": "words are:"}[task]
-    assert text.endswith(ending)
+def test_line_slots_are_distinct_and_uniform():
+    rng = ruler.random.Random(1)
+    firsts = []
+    for _ in range(2000):
+        lines = ruler.insert_in_lines(["x"] * 9, ["a", "b"], rng)
+        assert len(lines) == 11 and lines.index("b") < lines.index("a")  # RULER: the first item at the last slot
+        firsts.append(lines.index("b"))
+    # P(first of two distinct slots of 9 = k) = (8 - k) / 36: slot 0 has 8/36
+    assert abs(firsts.count(0) / 2000 - 8 / 36) < 0.04
 
 
-@pytest.mark.parametrize("task", ruler.TASKS)
-def test_same_seed_same_prompt_other_seed_other_prompt(tok, hay, task):
-    a, b, c = (build(task, tok, hay, 2048, 0.5, s) for s in (7, 7, 8))
-    assert a == b
-    assert a[0] != c[0] and a[1] != c[1]
+def test_rows_are_seeded_per_sample_and_fit_below_L(tok):
+    data = ruler.RulerData(tok, None, ruler.read_haystack(None)[0], seed=3)
+    again = ruler.RulerData(tok, None, ruler.read_haystack(None)[0], seed=3)
+    for task in ("niah_single_2", "niah_multiquery", "vt", "fwe"):
+        a, b, c = data.row(task, 4096, 0), again.row(task, 4096, 0), data.row(task, 4096, 1)
+        assert a == b and a["input"] != c["input"]
+        assert len(a["ids"]) + ruler.tokens_to_generate(task) <= 4096 and a["ids"][0] == tok.bos_id
 
 
-@pytest.mark.parametrize("task", ruler.TASKS)
-def test_too_short_is_a_user_error_naming_lengths_and_a_minimum_that_suffices(tok, hay, task):
-    with pytest.raises(UserError, match=r"--lengths 200: too short for .* at least \d+ tokens") as e:
-        build(task, tok, hay, 200, 0.5, 0)
-    minimum = int(re.search(r"at least (\d+)", str(e.value)).group(1))
-    if task != "fwe":  # fwe's vocabulary grows with L, so its minimum is an estimate for other draws
-        assert len(build(task, tok, hay, minimum, 0.5, 0)[0]) <= minimum
-        with pytest.raises(UserError):
-            build(task, tok, hay, minimum - 1, 0.5, 0)
+def test_too_short_length_is_a_user_error_naming_lengths(tok):
+    data = ruler.RulerData(tok, None, ruler.read_haystack(None)[0])
+    for task in ("niah_single_1", "vt", "cwe"):
+        with pytest.raises(UserError, match=f"--lengths 300: too short for {task}"):
+            data.row(task, 300, 0)
 
 
-def test_unknown_task_and_bad_depth_are_user_errors(tok, hay):
-    with pytest.raises(UserError, match="--task"):
-        build("niah_single_9", tok, hay, 2048, 0.5, 0)
-    with pytest.raises(UserError, match="--task"):
-        ruler.score("qa_1", "x", ["x"])
-    with pytest.raises(UserError, match="--depths"):
-        build("vt", tok, hay, 2048, 1.5, 0)
+def test_chat_template_wraps_the_task_and_puts_the_answer_prefix_after_the_generation_prompt(tok):
+    data = ruler.RulerData(tok, "chatml", ruler.read_haystack(None)[0])
+    r = data.row("niah_multiquery", 3000, 0)
+    assert r["input"].startswith("<|im_start|>user\nSome special magic numbers are hidden")
+    assert r["input"].endswith("mentioned in the provided text?<|im_end|>\n<|im_start|>assistant\n")
+    assert r["answer_prefix"].startswith(" The special magic numbers for ") and len(r["outputs"]) == 4
 
 
-def test_default_haystack_is_tasks_haystack_text(tok, hay):
-    own = ruler.make_prompt("niah_single_2", tok, 2048, 0.5, random.Random(3))
-    assert own == build("niah_single_2", tok, hay, 2048, 0.5, 3)
+def test_template_singular_edit_and_cwe_fwe_texts_as_rulers(tok):
+    data = ruler.RulerData(tok, None, ruler.read_haystack(None)[0])
+    one, many = data.row("niah_single_2", 2048, 0), data.row("niah_multivalue", 2048, 0)
+    assert one["input"].startswith("A special magic number is hidden within the following text. Make sure to "
+                                   "memorize it. I will quiz you about the number afterwards.\n")
+    assert many["input"].startswith("Some special magic numbers are hidden") and len(many["outputs"]) == 4
+    cwe = data.row("cwe", 2048, 0)  # below 4096: the worked example has 20 words, 3 and 1 times
+    shot = cwe["input"].split("\n")[1]
+    assert len(re.findall(r"\d+\. ", shot)) == 10 * 3 + 10 * 1
+    counts = {w: shot.split().count(w) for w in shot.split() if not w[0].isdigit()}
+    fwe = data.row("fwe", 2048, 0)
+    words = fwe["input"].split("\n")[0].split("coded words. ")[1].split(" ")
+    top = sorted(set(words), key=words.count, reverse=True)
+    assert top[0] == "..." and top[1:4] == fwe["outputs"] and len(set(counts.values())) == 2
 
 
-# ----------------------------------------------------------------------------- answers recoverable
+# ----------------------------------------------------------------------------- qa_1 / qa_2 on the fixtures
 
 
-UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
-NEEDLE_RE = re.compile(r"One of the special magic (numbers|uuids) for (\S+) is: (\S+)\.")
+def test_qa_readers_follow_rulers_squad_and_hotpotqa_layouts():
+    qas, docs = ruler_qa.read("qa_1", str(DATA / "squad_v2_mini.json"))
+    assert [q["query"] for q in qas] == ["Into which sea does the Nile flow?", "Where is the Amazon river?",
+                                        "What is Earth's highest mountain?",
+                                        "Which is the highest peak in North America?"]  # is_impossible skipped
+    assert qas[0]["outputs"] == ["the Mediterranean Sea", "Mediterranean Sea"] and len(docs) == 5
+    assert docs == sorted(docs) and [docs[i] for i in qas[2]["more_context"]] == [
+        "K2 is the second-highest mountain on Earth, after Mount Everest.",
+        "Denali is the highest mountain peak in North America."]
+    qas, docs = ruler_qa.read("qa_2", str(DATA / "hotpotqa_mini.json"))
+    assert qas[0]["outputs"] == ["Blur"] and len(qas[0]["context"]) == 3
+    assert "Blur (band)\nBlur are an English rock band formed in London in 1988. They were part of Britpop." in docs
 
 
-@pytest.mark.parametrize("length,depth,seed", LENGTHS_DEPTHS_SEEDS)
-@pytest.mark.parametrize("task", list(ruler.NIAH))
-def test_niah_asked_keys_values_stand_next_to_them(tok, hay, task, length, depth, seed):
-    hay_kind, key_kind, value_kind, n_keys, n_values, n_asked = ruler.NIAH[task]
-    ids, refs, _, at = build(task, tok, hay, length, depth, seed)
-    text = tok.decode(ids)
-    question = re.search(r"\nWhat (?:is|are all) the special magic \w+ for (.+) mentioned in the provided text\?",
-                         text)
-    asked = re.split(r", and |, ", question.group(1))
-    assert len(asked) == n_asked
-    needles = NEEDLE_RE.findall(text[:question.start()])
-    by_key = collections.defaultdict(list)
-    for kind, key, value in needles:
-        assert kind == value_kind
-        by_key[key].append(value)
-    # The asked keys' needles give exactly the references (key by key in the asked order, a key's values in
-    # any order); each asked key has one needle per value.
-    assert [sorted(by_key[k]) for k in asked] == [sorted(refs[i * n_values:(i + 1) * n_values]) for i in range(n_asked)]
-    assert all(len(by_key[k]) == n_values for k in asked)
-    pattern = r"\d{7}" if value_kind == "numbers" else UUID4
-    assert all(re.fullmatch(pattern, r) for r in refs)
-    if key_kind == "uuids":
-        assert all(re.fullmatch(pattern, k) for k in asked)
-    distractors = [k for k in by_key if k not in asked]
-    if hay_kind == "needle":
-        assert len(distractors) > 10  # a haystack of needles
-    else:
-        assert len(distractors) == max(n_keys, n_asked) - n_asked
-    # The first needle (the first asked key's first value) starts at probe_index, at the depth's boundary.
-    sep = " " if hay_kind == "essay" else "\n"
-    assert tok.decode(ids[at:]).startswith(f"{sep}One of the special magic {value_kind} for {asked[0]} is: {refs[0]}.")
-    start = len(tok.decode(ids[:at]))
-    if hay_kind == "essay":  # at a sentence start, or at the end of the context (only needles after it)
-        assert text[start - 1] in ".!?\n" or re.fullmatch(r"( One of [^\n]*?\. )+", text[start:question.start()])
-    # ... and the context before it is about a fraction `depth` of the context, up to the other needles
-    # (which may come before it) and one filler unit.
-    ctx_start = text.index("afterwards.") + len("afterwards.") + (hay_kind == "essay")
-    ctx_len = question.start() - ctx_start
-    others = sum(len(m.group(0)) + 2 for m in NEEDLE_RE.finditer(text)) if hay_kind != "needle" else 0
-    assert abs((start - ctx_start) / ctx_len - depth) <= (others + 200) / ctx_len
+@pytest.mark.parametrize("task", ["qa_1", "qa_2"])
+def test_qa_prompt_has_rulers_template_documents_and_answer_prefix(tok, task):
+    data = qa_data(tok)
+    r = data.row(task, 2048, 1)
+    assert r["input"].startswith("Answer the question based on the given documents. Only give me the answer and do "
+                                 "not output any other words.\n\nThe following are given documents.\n\nDocument 1:\n")
+    question = "Where is the Amazon river?" if task == "qa_1" else "In which city was the composer of Bolero born?"
+    assert r["input"].endswith("\n\nQuestion: " + question) and r["answer_prefix"] == " Answer:"
+    gold = ("The Amazon river in South America" if task == "qa_1" else "Maurice Ravel\nJoseph Maurice Ravel")
+    assert gold in r["input"] and len(r["ids"]) + 32 <= 2048
+    assert ruler.score(task, "South America, I think", ["South America"]) == 1.0  # string_match_part
 
 
-def resolve(statements, value):
-    """Names bound to `value` by following VAR a = value / VAR b = VAR a to a fixed point."""
-    bound = {a for a, b in statements if b == value}
-    while True:
-        more = {a for a, b in statements if b in bound} - bound
-        if not more:
-            return bound
-        bound |= more
+def test_qa_files_missing_or_malformed_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="qa_1 needs --squad"):
+        ruler_qa.read("qa_1", None)
+    with pytest.raises(UserError, match="--hotpotqa .*no such file"):
+        ruler_qa.read("qa_2", str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="--squad .*not valid JSON"):
+        ruler_qa.read("qa_1", str(tmp_path / "bad.json"))
+    with pytest.raises(UserError, match="--squad: not SQuAD v2 JSON"):
+        ruler_qa.read_squad({"data": [{"title": "x"}]})
+    with pytest.raises(UserError, match="--hotpotqa: not HotpotQA JSON"):
+        ruler_qa.read_hotpotqa([{"question": "q"}])
 
 
-@pytest.mark.parametrize("length,depth,seed", LENGTHS_DEPTHS_SEEDS)
-def test_vt_chain_resolves_to_exactly_the_references(tok, hay, length, depth, seed):
-    ids, refs, _, at = build("vt", tok, hay, length, depth, seed)
-    text = tok.decode(ids)
-    value = re.findall(r"assigned the value (\d{5}) in the text above\.", text)[-1]
-    statements = [(a, b.removeprefix("VAR "))
-                  for a, b in re.findall(r"^VAR ([A-Z]+) = (VAR [A-Z]+|\d+) ?$", text, flags=re.MULTILINE)]
-    assert resolve(statements, value) == set(refs) and len(refs) == ruler.VT_HOPS + 1
-    assert all(len(r) == ruler.VT_NAME_LEN for r in refs)
-    # Each hop comes after the assignment it copies; the first assignment is at probe_index.
-    main = context_of(text, ruler.VT_LEAD + "\n", "\nQuestion:")
-    positions = [main.index(f"VAR {r} = ") for r in refs]
-    assert positions == sorted(positions)
-    assert tok.decode(ids[at:]).startswith(f"\nVAR {refs[0]} = {value}\n")
-    hops = sum(len(f"\nVAR {r} = VAR {r} ") for r in refs)
-    assert abs(main.index(f"VAR {refs[0]} = ") / len(main) - depth) <= (hops + len(ruler.NOISE) + 2) / len(main)
-    assert f"{ruler.VT_HOPS + 1} variables are assigned the value {value}, they are: " in text[-150:]
-    # The worked example resolves to its own answer, which it states.
-    ex_value, ex_answer = re.search(r"the value (\d{5}), they are:  ([A-Z ]+)\n", text).groups()
-    assert resolve(statements, ex_value) == set(ex_answer.split()) and ex_value != value
+def test_haystack_file_is_rulers_essay_json_or_text(tmp_path):
+    (tmp_path / "pg.json").write_text(json.dumps({"text": "One essay.\n\nTwo  words."}))
+    assert ruler.read_haystack([str(tmp_path / "pg.json")]) == (["One", "essay.", "Two", "words."], True)
+    assert ruler.read_haystack(None)[1] is False
+    (tmp_path / "bad.json").write_text(json.dumps({"essay": "x"}))
+    with pytest.raises(UserError, match="not RULER's essay JSON"):
+        ruler.read_haystack([str(tmp_path / "bad.json")])
+    with pytest.raises(UserError, match="--haystack .*no such file"):
+        ruler.read_haystack([str(tmp_path / "missing.json")])
 
 
-@pytest.mark.parametrize("length,seed", [(2048, 0), (8192, 1)])
-def test_cwe_references_are_the_strict_top_10_of_the_numbered_list(tok, hay, length, seed):
-    ids, refs, _, at = build("cwe", tok, hay, length, 0.5, seed)
-    text = tok.decode(ids)
-    entries = re.findall(r"(\d+)\. (\S+)", context_of(text, "most often.\n", "\nQuestion:"))
-    assert [int(i) for i, _ in entries] == list(range(1, len(entries) + 1))  # numbered 1..n in order
-    counts = collections.Counter(w for _, w in entries)
-    f_c, f_u = ruler.CWE_FREQ[length < ruler.CWE_SMALL]
-    assert len(refs) == 10 and all(counts[r] == f_c for r in refs)
-    assert all(c == f_u for w, c in counts.items() if w not in refs) and len(counts) > 10
-    assert text[len(tok.decode(ids[:at])):].startswith("1. ")
-    example = re.search(r"most often\.\n(.*?)\nQuestion:.*?in the list are: (.*?)\n", text, re.DOTALL)
-    ex_list, ex_answer = example.groups()
-    ex_counts = collections.Counter(re.findall(r"\d+\. (\S+)", ex_list))
-    assert set(re.findall(r"\d+\. (\S+)", ex_answer)) == {w for w, _ in ex_counts.most_common(10)}
+# ----------------------------------------------------------------------------- prepare-only files
 
 
-@pytest.mark.parametrize("length,seed", [(2048, 0), (4096, 1)])
-def test_fwe_references_are_the_strict_top_3_coded_words(tok, hay, length, seed):
-    ids, refs, _, at = build("fwe", tok, hay, length, 0.5, seed)
-    assert tok.decode(ids[:at]).endswith("coded words.")  # the coded text starts at probe_index
-    words = context_of(tok.decode(ids), "coded words.", "\nQuestion:").split()
-    counts = collections.Counter(words)
-    ranked = counts.most_common()
-    assert ranked[0][0] == ruler.FWE_NOISE  # the noise word is the most frequent, and not an answer
-    coded = [(w, c) for w, c in ranked if w != ruler.FWE_NOISE]
-    assert [w for w, _ in coded[:3]] == refs
-    assert coded[0][1] > coded[1][1] > coded[2][1] > coded[3][1]  # strictly, so the answer is unique
-    assert all(re.fullmatch(r"[a-z]{6}", w) for w, _ in coded)
+def test_write_validation_writes_rulers_jsonl_layout(tok, tmp_path):
+    data = ruler.RulerData(tok, None, ruler.read_haystack(None)[0])
+    paths = ruler.write_validation(data, [2048], ["niah_single_1", "fwe"], 3, tmp_path)
+    assert paths == [tmp_path / "2048" / t / "validation.jsonl" for t in ("niah_single_1", "fwe")]
+    rows = [json.loads(line) for line in paths[0].read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and all("ids" not in r for r in rows)
+    assert rows[0] == {k: v for k, v in data.row("niah_single_1", 2048, 0).items() if k != "ids"}
 
 
-def test_zeta_and_zipf_counts():
-    assert ruler.zeta(2.0) == pytest.approx(math.pi ** 2 / 6, abs=1e-9)
-    assert ruler.zeta(3.0) == pytest.approx(1.2020569031595942, abs=1e-9)  # Apery's constant
-    assert ruler.fwe_counts(1000, 4) == [int(1000 / k ** 2 / (math.pi ** 2 / 6)) for k in range(1, 5)]
-
-
-def test_niah_template_singular_and_plural_as_ruler_edits_it(tok, hay):
-    single = tok.decode(build("niah_single_1", tok, hay, 2048, 0.5, 0)[0])
-    assert "A special magic number is hidden within the following text." in single
-    assert "I will quiz you about the number afterwards." in single
-    assert re.search(r"What is the special magic number for \S+ mentioned in the provided text\? The special "
-                     r"magic number for \S+ mentioned in the provided text is$", single)
-    multi = tok.decode(build("niah_multivalue", tok, hay, 2048, 0.5, 0)[0])
-    assert multi.startswith("<s>Some special magic numbers are hidden within the following text.")
-    assert multi.endswith("mentioned in the provided text are")
-
-
-# ----------------------------------------------------------------------------- scoring
+# ----------------------------------------------------------------------------- scoring and summaries
 
 
 def test_string_match_all_and_part_on_hand_made_cases():
@@ -251,18 +289,30 @@ def test_string_match_all_and_part_on_hand_made_cases():
     assert ruler.string_match_all("1234567 and 3456789", refs) == 0.5
     assert ruler.string_match_all("nothing here", refs) == 0.0
     assert ruler.string_match_all("They are: Apple, BANANA", ["apple", "banana"]) == 1.0  # case-insensitive
-    assert ruler.string_match_all("xyz", ["XYZ", "abc"]) == 0.5
     assert ruler.string_match_part("1234567 only", refs) == 1.0  # max over references
     assert ruler.string_match_part("nothing", refs) == 0.0
     assert ruler.string_match_all("12345\x0067", ["1234567"]) == 0.0  # control characters become newlines
     for task in ruler.TASKS:
-        assert ruler.score(task, "1234567 and 3456789", refs) == 0.5
+        assert ruler.score(task, "1234567 and 3456789", refs) == (1.0 if task.startswith("qa") else 0.5)
     with pytest.raises(ValueError):
         ruler.string_match_all("x", [])
 
 
-def test_a_perfect_answer_scores_one_on_every_task(tok, hay):
-    for task in ruler.TASKS:
-        _, refs, _, _ = build(task, tok, hay, 2048, 0.5, 0)
-        assert ruler.score(task, " " + ", ".join(refs), refs) == 1.0
-        assert ruler.score(task, "I don't know.", refs) == 0.0 or task == "cwe"  # cwe words may be common English
+def test_standard_errors_and_the_average_name():
+    cell = ruler.summarize([1.0, 0.0, 1.0, 1.0])
+    assert cell["score"] == 0.75 and cell["n"] == 4 and math.isclose(cell["se"], math.sqrt(0.25 / 4))
+    avg = ruler.average([cell, ruler.summarize([0.5, 0.5])])
+    assert avg["score"] == 0.625 and math.isclose(avg["se"], math.sqrt(cell["se"] ** 2) / 2)
+    assert ruler.average_name(list(ruler.TASKS)) == "RULER"
+    assert ruler.average_name(["vt", "cwe"]) == "mean of 2 tasks (vt, cwe)"
+    assert ruler.parse_tasks(None, {"qa_1": None, "qa_2": "x.json"}) == [t for t in ruler.TASKS if t != "qa_1"]
+    assert ruler.parse_samples("quick") == ruler.QUICK_SAMPLES and ruler.parse_samples("7") == 7
+    for bad in ("0", "-1", "x", "5,6"):
+        with pytest.raises(UserError, match="--samples"):
+            ruler.parse_samples(bad)
+    with pytest.raises(UserError, match="--tasks: unknown"):
+        ruler.parse_tasks("niah_single_1,nope", {})
+
+
+def test_zeta_matches_the_series():
+    assert math.isclose(ruler.zeta(2.0), math.pi ** 2 / 6, rel_tol=1e-10)
