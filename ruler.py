@@ -59,7 +59,7 @@ import uuid
 from pathlib import Path
 
 import ruler_qa
-from checkpoint import atomic_write_text
+from outputs import atomic_write_text
 from errors import UserError
 from tasks import haystack_text
 from tokenizer import CHAT_TEMPLATES, chat_template_for
