@@ -59,8 +59,8 @@ import uuid
 from pathlib import Path
 
 import ruler_qa
-from outputs import atomic_write_text
 from errors import UserError
+from outputs import atomic_write_text
 from tasks import haystack_text
 from tokenizer import CHAT_TEMPLATES, chat_template_for
 
