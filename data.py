@@ -128,8 +128,10 @@ def list_files(paths: str | os.PathLike | Iterable) -> list[Path]:
         if not p.exists():
             raise UserError(f"{p}: no such file or folder")
         if p.is_dir():
-            out.extend(f for f in sorted(p.rglob("*"))
-                       if f.is_file() and (f.suffix in TEXT_SUFFIXES or _is_jsonl(f)))
+            found = [f for f in sorted(p.rglob("*")) if f.is_file() and (f.suffix in TEXT_SUFFIXES or _is_jsonl(f))]
+            if not found:
+                raise UserError(f"{p}: folder holds no file this reads (.jsonl or text: {' '.join(sorted(TEXT_SUFFIXES))})")
+            out.extend(found)
         else:
             out.append(p)
     return out
@@ -182,6 +184,10 @@ class RecordReader:
                                 f"it to JSONL"))
             return
         data = path.read_bytes()
+        if b"\0" in data:
+            line = 1 + data.count(b"\n", 0, data.index(b"\0"))
+            self._bad(DataError(f"{path}:{line}: a NUL byte: a binary file, not text; remove it from the data"))
+            return
         try:
             yield Record(str(path), 1, text=data.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -298,16 +304,27 @@ def file_samples(paths, tokenizer: Tokenizer, ctx: int, template: str | None = N
                  doc_mask: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Samples from files in order: text records are packed ([bos if tokenizer.add_bos] + text, EOS after
     each document; doc_mask: see Packer), chat
-    records become one sample each (template from the tokenizer unless named)."""
+    records become one sample each (template from the tokenizer unless named). Files that give no sample
+    at all are a UserError saying why (too few tokens for one sequence, every chat longer than ctx)."""
     packer = Packer(ctx, tokenizer._required(tokenizer.eos_id, "eos"), doc_mask)
+    n_chats = n_long = n_out = 0
     for rec in RecordReader(paths, on_bad_line):
         if rec.text is not None:
-            yield from packer.add(tokenizer.encode(rec.text, bos=tokenizer.add_bos))
+            for s in packer.add(tokenizer.encode(rec.text, bos=tokenizer.add_bos)):
+                n_out += 1
+                yield s
             continue
         tpl = chat_template_for(tokenizer, template)
         s = chat_sample(*encode_chat(tokenizer, rec.messages, tpl), ctx, truncate)
+        n_chats, n_long = n_chats + 1, n_long + (s is None)
         if s is not None:
+            n_out += 1
             yield s
+    if n_out == 0:
+        raise UserError(f"{paths}: yields no samples of --ctx {ctx}: its text documents hold {packer.n_tokens} tokens "
+                        f"(with EOS), fewer than the {ctx + 1} one packed sequence needs"
+                        + (f", and all {n_chats} chats are longer than --ctx (--truncate keeps them)" if n_long else "")
+                        + "; add data or lower --ctx")
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -333,8 +350,13 @@ def parse_data_spec(spec: str) -> list[tuple[str, float]]:
         out.append((path, weight))
     if not out:
         raise UserError(f"data spec {spec!r} is empty; write path:weight,path:weight")
-    total = sum(w for _, w in out)
-    return [(p, w / total) for p, w in out]
+    top = max(w for _, w in out)  # scaled by the largest first: a sum of huge weights would overflow to inf
+    total = sum(w / top for _, w in out)
+    scaled = [(p, w / top / total) for p, w in out]
+    for (p, w), (_, share) in zip(out, scaled):
+        if share == 0.0:
+            raise UserError(f"data spec {spec!r}: weight {w:g} of {p} is too small beside {top:g} (its share rounds to 0)")
+    return scaled
 
 
 @dataclasses.dataclass

@@ -15,6 +15,17 @@ class UserError(Exception):
     """A mistake in the command line, data or files: reported as one line, exit code 1."""
 
 
+def check_range(name: str, value, low=None, high=None):
+    """`value` if low <= value <= high (either bound optional), else a UserError naming `name` (a flag or a
+    file's field) with the range. NaN is outside every range; an infinite value is outside a finite one."""
+    inside = (low is None or value >= low) and (high is None or value <= high) and value == value
+    if not inside:
+        lo = f">= {low}" if low is not None else ""
+        hi = f"<= {high}" if high is not None else ""
+        raise UserError(f"{name} must be {lo}{' and ' if lo and hi else ''}{hi}, got {value}")
+    return value
+
+
 def run_cli(body: Callable[[], object]) -> int:
     """Run an entry point's body; return its exit code.
 

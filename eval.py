@@ -57,15 +57,14 @@ import rope
 import ruler
 from checkpoint import atomic_write_text, load_model, read_config
 from config import choose_device, choose_dtype
-from data import list_files
 from errors import UserError, run_cli
 from generate import generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
-from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, exact_match,
-                   haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt, rouge_l_recall,
-                   sentence_starts, stdlib_files, stdlib_split, token_stream, windows)
+from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, document_texts,
+                   exact_match, haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt, rouge_l_recall,
+                   sentence_starts, stdlib_files, stdlib_split, stdlib_texts, token_stream, windows)
 from tokenizer import chat_template_for, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -509,9 +508,9 @@ def evaluate(args) -> list[dict]:
         cfg = model.config
         base_theta, base_scaling = cfg.rope_theta, cfg.rope_scaling
         if args.task == "ppl":
-            files = list_files(args.docs) if args.docs else stdlib_files()
+            texts = document_texts(args.docs) if args.docs else stdlib_texts(stdlib_files())
             need = (args.windows - 1) * (args.stride or max(args.lengths)) + max(args.lengths)
-            stream = token_stream(tok, files, need)
+            stream = token_stream(tok, texts, need)
         elif args.task == "passkey" and args.format == "code":
             if tok.kind != "bytes":
                 raise UserError(f"--format code: {spec} has the {tok.kind} tokenizer; the code passkey is "

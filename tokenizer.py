@@ -480,13 +480,22 @@ def render_llama2(messages, add_generation_prompt=False):
 CHAT_TEMPLATES: dict[str, Callable] = {
     "llama-3": render_llama3, "llama-2": render_llama2, "chatml": render_chatml, "smollm2": render_smollm2,
 }
+# The special tokens each template writes: a tokenizer without them would read them as plain text.
+TEMPLATE_SPECIALS = {"llama-3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                     "llama-2": ("<s>", "</s>"), "chatml": ("<|im_start|>", "<|im_end|>"),
+                     "smollm2": ("<|im_start|>", "<|im_end|>")}
 
 
 def chat_template_for(tokenizer: Tokenizer, name: str | None = None) -> str:
-    """The template name: `name` if given, else from the tokenizer's special tokens."""
+    """The template name: `name` if given (refused when the tokenizer lacks one of its special tokens), else
+    from the tokenizer's special tokens."""
     if name is not None:
         if name not in CHAT_TEMPLATES:
             raise UserError(f"chat template {name!r} unknown; choose one of {sorted(CHAT_TEMPLATES)}")
+        missing = [t for t in TEMPLATE_SPECIALS[name] if t not in tokenizer.special_tokens]
+        if missing:
+            raise UserError(f"chat template {name!r}: tokenizer {tokenizer.name} has no special token {missing[0]}, so "
+                            f"the template would be plain text; use the model's own template (omit the flag)")
         return name
     specials = tokenizer.special_tokens
     if "<|start_header_id|>" in specials:

@@ -22,7 +22,7 @@ LAYERS = {
     "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1,
     "model": 2,
     "checkpoint": 3, "lora": 3,
-    "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "ruler": 4, "generate": 4, "gguf_export": 4,
+    "tokenizer": 4, "data": 4, "resumable": 4, "synth": 4, "tasks": 4, "ruler": 4, "generate": 4, "gguf_export": 4,
     "parallel": 5, "plan": 5, "config": 5, "guards": 5, "memory": 5,
     "eval": 6,
     "demo": 7, "extend": 7,
@@ -30,7 +30,7 @@ LAYERS = {
     "compare": 9,  # trains each method through train.train; `python demo.py compare` runs it as a process
 }
 SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
-              ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
+              ("synth", "generate"), ("synth", "resumable"), ("resumable", "data"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
               ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("plan", "config"),
               ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn")}
 

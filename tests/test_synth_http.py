@@ -120,7 +120,8 @@ def test_killed_run_resumes_with_each_sample_once(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=5, seed=2, generate_text=dies_after_three)
     partial = tmp_path / "r.jsonl.partial"
-    first = rows(partial)
+    settings, *first = rows(partial)
+    assert settings["synth_settings"]["seed"] == 2 and settings["synth_settings"]["kinds"] == KINDS
     assert not out.exists() and 1 <= len(first) < 5
     with open(partial, "a", encoding="utf-8") as f:
         f.write('{"messages": [{"role": "user", "con')  # a kill in the middle of a write
