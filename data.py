@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError, run_cli
+from errors import UserError, json_field, run_cli
 from tokenizer import CHAT_TEMPLATES, IGNORE_INDEX, Tokenizer, chat_template_for, encode_chat, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -419,13 +419,18 @@ class Mixture:
         return {"seed": self.seed, "index": self.index, "sources": [dict(s) for s in self.state],
                 "names": [s.name for s in self.sources]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, where: str = "mixture state") -> None:
+        """`where` names the state in errors (a checkpoint file's field): a hand-edited one is a UserError."""
         names = [s.name for s in self.sources]
         if state.get("names") != names or state.get("seed") != self.seed:
-            raise UserError(f"mixture state is for sources {state.get('names')} seed {state.get('seed')}, "
-                             f"not {names} seed {self.seed}; resume with the same --data and --seed")
-        self.index = int(state["index"])
-        self.state = [dict(s) for s in state["sources"]]
+            raise UserError(f"{where}: for sources {state.get('names')} seed {state.get('seed')}, "
+                            f"not {names} seed {self.seed}; resume with the same --data and --seed")
+        counts = ("epoch", "consumed", "tokens")
+        self.index = json_field(state, "index", where, int, lambda v: v >= 0, "an integer >= 0")
+        self.state = json_field(state, "sources", where, list, lambda v: len(v) == len(names) and all(
+            isinstance(s, dict) and all(type(s.get(k)) is int and s[k] >= 0 for k in counts) for s in v),
+            f"a list of {len(names)} objects with integers {', '.join(counts)} >= 0")
+        self.state = [{k: s[k] for k in counts} for s in self.state]
 
     def _open(self, i: int) -> Iterator[dict]:
         st = self.state[i]

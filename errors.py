@@ -26,6 +26,21 @@ def check_range(name: str, value, low=None, high=None):
     return value
 
 
+def json_field(obj: dict, key: str, where, want: type | tuple, ok: Callable | None = None, what: str = "",
+               default=None):
+    """obj[key] (or `default` when absent or null, if one is given) when it is of type `want` and passes `ok`;
+    else a UserError naming the file `where` and the field, saying it must be `what` (a hand-edited JSON file:
+    trainer_state.json, adapter_config.json). A bool never counts as a number."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    if value is None and default is not None:
+        return default
+    number = want in (int, float) or (isinstance(want, tuple) and int in want)
+    if not isinstance(value, want) or (number and isinstance(value, bool)) or (ok is not None and not ok(value)):
+        raise UserError(f"{where}: field {key!r} must be {what or getattr(want, '__name__', want)}, got {value!r}; "
+                        f"fix the file or use an intact one")
+    return value
+
+
 def run_cli(body: Callable[[], object]) -> int:
     """Run an entry point's body; return its exit code.
 

@@ -58,7 +58,7 @@ import ruler
 from checkpoint import atomic_write_text, load_model, read_config
 from config import choose_device, choose_dtype
 from errors import UserError, run_cli
-from generate import generate
+from generate import check_memory, generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
@@ -73,6 +73,7 @@ TASKS = ("ppl", "passkey", "needle", "kv", "ruler")
 FORMATS = ("text", "code")  # passkey prompts: the filler-text probe, or the demo's code probe (tasks.py)
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 PLOT_DPI = 80
+PROBE_NEW_TOKENS = 256  # tokens a probe's answer may take, counted in the memory check (the tasks ask for fewer)
 
 # ----------------------------------------------------------------------------- pure functions: parsing
 
@@ -505,7 +506,9 @@ def evaluate(args) -> list[dict]:
     rows, t0 = [], time.time()
     for spec, adapter in zip(args.model, args.adapter):
         model, tok = load(spec, adapter, args)
-        cfg = model.config
+        cfg = model.config  # the longest length must fit before any prompt or cache exists (generate.py)
+        check_memory(cfg, max(args.lengths), 0 if args.task == "ppl" else PROBE_NEW_TOKENS, args.prefill_chunk,
+                     torch.finfo(getattr(torch, args.dtype)).bits // 8, args.device, "--lengths", of_prompt=True)
         base_theta, base_scaling = cfg.rope_theta, cfg.rope_scaling
         if args.task == "ppl":
             texts = document_texts(args.docs) if args.docs else stdlib_texts(stdlib_files())
