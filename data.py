@@ -30,6 +30,7 @@ import math
 import os
 import random
 import sys
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -197,10 +198,15 @@ class RecordReader:
 # ----------------------------------------------------------------------------- sequence builders
 
 
-def _sample(tokens: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
+def _ids(x) -> torch.Tensor:
+    """A LongTensor of a list of ints or an int64 array.array (copied: the array is the packer's buffer)."""
+    return torch.frombuffer(x, dtype=torch.long).clone() if isinstance(x, array) else torch.tensor(x, dtype=torch.long)
+
+
+def _sample(tokens, labels) -> dict[str, torch.Tensor]:
     """ctx + 1 tokens (and their unshifted labels) -> shifted sample of ctx positions."""
-    return {"input_ids": torch.tensor(tokens[:-1], dtype=torch.long),  # (T,)
-            "labels": torch.tensor(labels[1:], dtype=torch.long)}  # (T,)
+    return {"input_ids": _ids(tokens[:-1]),  # (T,)
+            "labels": _ids(labels[1:])}  # (T,)
 
 
 def _doc_sample(tokens: list[int], pos: list[int]) -> dict[str, torch.Tensor]:
@@ -232,7 +238,7 @@ class Packer:
         if ctx < 1:
             raise ValueError(f"ctx={ctx}; must be >= 1")
         self.ctx, self.eos_id, self.doc_mask = ctx, eos_id, doc_mask
-        self.buf: list[int] = []
+        self.buf = array("q")  # int64 token ids: 8 bytes a token (a list of ints costs up to 36)
         self.pos: list[int] = []  # with doc_mask: each buffered token's position in its document
         self.start = 0  # buf[:start] is already packed (cut once per add, not once per chunk: O(n) not O(n^2))
         self.n_tokens = 0  # tokens entering the stream (documents + EOS)

@@ -51,7 +51,44 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+PIECE_CHARS = 2**20  # texts longer than this are encoded piece by piece where that cannot change the ids
+
 # ----------------------------------------------------------------------------- tokenizers
+
+
+def word_end_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most about `size` characters, each cut before a whitespace character that
+    follows a letter (the whole text when there is no such place).
+
+    Note: the GPT-2 and Llama-3 pre-tokenizer regexes (GPT2_SPLIT, LLAMA3_SPLIT) end a word's pre-token at
+    its last letter and start the next one at the whitespace, so a byte-level BPE without a normalizer
+    gives the same ids for the pieces as for the whole text (tested). tokenizers' Encoding of one text
+    costs ~700 bytes per token (measured: 2.4 GB for 3.5M tokens of a 22 MB line): pieces bound it.
+    """
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut > start + size // 2 and not (text[cut].isspace() and text[cut - 1].isalpha()):
+            cut -= 1
+        if cut == start + size // 2:  # no word end in the second half: take the rest whole
+            break
+        out.append(text[start:cut])
+        start = cut
+    return out + [text[start:]]
+
+
+def _byte_level_state(pre_tokenizer, normalizer) -> bool:
+    """The tokenizers pre-tokenizer is one word_end_pieces keeps exact: GPT-2's or Llama-3's regex, digits
+    split or not, and no normalizer."""
+    if normalizer is not None or pre_tokenizer is None:
+        return False
+    state = json.loads(pre_tokenizer.__getstate__())
+    parts = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+    ok = {"Digits", "ByteLevel", "Split"}
+    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    uses_regex = any(p.get("type") == "ByteLevel" and p.get("use_regex") for p in parts)
+    return (all(p.get("type") in ok for p in parts) and all(r in (GPT2_SPLIT, LLAMA3_SPLIT) for r in regexes)
+            and (uses_regex or regexes) and not (uses_regex and regexes))
 
 
 def _split_specials(text: str, specials: dict[str, int]) -> list[tuple[int, int, int | None]]:
@@ -147,8 +184,13 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
+    def encode_ids(self, text: str) -> list[int]:
+        """The ids of encode_offsets without the spans (backends override it to skip forming them: a span is
+        a tuple per token, ~20x the memory of the text it covers)."""
+        return self.encode_offsets(text)[0]
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.encode_offsets(text)[0]
+        ids = self.encode_ids(text)
         if bos:
             ids = [self._required(self.bos_id, "bos")] + ids
         if eos:
@@ -184,6 +226,10 @@ class ByteTokenizer(Tokenizer):
             return b, [1] * len(b)
         return _encode_with_specials(text, self.special_tokens, plain)
 
+    def encode_ids(self, text):
+        return [i for a, b, sid in _split_specials(text, self.special_tokens)
+                for i in ([sid] if sid is not None else text[a:b].encode("utf-8"))]
+
     def decode(self, ids):
         names = {i: self._names.get(i, "") for i in range(256, self.vocab_size)}
         return _decode_with_specials(ids, names, lambda run: bytes(run).decode("utf-8", errors="replace"))
@@ -209,6 +255,7 @@ class HFTokenizer(Tokenizer):
         if add_bos is None:  # tokenizer.json: does its post-processor put bos in front?
             add_bos = self.bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.add_bos = bool(add_bos)
+        self._piecewise = _byte_level_state(tok.pre_tokenizer, tok.normalizer)  # encode_ids in pieces
 
     def _resolve(self, token, fallback_names):
         if isinstance(token, int):
@@ -223,6 +270,11 @@ class HFTokenizer(Tokenizer):
     def encode_offsets(self, text):
         enc = self._tok.encode(text, add_special_tokens=False)
         return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+    def encode_ids(self, text):
+        if len(text) <= PIECE_CHARS or not self._piecewise:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return [i for piece in word_end_pieces(text) for i in self._tok.encode(piece, add_special_tokens=False).ids]
 
     def decode(self, ids):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -262,6 +314,10 @@ class SentencePieceTokenizer(Tokenizer):
             return ids, [1 if self._sp.is_byte(i) else len(self._sp.id_to_piece(i).replace("\u2581", " ").encode())
                          for i in ids]
         return _encode_with_specials(text, self.special_tokens, plain)
+
+    def encode_ids(self, text):
+        return [i for a, b, sid in _split_specials(text, self.special_tokens)
+                for i in ([sid] if sid is not None else self._sp.encode(text[a:b], out_type=int))]
 
     def decode(self, ids):
         # Specials are written out as text, like the other backends (sentencepiece drops control pieces).
