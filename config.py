@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import rope
-from errors import UserError, check_range
+from errors import UserError
 
 ROPE_GROUP = "RoPE context extension"
 
@@ -264,12 +264,14 @@ def check_numbers(cfg: dict) -> None:
     """The numbers that must be finite and positive (or >= 0), --lora-dropout in [0, 1), --epochs finite,
     integers that torch holds as int64, positions (--ctx, --pose) below MAX_POSITION, --train's names: one
     UserError naming the flag, before anything loads."""
-    for key in SETTINGS:
-        if value_type(key) is int and cfg[key] is not None:
-            check_range(flag(key), cfg[key], *INT64)
     for key in ("ctx", "pose"):
-        if cfg[key] is not None:
-            check_range(flag(key), cfg[key], None, MAX_POSITION)
+        if cfg[key] is not None and cfg[key] > MAX_POSITION:
+            raise UserError(f"{flag(key)} {cfg[key]}: beyond 2^53, the largest position RoPE's float64 angles "
+                            "hold exactly")
+    for key in SETTINGS:
+        if value_type(key) is int and cfg[key] is not None and not INT64[0] <= cfg[key] <= INT64[1]:
+            raise UserError(f"{flag(key)} {cfg[key]}: beyond a 64-bit integer (torch's int64), the range of this "
+                            "setting")
     for key in POSITIVE + NON_NEGATIVE:
         v = cfg[key]
         if not (math.isfinite(v) and (v > 0 if key in POSITIVE else v >= 0)):

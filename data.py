@@ -131,7 +131,8 @@ def list_files(paths: str | os.PathLike | Iterable) -> list[Path]:
         if p.is_dir():
             found = [f for f in sorted(p.rglob("*")) if f.is_file() and (f.suffix in TEXT_SUFFIXES or _is_jsonl(f))]
             if not found:
-                raise UserError(f"{p}: folder holds no file this reads (.jsonl or text: {' '.join(sorted(TEXT_SUFFIXES))})")
+                raise UserError(f"{p}: folder holds no file this reads (.jsonl or text: "
+                                f"{' '.join(sorted(TEXT_SUFFIXES))})")
             out.extend(found)
         else:
             out.append(p)
@@ -361,7 +362,8 @@ def parse_data_spec(spec: str) -> list[tuple[str, float]]:
     scaled = [(p, w / top / total) for p, w in out]
     for (p, w), (_, share) in zip(out, scaled):
         if share == 0.0:
-            raise UserError(f"data spec {spec!r}: weight {w:g} of {p} is too small beside {top:g} (its share rounds to 0)")
+            raise UserError(f"data spec {spec!r}: weight {w:g} of {p} is too small beside {top:g} (its share "
+                            "rounds to 0)")
     return scaled
 
 

@@ -63,8 +63,8 @@ from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
 from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, document_texts,
-                   exact_match, haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt, rouge_l_recall,
-                   sentence_starts, stdlib_files, stdlib_split, stdlib_texts, token_stream, windows)
+                   exact_match, haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt,
+                   rouge_l_recall, sentence_starts, stdlib_files, stdlib_split, stdlib_texts, token_stream, windows)
 from tokenizer import chat_template_for, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants

@@ -325,7 +325,8 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object], r
         prepare_data(job, tok)
         args = eval_args(job, cfg.seed)
         held_out = stdlib_split()[1]
-        stream = token_stream(tok, stdlib_texts(held_out), (job.windows - 1) * max(job.eval_lengths) + max(job.eval_lengths))
+        stream = token_stream(tok, stdlib_texts(held_out),
+                              (job.windows - 1) * max(job.eval_lengths) + max(job.eval_lengths))
         rows, chosen = before(job, d, tok, args, stream)
         theta[0] = chosen or 0.0
     if job.candidates:  # the same on every rank (from the flags); rank 0 measured the choice

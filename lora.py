@@ -315,7 +315,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
     found = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in names and is_linear(m)]
     if not found:
         raise ValueError(f"apply_lora: the model has no linear layer named {', '.join(names)}")
-    check_range("apply_lora: rank r", r, 1, min(min(m.in_features, m.out_features) for _, m in found))  # beyond: no gain
+    check_range("apply_lora: rank r (--lora-r)", r, 1, min(min(m.in_features, m.out_features) for _, m in found))
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     for name, base in found:
@@ -419,7 +419,7 @@ def read_adapter_config(dir: str | os.PathLike) -> dict:
         raise UserError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} also rewrites the base weights; "
                          "convert it to a plain LoRA first (PEFT save_pretrained(path_initial_model_for_weight_conversion=...))")
     targets = cfg.get("target_modules")
-    if not targets or not (targets == ALL_LINEAR or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+    if not (targets == ALL_LINEAR or targets and isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise UserError(f"{path}: target_modules must be {ALL_LINEAR!r} or a non-empty list of module names "
                         f"(PEFT's regular expressions are not supported), got {targets!r}")
     r = json_field(cfg, "r", path, int, lambda v: v >= 1, "an integer >= 1")

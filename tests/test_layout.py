@@ -30,9 +30,10 @@ LAYERS = {
     "compare": 9,  # trains each method through train.train; `python demo.py compare` runs it as a process
 }
 SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
-              ("synth", "generate"), ("synth", "resumable"), ("resumable", "data"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
+              ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
               ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("plan", "config"),
-              ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn")}
+              ("guards", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
+              ("synth", "resumable"), ("resumable", "data")}
 
 
 def modules() -> dict[str, ast.Module]:
