@@ -153,10 +153,11 @@ def main(argv=None):
     def body():
         if args.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        tok = load_tokenizer(args.tokenizer or ("bytes" if args.model in PRESETS else args.model))
-        # A preset is random weights for tests: its vocabulary is sized to the tokenizer's (as eval.py does).
-        model = load_model(args.model, dtype=torch.float32, **({"vocab_size": tok.vocab_size} if args.model in PRESETS
-                                                               else {}))
+        # A preset is random weights for tests: its vocabulary is sized to its tokenizer's (as eval.py does).
+        preset = args.model in PRESETS
+        tok = load_tokenizer(args.tokenizer or "bytes") if preset else None
+        model = load_model(args.model, dtype=torch.float32, **({"vocab_size": tok.vocab_size} if preset else {}))
+        tok = tok or load_tokenizer(args.tokenizer or args.model)
         prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
         check_memory(model.config, len(prompt), args.max_new_tokens, None, 4, torch.device("cpu"), "--max-new-tokens")
         ids = generate(model, prompt, args.max_new_tokens, stop_ids=tok.eos_id)

@@ -315,7 +315,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
     found = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in names and is_linear(m)]
     if not found:
         raise ValueError(f"apply_lora: the model has no linear layer named {', '.join(names)}")
-    check_range("apply_lora: rank r (--lora-r)", r, 1, min(min(m.in_features, m.out_features) for _, m in found))
+    check_range("apply_lora: rank r", r, 1, min(min(m.in_features, m.out_features) for _, m in found))
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     for name, base in found:

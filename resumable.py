@@ -146,11 +146,11 @@ def write_resumable(out, n: int, make: Callable[[int], dict | None], concurrency
                 return
             try:
                 row = make(i)
+                keep(i, row if row is not None else {"failed": i})
             except BaseException as e:  # re-raised in the main thread below (a bug keeps its traceback)
                 state["error"] = state["error"] or e
                 stop.set()
                 return
-            keep(i, row if row is not None else {"failed": i})
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(concurrency, n)))]
     with _Signals(stop) as signals:
