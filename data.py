@@ -70,6 +70,18 @@ def utf8_error(path, data: bytes, err: UnicodeDecodeError, first_line: int = 1) 
     return f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x}); re-encode the file as UTF-8"
 
 
+def decode_text(path, data: bytes) -> str:
+    """A text file's bytes as str; DataError `file:line` on a NUL byte (a binary file) or on bytes that are
+    not UTF-8."""
+    if b"\0" in data:
+        line = 1 + data.count(b"\n", 0, data.index(b"\0"))
+        raise DataError(f"{path}:{line}: a NUL byte: a binary file, not text; remove it from the data")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(utf8_error(path, data, e)) from None
+
+
 def _parse_messages(raw, where: str) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{where}: 'messages' must be a non-empty list of turns")
@@ -185,15 +197,12 @@ class RecordReader:
             self._bad(DataError(f"{path}:1: larger than {MAX_DOCUMENT_BYTES >> 20} MB; split it or convert "
                                 f"it to JSONL"))
             return
-        data = path.read_bytes()
-        if b"\0" in data:
-            line = 1 + data.count(b"\n", 0, data.index(b"\0"))
-            self._bad(DataError(f"{path}:{line}: a NUL byte: a binary file, not text; remove it from the data"))
-            return
         try:
-            yield Record(str(path), 1, text=data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            self._bad(DataError(utf8_error(path, data, e)))
+            text = decode_text(path, path.read_bytes())
+        except DataError as e:
+            self._bad(e)
+            return
+        yield Record(str(path), 1, text=text)
 
 
 # ----------------------------------------------------------------------------- sequence builders

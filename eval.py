@@ -57,7 +57,7 @@ import rope
 import ruler
 from checkpoint import atomic_write_text, load_model, read_config
 from config import choose_device, choose_dtype
-from errors import UserError, run_cli
+from errors import UserError, check_range, run_cli
 from generate import check_memory, generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
@@ -73,6 +73,7 @@ TASKS = ("ppl", "passkey", "needle", "kv", "ruler")
 FORMATS = ("text", "code")  # passkey prompts: the filler-text probe, or the demo's code probe (tasks.py)
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 PLOT_DPI = 80
+MAX_ITEMS = 10**5  # --trials, --windows: per length (every item is a generation or a forward pass)
 PROBE_NEW_TOKENS = 256  # tokens a probe's answer may take, counted in the memory check (the tasks ask for fewer)
 
 # ----------------------------------------------------------------------------- pure functions: parsing
@@ -459,8 +460,10 @@ def check_args(args) -> None:
         if a is not None and not Path(a).is_dir():
             raise UserError(f"--adapter {a}: no such adapter directory")
     for name in ("trials", "windows"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        check_range(f"--{name}", getattr(args, name), 1, MAX_ITEMS)
+    check_range("--seed", args.seed, -2**63, 2**63 - 1)  # torch's seeds are int64
+    if not (args.needle.strip() and args.question.strip()):
+        raise UserError("--needle and --question must not be empty (the answer would be scored against nothing)")
     if args.stride is not None and not 0 < args.stride <= min(args.lengths):
         raise UserError(f"--stride {args.stride}: must be in [1, smallest length {min(args.lengths)}]")
     if args.prefill_chunk < 0:

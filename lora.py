@@ -428,8 +428,8 @@ def read_adapter_config(dir: str | os.PathLike) -> dict:
     saved = json_field(cfg, "modules_to_save", path, list, lambda v: all(isinstance(t, str) for t in v),
                        "a list of module names", [])
     return {"r": r, "alpha": float(alpha), "dropout": float(dropout), "targets": targets,
-            "rslora": bool(cfg.get("use_rslora", False)), "modules_to_save": saved,
-            "tied": bool(cfg.get("ensure_weight_tying", False))}
+            "rslora": json_field(cfg, "use_rslora", path, bool, what="true or false", default=False),
+            "modules_to_save": saved, "tied": json_field(cfg, "ensure_weight_tying", path, bool, default=False)}
 
 
 def peft_targets(model: nn.Module, targets: str | list[str], where: Path) -> tuple[str, ...]:

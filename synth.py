@@ -36,6 +36,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model
-from data import DataError, list_files, utf8_error
+from data import decode_text, list_files
 from errors import UserError, check_range, run_cli
 from generate import generate
 from resumable import write_resumable
@@ -65,6 +66,7 @@ RETRY_STATUS = (429, 500, 502, 503, 504)  # rate limit and server errors: retrie
 MAX_BACKOFF_S = 60.0
 # Bounds of the numeric flags (each refused outside them in one line): a day per request, a hundred retries
 # (at most 60 s apart), 256 threads, ten million samples per file.
+MIN_CTX_GENERATED = 4096  # a generated sample keeps 2048 tokens for the answers and needs chunks of the rest
 MAX_TIMEOUT_S, MAX_RETRIES, MAX_CONCURRENCY, MAX_SAMPLES = 86400.0, 100, 256, 10**7
 
 # ----------------------------------------------------------------------------- synthetic long data
@@ -73,11 +75,7 @@ MAX_TIMEOUT_S, MAX_RETRIES, MAX_CONCURRENCY, MAX_SAMPLES = 86400.0, 100, 256, 10
 
 
 def _read_doc_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").splitlines(keepends=True)
-    except UnicodeDecodeError as e:
-        raise DataError(utf8_error(path, data, e)) from None
+    return decode_text(path, path.read_bytes()).splitlines(keepends=True)
 
 
 class _DocLines:
@@ -192,7 +190,8 @@ def _chunks(lines: list[tuple[int, int, str, int]], n: int, chunk_tokens: int, r
             runs.append((a, i + 1))
             a, acc = i + 1, 0
     if len(runs) < n:
-        raise UserError(f"synth: span too short for {n} chunks of {chunk_tokens} tokens; raise --ctx")
+        raise UserError(f"synth: {len(runs)} runs of whole lines of {chunk_tokens} tokens in the document span, "
+                        f"{n} needed; raise --ctx, or wrap the documents' long lines")
     return sorted(rng.sample(runs, n))
 
 
@@ -242,6 +241,9 @@ def synth_sample(docs: _DocLines, tokenizer: Tokenizer, template: str, ctx: int,
         if n_tokens <= ctx:
             break
         excess, cut = n_tokens - ctx + 8, 0
+        if len(lines) == 1:  # documents are cut at line ends only
+            raise UserError(f"synth: line {lines[0][1]} of {docs.files[lines[0][0]]} alone is longer than --ctx {ctx} "
+                            f"tokens; wrap long lines or raise --ctx")
         while cut < excess and len(lines) > 1:
             cut += lines.pop()[3]
     else:
@@ -325,6 +327,10 @@ def http_generate_text(url: str, model: str, api_key_env: str | None = "OPENAI_A
     """
     if not url.startswith(("http://", "https://")):
         raise UserError(f"--generator-url {url!r}: must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+    try:
+        urllib.parse.urlsplit(url).port  # parses the host and the port (ValueError: "Invalid IPv6 URL", ...)
+    except ValueError as e:
+        raise UserError(f"--generator-url {url!r}: not a URL ({e})") from None
     check_range("--timeout", timeout, 0.001, MAX_TIMEOUT_S)
     check_range("--retries", retries, 0, MAX_RETRIES)
     endpoint = url.rstrip("/") + "/chat/completions"
@@ -377,8 +383,9 @@ def synth(docs, tokenizer: Tokenizer, ctx: int, kinds: list[str], out, n: int, s
             raise UserError(f"--kinds: {k!r} unknown; choose from {','.join(SYNTH_KINDS)}")
     if not kinds:
         raise UserError(f"--kinds is empty; choose from {','.join(SYNTH_KINDS)}")
-    if ctx < 1024:
-        raise UserError(f"--ctx {ctx}: synth needs at least 1024 tokens per sample")
+    if ctx < (MIN_CTX_GENERATED if generate_text else 1024):
+        raise UserError(f"--ctx {ctx}: synth needs at least {MIN_CTX_GENERATED if generate_text else 1024} tokens per "
+                        f"sample{' with a generator (2048 are kept for its answers)' if generate_text else ''}")
     template = chat_template_for(tokenizer, template)
     lines = _DocLines(list_files(docs), tokenizer)
     settings = dict(docs=[str(f.resolve()) for f in lines.files], tokenizer=tokenizer.name, ctx=ctx, kinds=kinds,

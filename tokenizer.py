@@ -348,6 +348,8 @@ def _load_tokenizer_json(path: Path) -> HFTokenizer:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{cfg_path}: not valid JSON ({e}); fix or remove it") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{cfg_path}: holds a JSON {type(config).__name__}, not an object; fix or remove it")
     return HFTokenizer(tok, str(path), "tokenizer.json", _config_token(config.get("bos_token")),
                        _config_token(config.get("eos_token")), config.get("chat_template"),
                        config.get("add_bos_token"))
@@ -371,7 +373,10 @@ def _load_gguf_tokenizer(path: Path) -> HFTokenizer:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
 
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError, ... on bad files
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     model_kind = _gguf_field(reader, "tokenizer.ggml.model")
     if model_kind != "gpt2":
         raise UserError(f"{path}: tokenizer.ggml.model is {model_kind!r}; only byte-level BPE ('gpt2') GGUF "
