@@ -317,6 +317,9 @@ def haystacks(ws, a):
     (ws / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
 
 
+ByteLevelBPE = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+                           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                             "use_regex": True}})
 NEEDLE = ["needle", "--model", "tiny", "--lengths", "512", "--out", "{ws}/out", "--haystack"]
 CASES += [
     # synth.py: the generator client's numbers
@@ -384,6 +387,26 @@ CASES += [
     ("adapter-alpha-null", L, ["{a}/hf", "{ws}/ad", "{ws}/merged"], "'lora_alpha'", edited_adapter(lora_alpha=None)),
     ("adapter-target-number", L, ["{a}/hf", "{ws}/ad", "{ws}/merged"], "target_modules",
      edited_adapter(target_modules=[7])),
+    ("adapter-rslora-word", L, ["{a}/hf", "{ws}/ad", "{ws}/merged"], "'use_rslora'", edited_adapter(use_rslora="no")),
+    # found by probing: sizes that would exhaust memory, seeds, malformed tokenizer files and URLs, empty probes
+    ("eval-trials-huge", E, ["passkey", "--model", "tiny", "--lengths", "256", "--trials", str(10**12), "--out",
+                             "{ws}/out"], "--trials", None),
+    ("eval-windows-huge", E, ["ppl", "--model", "tiny", "--lengths", "16", "--windows", str(10**12), "--out",
+                              "{ws}/out"], "--windows", None),
+    ("eval-seed-huge", E, ["ppl", "--model", "tiny", "--lengths", "16", "--seed", HUGE, "--out", "{ws}/out"], "--seed",
+     None),
+    ("eval-needle-empty", E, ["needle", "--model", "tiny", "--lengths", "512", "--needle", "", "--out", "{ws}/out"],
+     "--needle", None),
+    ("tokenizer-config-list", D, ["stats", "{ws}/a.txt", "--tokenizer", "{ws}/tokdir"], "tokenizer_config.json",
+     lambda ws, a: (ws / "tokdir").mkdir() or (ws / "tokdir" / "tokenizer.json").write_text(
+         ByteLevelBPE) and (ws / "tokdir" / "tokenizer_config.json").write_text("[1, 2]")),
+    ("tokenizer-gguf-broken", D, ["stats", "{ws}/a.txt", "--tokenizer", "{ws}/bad.gguf"], "bad.gguf", None),
+    ("synth-docs-nul", S, [*SYNTH[:1], "{ws}/hay_binary.txt", *SYNTH[2:]], "hay_binary.txt:2", haystacks),
+    ("synth-docs-long-line", S, [*SYNTH[:1], "{ws}/a.txt", *SYNTH[2:]], "line 1 of", None),
+    ("synth-generator-ctx-small", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m"],
+     "--ctx 1024", None),
+    ("synth-generator-url-malformed", S, [*SYNTH, "--generator-url", "http://[::1", "--generator-model", "m"],
+     "--generator-url", None),
 ]
 
 
