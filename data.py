@@ -254,7 +254,7 @@ class Packer:
         self.n_tokens = 0  # tokens entering the stream (documents + EOS)
         self.n_sequences = 0
 
-    def add(self, ids: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+    def add(self, ids) -> Iterator[dict[str, torch.Tensor]]:
         del self.buf[:self.start]
         del self.pos[:self.start]
         self.start = 0
@@ -326,7 +326,7 @@ def file_samples(paths, tokenizer: Tokenizer, ctx: int, template: str | None = N
     n_chats = n_long = n_out = 0
     for rec in RecordReader(paths, on_bad_line):
         if rec.text is not None:
-            for s in packer.add(tokenizer.encode(rec.text, bos=tokenizer.add_bos)):
+            for s in packer.add(tokenizer.encode_array(rec.text, bos=tokenizer.add_bos)):
                 n_out += 1
                 yield s
             continue

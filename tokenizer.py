@@ -20,6 +20,7 @@ import bisect
 import json
 import os
 import re
+from array import array
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -52,28 +53,31 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 
 PIECE_CHARS = 2**20  # texts longer than this are encoded piece by piece where that cannot change the ids
+WORD_END = re.compile(r"(?<=[^\W_])\s")  # a whitespace character after a letter or digit: a safe cut
 
 # ----------------------------------------------------------------------------- tokenizers
 
 
 def word_end_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """`text` cut into pieces of at most about `size` characters, each cut before a whitespace character that
-    follows a letter (the whole text when there is no such place).
+    """`text` cut into pieces of about `size` characters, each cut before a whitespace character that follows a
+    letter or digit (WORD_END): the last such place within `size`, else the first after it.
 
-    Note: the GPT-2 and Llama-3 pre-tokenizer regexes (GPT2_SPLIT, LLAMA3_SPLIT) end a word's pre-token at
-    its last letter and start the next one at the whitespace, so a byte-level BPE without a normalizer
-    gives the same ids for the pieces as for the whole text (tested). tokenizers' Encoding of one text
-    costs ~700 bytes per token (measured: 2.4 GB for 3.5M tokens of a 22 MB line): pieces bound it.
+    Note: the GPT-2 and Llama-3 pre-tokenizer regexes (GPT2_SPLIT, LLAMA3_SPLIT) end a word's or number's
+    pre-token at its last character and start the next one at the whitespace, so a byte-level BPE without a
+    normalizer gives the same ids for the pieces as for the whole text (tested); so do the byte tokenizer's
+    specials, which hold no whitespace. tokenizers' Encoding of one text costs ~700 bytes per token
+    (measured: 2.4 GB for 3.5M tokens of a 22 MB line): pieces bound it.
     """
     out, start = [], 0
     while len(text) - start > size:
-        cut = start + size
-        while cut > start + size // 2 and not (text[cut].isspace() and text[cut - 1].isalpha()):
-            cut -= 1
-        if cut == start + size // 2:  # no word end in the second half: take the rest whole
+        last = None
+        for last in WORD_END.finditer(text, start + 1, start + size + 1):
+            pass
+        last = last or WORD_END.search(text, start + size)
+        if last is None:
             break
-        out.append(text[start:cut])
-        start = cut
+        out.append(text[start:last.start()])
+        start = last.start()
     return out + [text[start:]]
 
 
@@ -174,6 +178,7 @@ class Tokenizer:
     vocab_size: int = 0
     special_tokens: dict[str, int] = {}
     chat_template: str | None = None  # the jinja string shipped with the tokenizer, if any (informational)
+    piecewise: bool = False  # whether word_end_pieces keep this tokenizer's ids (encode_array)
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         raise NotImplementedError
@@ -188,6 +193,14 @@ class Tokenizer:
         """The ids of encode_offsets without the spans (backends override it to skip forming them: a span is
         a tuple per token, ~20x the memory of the text it covers)."""
         return self.encode_offsets(text)[0]
+
+    def encode_array(self, text: str, bos: bool = False) -> array:
+        """encode(text, bos) as an int64 array.array, built piece by piece where that keeps the ids
+        (word_end_pieces): a long text never exists as a list of Python ints (up to 36 bytes a token)."""
+        out = array("q", [self._required(self.bos_id, "bos")] if bos else [])
+        for piece in word_end_pieces(text) if self.piecewise else [text]:
+            out.extend(self.encode_ids(piece))
+        return out
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.encode_ids(text)
@@ -210,6 +223,7 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255 plus the specials in BYTE_SPECIALS (see the module docstring)."""
 
     kind = "bytes"
+    piecewise = True
 
     def __init__(self):
         self.name = "bytes"
@@ -255,7 +269,7 @@ class HFTokenizer(Tokenizer):
         if add_bos is None:  # tokenizer.json: does its post-processor put bos in front?
             add_bos = self.bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.add_bos = bool(add_bos)
-        self._piecewise = _byte_level_state(tok.pre_tokenizer, tok.normalizer)  # encode_ids in pieces
+        self.piecewise = _byte_level_state(tok.pre_tokenizer, tok.normalizer)
 
     def _resolve(self, token, fallback_names):
         if isinstance(token, int):
@@ -272,7 +286,7 @@ class HFTokenizer(Tokenizer):
         return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def encode_ids(self, text):
-        if len(text) <= PIECE_CHARS or not self._piecewise:
+        if len(text) <= PIECE_CHARS or not self.piecewise:
             return self._tok.encode(text, add_special_tokens=False).ids
         return [i for piece in word_end_pieces(text) for i in self._tok.encode(piece, add_special_tokens=False).ids]
 
