@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -254,22 +255,29 @@ class Packer:
         self.n_tokens = 0  # tokens entering the stream (documents + EOS)
         self.n_sequences = 0
 
-    def add(self, ids) -> Iterator[dict[str, torch.Tensor]]:
-        del self.buf[:self.start]
-        del self.pos[:self.start]
-        self.start = 0
-        self.buf.extend(ids)
-        self.buf.append(self.eos_id)
-        if self.doc_mask:
-            self.pos.extend(range(len(ids) + 1))
-        self.n_tokens += len(ids) + 1
-        n = self.ctx + 1
-        while len(self.buf) - self.start >= n:
-            a = self.start
-            chunk = self.buf[a:a + n]
-            self.start += n
-            self.n_sequences += 1
-            yield _doc_sample(chunk, self.pos[a:a + n]) if self.doc_mask else _sample(chunk, chunk)
+    def add(self, ids: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+        """One document's ids, then EOS: the samples completed."""
+        yield from self.add_pieces([ids])
+
+    def add_pieces(self, pieces: Iterable[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        """One document given as consecutive pieces of ids (Tokenizer.encode_pieces), then EOS: samples are cut
+        as the pieces arrive, so a long document is never held whole."""
+        n, in_doc = self.ctx + 1, 0
+        for part in itertools.chain(pieces, [[self.eos_id]]):
+            del self.buf[:self.start]
+            del self.pos[:self.start]
+            self.start = 0
+            self.buf.extend(part)
+            if self.doc_mask:
+                self.pos.extend(range(in_doc, in_doc + len(part)))
+            in_doc += len(part)
+            self.n_tokens += len(part)
+            while len(self.buf) - self.start >= n:
+                a = self.start
+                chunk = self.buf[a:a + n]
+                self.start += n
+                self.n_sequences += 1
+                yield _doc_sample(chunk, self.pos[a:a + n]) if self.doc_mask else _sample(chunk, chunk)
 
     @property
     def dropped_tokens(self) -> int:
@@ -326,7 +334,7 @@ def file_samples(paths, tokenizer: Tokenizer, ctx: int, template: str | None = N
     n_chats = n_long = n_out = 0
     for rec in RecordReader(paths, on_bad_line):
         if rec.text is not None:
-            for s in packer.add(tokenizer.encode_array(rec.text, bos=tokenizer.add_bos)):
+            for s in packer.add_pieces(tokenizer.encode_pieces(rec.text, bos=tokenizer.add_bos)):
                 n_out += 1
                 yield s
             continue

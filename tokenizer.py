@@ -20,8 +20,7 @@ import bisect
 import json
 import os
 import re
-from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from checkpoint import atomic_write_text, copy_tokenizer_files
@@ -52,7 +51,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-PIECE_CHARS = 2**20  # texts longer than this are encoded piece by piece where that cannot change the ids
+PIECE_CHARS = 2**18  # texts longer than this are encoded piece by piece where that cannot change the ids
 WORD_END = re.compile(r"(?<=[^\W_])\s")  # a whitespace character after a letter or digit: a safe cut
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -66,7 +65,7 @@ def word_end_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     pre-token at its last character and start the next one at the whitespace, so a byte-level BPE without a
     normalizer gives the same ids for the pieces as for the whole text (tested); so do the byte tokenizer's
     specials, which hold no whitespace. tokenizers' Encoding of one text costs ~700 bytes per token
-    (measured: 2.4 GB for 3.5M tokens of a 22 MB line): pieces bound it.
+    (measured: 2.4 GB for 3.5M tokens of a 22 MB line): pieces of PIECE_CHARS bound it (tests/test_data.py).
     """
     out, start = [], 0
     while len(text) - start > size:
@@ -178,7 +177,7 @@ class Tokenizer:
     vocab_size: int = 0
     special_tokens: dict[str, int] = {}
     chat_template: str | None = None  # the jinja string shipped with the tokenizer, if any (informational)
-    piecewise: bool = False  # whether word_end_pieces keep this tokenizer's ids (encode_array)
+    piecewise: bool = False  # whether word_end_pieces keep this tokenizer's ids (encode_pieces)
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         raise NotImplementedError
@@ -194,13 +193,13 @@ class Tokenizer:
         a tuple per token, ~20x the memory of the text it covers)."""
         return self.encode_offsets(text)[0]
 
-    def encode_array(self, text: str, bos: bool = False) -> array:
-        """encode(text, bos) as an int64 array.array, built piece by piece where that keeps the ids
-        (word_end_pieces): a long text never exists as a list of Python ints (up to 36 bytes a token)."""
-        out = array("q", [self._required(self.bos_id, "bos")] if bos else [])
+    def encode_pieces(self, text: str, bos: bool = False) -> Iterator[list[int]]:
+        """encode(text, bos) as consecutive lists of ids, one per word_end_pieces piece where that keeps the ids:
+        a long text never exists whole as a list of Python ints (up to 36 bytes a token)."""
+        if bos:
+            yield [self._required(self.bos_id, "bos")]
         for piece in word_end_pieces(text) if self.piecewise else [text]:
-            out.extend(self.encode_ids(piece))
-        return out
+            yield self.encode_ids(piece)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.encode_ids(text)
