@@ -83,15 +83,12 @@ def word_end_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 def _byte_level_state(pre_tokenizer, normalizer) -> bool:
     """The tokenizers pre-tokenizer is one word_end_pieces keeps exact: GPT-2's or Llama-3's regex, digits
     split or not, and no normalizer."""
-    if normalizer is not None or pre_tokenizer is None:
-        return False
-    state = json.loads(pre_tokenizer.__getstate__())
+    state = json.loads(pre_tokenizer.__getstate__()) if pre_tokenizer is not None and normalizer is None else {}
     parts = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
-    ok = {"Digits", "ByteLevel", "Split"}
-    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
-    uses_regex = any(p.get("type") == "ByteLevel" and p.get("use_regex") for p in parts)
-    return (all(p.get("type") in ok for p in parts) and all(r in (GPT2_SPLIT, LLAMA3_SPLIT) for r in regexes)
-            and (uses_regex or regexes) and not (uses_regex and regexes))
+    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]  # one regex only:
+    splits += ["GPT2"] * sum(p.get("type") == "ByteLevel" and bool(p.get("use_regex")) for p in parts)  # its own
+    return all(p.get("type") in ("Digits", "ByteLevel", "Split") for p in parts) and splits in (
+        [GPT2_SPLIT], [LLAMA3_SPLIT], ["GPT2"])
 
 
 def _split_specials(text: str, specials: dict[str, int]) -> list[tuple[int, int, int | None]]:
@@ -327,10 +324,6 @@ class SentencePieceTokenizer(Tokenizer):
             return ids, [1 if self._sp.is_byte(i) else len(self._sp.id_to_piece(i).replace("\u2581", " ").encode())
                          for i in ids]
         return _encode_with_specials(text, self.special_tokens, plain)
-
-    def encode_ids(self, text):
-        return [i for a, b, sid in _split_specials(text, self.special_tokens)
-                for i in ([sid] if sid is not None else self._sp.encode(text[a:b], out_type=int))]
 
     def decode(self, ids):
         # Specials are written out as text, like the other backends (sentencepiece drops control pieces).
