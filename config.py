@@ -236,13 +236,24 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 POSITIVE = ("lr", "lora_alpha")  # finite and > 0
+INT64 = (-2**63, 2**63 - 1)  # every integer setting reaches torch (seeds, sizes, positions) as an int64
+MAX_POSITION = 2**53  # RoPE angles are formed in float64 (rope.py): exact for integer positions below 2^53
 NON_NEGATIVE = ("clip", "weight_decay", "warmup")  # finite and >= 0
 TRAINABLE = ("embed", "norm", "lm_head")  # --train's names (lora.apply_lora's `trainable`)
 
 
 def check_numbers(cfg: dict) -> None:
     """The numbers that must be finite and positive (or >= 0), --lora-dropout in [0, 1), --epochs finite,
-    --train's names: one UserError naming the flag, before anything loads."""
+    integers that torch holds as int64, positions (--ctx, --pose) below MAX_POSITION, --train's names: one
+    UserError naming the flag, before anything loads."""
+    for key in ("ctx", "pose"):
+        if cfg[key] is not None and cfg[key] > MAX_POSITION:
+            raise UserError(f"{flag(key)} {cfg[key]}: beyond 2^53, the largest position RoPE's float64 angles "
+                            "hold exactly")
+    for key in SETTINGS:
+        if value_type(key) is int and cfg[key] is not None and not INT64[0] <= cfg[key] <= INT64[1]:
+            raise UserError(f"{flag(key)} {cfg[key]}: beyond a 64-bit integer (torch's int64), the range of this "
+                            "setting")
     for key in POSITIVE + NON_NEGATIVE:
         v = cfg[key]
         if not (math.isfinite(v) and (v > 0 if key in POSITIVE else v >= 0)):

@@ -25,17 +25,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
 import random
 import sys
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from errors import UserError, run_cli
+from errors import UserError, json_field, run_cli
 from tokenizer import CHAT_TEMPLATES, IGNORE_INDEX, Tokenizer, chat_template_for, encode_chat, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -67,6 +69,18 @@ class Record:
 def utf8_error(path, data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> str:
     line = first_line + data.count(b"\n", 0, err.start)
     return f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x}); re-encode the file as UTF-8"
+
+
+def decode_text(path, data: bytes) -> str:
+    """A text file's bytes as str; DataError `file:line` on a NUL byte (a binary file) or on bytes that are
+    not UTF-8."""
+    if b"\0" in data:
+        line = 1 + data.count(b"\n", 0, data.index(b"\0"))
+        raise DataError(f"{path}:{line}: a NUL byte: a binary file, not text; remove it from the data")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(utf8_error(path, data, e)) from None
 
 
 def _parse_messages(raw, where: str) -> list[dict]:
@@ -128,8 +142,11 @@ def list_files(paths: str | os.PathLike | Iterable) -> list[Path]:
         if not p.exists():
             raise UserError(f"{p}: no such file or folder")
         if p.is_dir():
-            out.extend(f for f in sorted(p.rglob("*"))
-                       if f.is_file() and (f.suffix in TEXT_SUFFIXES or _is_jsonl(f)))
+            found = [f for f in sorted(p.rglob("*")) if f.is_file() and (f.suffix in TEXT_SUFFIXES or _is_jsonl(f))]
+            if not found:
+                raise UserError(f"{p}: folder holds no file this reads (.jsonl or text: "
+                                f"{' '.join(sorted(TEXT_SUFFIXES))})")
+            out.extend(found)
         else:
             out.append(p)
     return out
@@ -181,20 +198,26 @@ class RecordReader:
             self._bad(DataError(f"{path}:1: larger than {MAX_DOCUMENT_BYTES >> 20} MB; split it or convert "
                                 f"it to JSONL"))
             return
-        data = path.read_bytes()
         try:
-            yield Record(str(path), 1, text=data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            self._bad(DataError(utf8_error(path, data, e)))
+            text = decode_text(path, path.read_bytes())
+        except DataError as e:
+            self._bad(e)
+            return
+        yield Record(str(path), 1, text=text)
 
 
 # ----------------------------------------------------------------------------- sequence builders
 
 
-def _sample(tokens: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
+def _ids(x) -> torch.Tensor:
+    """A LongTensor of a list of ints or an int64 array.array (copied: the array is the packer's buffer)."""
+    return torch.frombuffer(x, dtype=torch.long).clone() if isinstance(x, array) else torch.tensor(x, dtype=torch.long)
+
+
+def _sample(tokens, labels) -> dict[str, torch.Tensor]:
     """ctx + 1 tokens (and their unshifted labels) -> shifted sample of ctx positions."""
-    return {"input_ids": torch.tensor(tokens[:-1], dtype=torch.long),  # (T,)
-            "labels": torch.tensor(labels[1:], dtype=torch.long)}  # (T,)
+    return {"input_ids": _ids(tokens[:-1]),  # (T,)
+            "labels": _ids(labels[1:])}  # (T,)
 
 
 def _doc_sample(tokens: list[int], pos: list[int]) -> dict[str, torch.Tensor]:
@@ -226,28 +249,35 @@ class Packer:
         if ctx < 1:
             raise ValueError(f"ctx={ctx}; must be >= 1")
         self.ctx, self.eos_id, self.doc_mask = ctx, eos_id, doc_mask
-        self.buf: list[int] = []
+        self.buf = array("q")  # int64 token ids: 8 bytes a token (a list of ints costs up to 36)
         self.pos: list[int] = []  # with doc_mask: each buffered token's position in its document
         self.start = 0  # buf[:start] is already packed (cut once per add, not once per chunk: O(n) not O(n^2))
         self.n_tokens = 0  # tokens entering the stream (documents + EOS)
         self.n_sequences = 0
 
     def add(self, ids: list[int]) -> Iterator[dict[str, torch.Tensor]]:
-        del self.buf[:self.start]
-        del self.pos[:self.start]
-        self.start = 0
-        self.buf.extend(ids)
-        self.buf.append(self.eos_id)
-        if self.doc_mask:
-            self.pos.extend(range(len(ids) + 1))
-        self.n_tokens += len(ids) + 1
-        n = self.ctx + 1
-        while len(self.buf) - self.start >= n:
-            a = self.start
-            chunk = self.buf[a:a + n]
-            self.start += n
-            self.n_sequences += 1
-            yield _doc_sample(chunk, self.pos[a:a + n]) if self.doc_mask else _sample(chunk, chunk)
+        """One document's ids, then EOS: the samples completed."""
+        yield from self.add_pieces([ids])
+
+    def add_pieces(self, pieces: Iterable[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        """One document given as consecutive pieces of ids (Tokenizer.encode_pieces), then EOS: samples are cut
+        as the pieces arrive, so a long document is never held whole."""
+        n, in_doc = self.ctx + 1, 0
+        for part in itertools.chain(pieces, [[self.eos_id]]):
+            del self.buf[:self.start]
+            del self.pos[:self.start]
+            self.start = 0
+            self.buf.extend(part)
+            if self.doc_mask:
+                self.pos.extend(range(in_doc, in_doc + len(part)))
+            in_doc += len(part)
+            self.n_tokens += len(part)
+            while len(self.buf) - self.start >= n:
+                a = self.start
+                chunk = self.buf[a:a + n]
+                self.start += n
+                self.n_sequences += 1
+                yield _doc_sample(chunk, self.pos[a:a + n]) if self.doc_mask else _sample(chunk, chunk)
 
     @property
     def dropped_tokens(self) -> int:
@@ -298,16 +328,27 @@ def file_samples(paths, tokenizer: Tokenizer, ctx: int, template: str | None = N
                  doc_mask: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Samples from files in order: text records are packed ([bos if tokenizer.add_bos] + text, EOS after
     each document; doc_mask: see Packer), chat
-    records become one sample each (template from the tokenizer unless named)."""
+    records become one sample each (template from the tokenizer unless named). Files that give no sample
+    at all are a UserError saying why (too few tokens for one sequence, every chat longer than ctx)."""
     packer = Packer(ctx, tokenizer._required(tokenizer.eos_id, "eos"), doc_mask)
+    n_chats = n_long = n_out = 0
     for rec in RecordReader(paths, on_bad_line):
         if rec.text is not None:
-            yield from packer.add(tokenizer.encode(rec.text, bos=tokenizer.add_bos))
+            for s in packer.add_pieces(tokenizer.encode_pieces(rec.text, bos=tokenizer.add_bos)):
+                n_out += 1
+                yield s
             continue
         tpl = chat_template_for(tokenizer, template)
         s = chat_sample(*encode_chat(tokenizer, rec.messages, tpl), ctx, truncate)
+        n_chats, n_long = n_chats + 1, n_long + (s is None)
         if s is not None:
+            n_out += 1
             yield s
+    if n_out == 0:
+        raise UserError(f"{paths}: yields no samples of --ctx {ctx}: its text documents hold {packer.n_tokens} tokens "
+                        f"(with EOS), fewer than the {ctx + 1} one packed sequence needs"
+                        + (f", and all {n_chats} chats are longer than --ctx (--truncate keeps them)" if n_long else "")
+                        + "; add data or lower --ctx")
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -333,8 +374,14 @@ def parse_data_spec(spec: str) -> list[tuple[str, float]]:
         out.append((path, weight))
     if not out:
         raise UserError(f"data spec {spec!r} is empty; write path:weight,path:weight")
-    total = sum(w for _, w in out)
-    return [(p, w / total) for p, w in out]
+    top = max(w for _, w in out)  # scaled by the largest first: a sum of huge weights would overflow to inf
+    total = sum(w / top for _, w in out)
+    scaled = [(p, w / top / total) for p, w in out]
+    for (p, w), (_, share) in zip(out, scaled):
+        if share == 0.0:
+            raise UserError(f"data spec {spec!r}: weight {w:g} of {p} is too small beside {top:g} (its share "
+                            "rounds to 0)")
+    return scaled
 
 
 @dataclasses.dataclass
@@ -397,13 +444,18 @@ class Mixture:
         return {"seed": self.seed, "index": self.index, "sources": [dict(s) for s in self.state],
                 "names": [s.name for s in self.sources]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, where: str = "mixture state") -> None:
+        """`where` names the state in errors (a checkpoint file's field): a hand-edited one is a UserError."""
         names = [s.name for s in self.sources]
         if state.get("names") != names or state.get("seed") != self.seed:
-            raise UserError(f"mixture state is for sources {state.get('names')} seed {state.get('seed')}, "
-                             f"not {names} seed {self.seed}; resume with the same --data and --seed")
-        self.index = int(state["index"])
-        self.state = [dict(s) for s in state["sources"]]
+            raise UserError(f"{where}: for sources {state.get('names')} seed {state.get('seed')}, "
+                            f"not {names} seed {self.seed}; resume with the same --data and --seed")
+        counts = ("epoch", "consumed", "tokens")
+        self.index = json_field(state, "index", where, int, lambda v: v >= 0, "an integer >= 0")
+        self.state = json_field(state, "sources", where, list, lambda v: len(v) == len(names) and all(
+            isinstance(s, dict) and all(type(s.get(k)) is int and s[k] >= 0 for k in counts) for s in v),
+            f"a list of {len(names)} objects with integers {', '.join(counts)} >= 0")
+        self.state = [{k: s[k] for k in counts} for s in self.state]
 
     def _open(self, i: int) -> Iterator[dict]:
         st = self.state[i]

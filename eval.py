@@ -63,18 +63,17 @@ import protocols
 import rope
 import ruler
 from checkpoint import load_model, read_config
-from data import list_files
 from devices import add_device_flags, device_and_dtype
-from errors import UserError, run_cli
+from errors import UserError, check_range, run_cli
 from eval_report import label, markdown_table, plot, retention, ruler_table
-from generate import generate
+from generate import check_memory, generate
 from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
 from outputs import atomic_write_text, check_output
-from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes,
+from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, document_texts,
                    haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt,
-                   sentence_starts, stdlib_files, stdlib_split, token_stream, windows)
+                   sentence_starts, stdlib_files, stdlib_split, stdlib_texts, token_stream, windows)
 from tokenizer import chat_template_for, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -82,6 +81,8 @@ from tokenizer import chat_template_for, load_tokenizer
 TASKS = ("ppl", "passkey", "needle", "kv", "ruler", "harness")
 FORMATS = ("text", "code")  # passkey prompts: the filler-text probe, or the demo's code probe (tasks.py)
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
+MAX_ITEMS = 10**5  # --trials, --windows: per length (every item is a generation or a forward pass)
+PROBE_NEW_TOKENS = 256  # tokens a probe's answer may take, counted in the memory check (the tasks ask for fewer)
 
 # ----------------------------------------------------------------------------- pure functions: parsing
 
@@ -398,8 +399,10 @@ def check_args(args) -> None:
         if a is not None and not Path(a).is_dir():
             raise UserError(f"--adapter {a}: no such adapter directory")
     for name in ("trials", "windows"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        check_range(f"--{name}", getattr(args, name), 1, MAX_ITEMS)
+    check_range("--seed", args.seed, -2**63, 2**63 - 1)  # torch's seeds are int64
+    if not (args.needle.strip() and args.question.strip()):
+        raise UserError("--needle and --question must not be empty (the answer would be scored against nothing)")
     if args.stride is not None and not 0 < args.stride <= min(args.lengths):
         raise UserError(f"--stride {args.stride}: must be in [1, smallest length {min(args.lengths)}]")
     if args.prefill_chunk < 0:
@@ -478,12 +481,14 @@ def evaluate(args) -> list[dict]:
     rows, t0 = [], time.time()
     for spec, adapter in zip(args.model, args.adapter):
         model, tok = load(spec, adapter, args)
-        cfg = model.config
+        cfg = model.config  # the longest length must fit before any prompt or cache exists (generate.py)
+        check_memory(cfg, max(args.lengths), 0 if args.task == "ppl" else PROBE_NEW_TOKENS, args.prefill_chunk,
+                     torch.finfo(getattr(torch, args.dtype)).bits // 8, args.device, "--lengths", of_prompt=True)
         base_theta, base_scaling = cfg.rope_theta, cfg.rope_scaling
         if args.task == "ppl":
-            files = list_files(args.docs) if args.docs else stdlib_files()
+            texts = document_texts(args.docs) if args.docs else stdlib_texts(stdlib_files())
             need = (args.windows - 1) * (args.stride or max(args.lengths)) + max(args.lengths)
-            stream = token_stream(tok, files, need)
+            stream = token_stream(tok, texts, need)
         elif args.task == "passkey" and args.format == "code":
             if tok.kind != "bytes":
                 raise UserError(f"--format code: {spec} has the {tok.kind} tokenizer; the code passkey is "

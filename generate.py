@@ -7,7 +7,11 @@ at cache slot `start` = tokens so far. Attention is always full causal attention
     python generate.py --model DIR_OR_GGUF_OR_PRESET --prompt "Once upon a time" [--max-new-tokens 32]
         [--device cuda] [--dtype bfloat16]        (default: CUDA in bfloat16 when present, as eval.py)
 
-Notation: T prompt tokens, S cached tokens, C model dim, V vocab.
+Before anything is allocated for a sequence, `check_memory` compares an estimate of what it needs
+(`inference_bytes`) with the memory free on the device and refuses, in one line, a length that cannot fit.
+
+Notation: T prompt tokens, S cached tokens, c prefill chunk, C model dim, F MLP dim, L layers, H query heads,
+Hkv kv heads, D head dim, V vocab.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ import torch
 from checkpoint import load_model
 from devices import add_device_flags, device_and_dtype
 from errors import UserError, run_cli
-from model import Transformer
+from model import PRESETS, ModelConfig, Transformer
 from tokenizer import load_tokenizer
+
+HOST_BYTES_PER_TOKEN = 32  # a prompt's ids on the host: Python lists (8 bytes a slot, a copy or two) and int64s
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -41,6 +47,55 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     if generator is not None and generator.device != probs.device:
         probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def inference_bytes(cfg: ModelConfig, prompt: int, new: int, chunk: int | None, dtype_bytes: int,
+                    device: torch.device) -> dict[str, int]:
+    """Bytes beyond the weights of a prompt of T tokens prefilled in chunks of c = min(chunk, T) and continued
+    by `new` tokens, by part (an upper bound): the cache, 2 L S Hkv D values for S = T + new; one block's
+    activations for a chunk, c (4 C + (H + 2 Hkv) D + 3 F) values, and off CUDA, for a chunk after the first,
+    its (c, T) boolean mask and the float32 bias SDPA makes of it, 5 c T bytes (model.cached_attention; on CUDA
+    neither is formed; measured on CPU: +180 MiB peak for the tiny preset at T = 16384, c = 2048, of which
+    160 MiB is this term); the last position's float32 logits; and the ids on the host (HOST_BYTES_PER_TOKEN)."""
+    S, c = prompt + new, min(chunk or prompt, prompt)
+    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    return {"KV cache": 2 * cfg.n_layers * S * Hkv * D * dtype_bytes,
+            "activations": c * (4 * cfg.dim + (H + 2 * Hkv) * D + 3 * cfg.ffn_dim) * dtype_bytes
+            + (5 * c * prompt if device.type != "cuda" and c < prompt else 0) + cfg.vocab_size * 4,
+            "token ids": S * HOST_BYTES_PER_TOKEN}
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors: CUDA's free device memory, or Linux's MemAvailable; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        return None
+
+
+def check_memory(cfg: ModelConfig, prompt: int, new: int, chunk: int | None, dtype_bytes: int,
+                 device: torch.device, what: str, of_prompt: bool = False) -> None:
+    """A UserError naming `what` (the flag that asked for the new tokens, or with of_prompt for the prompt's
+    length) when inference_bytes exceeds the free memory: the estimate by part, what is free, and how many
+    tokens `what` could ask for instead."""
+    def need(k):  # bytes when `what` asks for k tokens
+        return sum(inference_bytes(cfg, k if of_prompt else prompt, new if of_prompt else k, chunk, dtype_bytes,
+                                   device).values())
+
+    free, asked = free_memory(device), prompt if of_prompt else new
+    if free is None or need(asked) <= free:
+        return
+    lo, hi = 0, asked  # the most that fits, by bisection (the estimate grows with the tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= free else (lo, mid - 1)
+    parts = ", ".join(f"{k} {v / 2**30:.3g}" for k, v in inference_bytes(cfg, prompt, new, chunk, dtype_bytes,
+                                                                        device).items())
+    raise UserError(f"{what} {asked}: needs about {need(asked) / 2**30:.3g} GiB ({parts}), {free / 2**30:.3g} GiB "
+                    f"is free on {device}; at most about {lo} fit")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -94,6 +149,7 @@ def generate(model: Transformer, tokens, max_new_tokens: int, temperature: float
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Greedily continue a prompt with a Llama checkpoint or preset.")
     ap.add_argument("--model", required=True, help="HF directory, .gguf file or preset")
+    ap.add_argument("--tokenizer", default=None, help="default: the model's own; 'bytes' for presets")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     add_device_flags(ap)
@@ -103,8 +159,14 @@ def main(argv=None):
         if args.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         device, dtype = device_and_dtype(args.device, args.dtype)  # as eval.py chooses them
-        model, tok = load_model(args.model, dtype=dtype, device=device), load_tokenizer(args.model)
-        ids = generate(model, tok.encode(args.prompt, bos=True), args.max_new_tokens, stop_ids=tok.eos_id)
+        # A preset is random weights for tests: its vocabulary is sized to its tokenizer's (as eval.py does).
+        preset = args.model in PRESETS
+        tok = load_tokenizer(args.tokenizer or "bytes") if preset else None
+        model = load_model(args.model, dtype=dtype, device=device, **({"vocab_size": tok.vocab_size} if preset else {}))
+        tok = tok or load_tokenizer(args.tokenizer or args.model)
+        prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
+        check_memory(model.config, len(prompt), args.max_new_tokens, None, dtype.itemsize, device, "--max-new-tokens")
+        ids = generate(model, prompt, args.max_new_tokens, stop_ids=tok.eos_id)
         print(args.prompt + tok.decode(ids))
 
     if run_cli(body):

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from checkpoint import copy_tokenizer_files, iter_checkpoint, load_model, read_json, save_model, strict_items
-from errors import UserError, run_cli
+from errors import UserError, check_range, json_field, run_cli
 from outputs import atomic_path, atomic_write_text, check_output
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -306,8 +306,6 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
     A is drawn from one generator seeded with `seed`, layer by layer in model order.
     Returns the summary {"lora", "embed", "norm", "lm_head", "trainable", "total", "percent"}.
     """
-    if r < 1:
-        raise UserError(f"apply_lora: rank r must be >= 1, got {r}")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"apply_lora: dropout must be in [0, 1), got {dropout}")
     names = resolve_targets(targets)
@@ -317,6 +315,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
     found = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in names and is_linear(m)]
     if not found:
         raise ValueError(f"apply_lora: the model has no linear layer named {', '.join(names)}")
+    check_range("apply_lora: rank r", r, 1, min(min(m.in_features, m.out_features) for _, m in found))
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     for name, base in found:
@@ -419,17 +418,17 @@ def read_adapter_config(dir: str | os.PathLike) -> dict:
         raise UserError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} also rewrites the base weights; "
                          "convert it to a plain LoRA first (PEFT save_pretrained(path_initial_model_for_weight_conversion=...))")
     targets = cfg.get("target_modules")
-    if isinstance(targets, str) and targets != ALL_LINEAR:
-        raise UserError(f"{path}: target_modules is the pattern {targets!r}; list module names instead")
-    if not targets:
-        raise UserError(f"{path}: target_modules is empty")
-    try:
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except KeyError as e:
-        raise UserError(f"{path}: missing field {e.args[0]!r}") from None
-    return {"r": r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout", 0.0)), "targets": targets,
-            "rslora": bool(cfg.get("use_rslora", False)), "modules_to_save": list(cfg.get("modules_to_save") or []),
-            "tied": bool(cfg.get("ensure_weight_tying", False))}
+    if not (targets == ALL_LINEAR or targets and isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise UserError(f"{path}: target_modules must be {ALL_LINEAR!r} or a non-empty list of module names "
+                        f"(PEFT's regular expressions are not supported), got {targets!r}")
+    r = json_field(cfg, "r", path, int, lambda v: v >= 1, "an integer >= 1")
+    alpha = json_field(cfg, "lora_alpha", path, (int, float), math.isfinite, "a finite number")
+    dropout = json_field(cfg, "lora_dropout", path, (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)", 0.0)
+    saved = json_field(cfg, "modules_to_save", path, list, lambda v: all(isinstance(t, str) for t in v),
+                       "a list of module names", [])
+    return {"r": r, "alpha": float(alpha), "dropout": float(dropout), "targets": targets,
+            "rslora": json_field(cfg, "use_rslora", path, bool, what="true or false", default=False),
+            "modules_to_save": saved, "tied": json_field(cfg, "ensure_weight_tying", path, bool, default=False)}
 
 
 def peft_targets(model: nn.Module, targets: str | list[str], where: Path) -> tuple[str, ...]:

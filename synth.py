@@ -18,13 +18,9 @@ Each sample is one conversation (user: document + question, assistant: answer) o
 No fact, question or answer reuses an evaluation's sentence or question (tasks.py, ruler.py, protocols.py):
 training on an evaluation's own format would inflate its score (tests/test_synth.py checks every 4-word run).
 
-Resumable output: completed samples are appended to OUT.partial as whole JSON lines, each flushed and
-fsync'ed before the next is written, in completion order (with --concurrency N threads work on N
-sample indices at once); a sample whose replies could not be parsed is recorded as {"failed": index}.
-A rerun with the same arguments reads OUT.partial, drops a torn last line (a kill mid-write), and
-computes only the indices not yet there, so each sample is made and written once. When all n are done
-OUT is written atomically (outputs.atomic_path) with the samples in index order and OUT.partial is
-removed; OUT itself is therefore never half-written.
+Output goes through resumable.write_resumable: samples are kept as they complete, Ctrl-C or SIGTERM stops
+cleanly, a rerun with the same settings continues where the last one stopped (rows of other settings are
+refused), and OUT is written atomically (outputs.atomic_path) when all are done.
 
 Command line:
     python synth.py --docs DIR_OR_FILES --tokenizer PATH --ctx 65536 --kinds single,multi,summary \
@@ -40,21 +36,21 @@ import os
 import random
 import re
 import sys
-import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from checkpoint import load_model
-from data import DataError, list_files, utf8_error
-from errors import UserError, run_cli
+from data import decode_text, list_files
+from errors import UserError, check_range, run_cli
 from generate import generate
-from outputs import atomic_path, check_output
+from outputs import check_output
+from resumable import write_resumable
 from tokenizer import CHAT_TEMPLATES, Tokenizer, chat_template_for, encode_chat, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -71,6 +67,10 @@ QA_PROMPT = ("Read the passage below and write one question that can be answered
 SUMMARY_PROMPT = "Summarize the passage below in two or three sentences.\n\nPassage:\n{chunk}"
 RETRY_STATUS = (429, 500, 502, 503, 504)  # rate limit and server errors: retried with backoff
 MAX_BACKOFF_S = 60.0
+# Bounds of the numeric flags (each refused outside them in one line): a day per request, a hundred retries
+# (at most 60 s apart), 256 threads, ten million samples per file.
+MIN_CTX_GENERATED = 4096  # a generated sample keeps 2048 tokens for the answers and needs chunks of the rest
+MAX_TIMEOUT_S, MAX_RETRIES, MAX_CONCURRENCY, MAX_SAMPLES = 86400.0, 100, 256, 10**7
 
 # ----------------------------------------------------------------------------- synthetic long data
 # Llama-3-80K's recipe (Single-Detail QA, Multi-Detail QA, summarization) made verifiable without a
@@ -78,11 +78,7 @@ MAX_BACKOFF_S = 60.0
 
 
 def _read_doc_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").splitlines(keepends=True)
-    except UnicodeDecodeError as e:
-        raise DataError(utf8_error(path, data, e)) from None
+    return decode_text(path, path.read_bytes()).splitlines(keepends=True)
 
 
 class _DocLines:
@@ -197,7 +193,8 @@ def _chunks(lines: list[tuple[int, int, str, int]], n: int, chunk_tokens: int, r
             runs.append((a, i + 1))
             a, acc = i + 1, 0
     if len(runs) < n:
-        raise UserError(f"synth: span too short for {n} chunks of {chunk_tokens} tokens; raise --ctx")
+        raise UserError(f"synth: {len(runs)} runs of whole lines of {chunk_tokens} tokens in the document span, "
+                        f"{n} needed; raise --ctx, or wrap the documents' long lines")
     return sorted(rng.sample(runs, n))
 
 
@@ -247,6 +244,9 @@ def synth_sample(docs: _DocLines, tokenizer: Tokenizer, template: str, ctx: int,
         if n_tokens <= ctx:
             break
         excess, cut = n_tokens - ctx + 8, 0
+        if len(lines) == 1:  # documents are cut at line ends only
+            raise UserError(f"synth: line {lines[0][1]} of {docs.files[lines[0][0]]} alone is longer than --ctx {ctx} "
+                            f"tokens; wrap long lines or raise --ctx")
         while cut < excess and len(lines) > 1:
             cut += lines.pop()[3]
     else:
@@ -330,6 +330,12 @@ def http_generate_text(url: str, model: str, api_key_env: str | None = "OPENAI_A
     """
     if not url.startswith(("http://", "https://")):
         raise UserError(f"--generator-url {url!r}: must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+    try:
+        urllib.parse.urlsplit(url).port  # parses the host and the port (ValueError: "Invalid IPv6 URL", ...)
+    except ValueError as e:
+        raise UserError(f"--generator-url {url!r}: not a URL ({e})") from None
+    check_range("--timeout", timeout, 0.001, MAX_TIMEOUT_S)
+    check_range("--retries", retries, 0, MAX_RETRIES)
     endpoint = url.rstrip("/") + "/chat/completions"
     key = os.environ.get(api_key_env) if api_key_env else None
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -368,88 +374,53 @@ def http_generate_text(url: str, model: str, api_key_env: str | None = "OPENAI_A
     return generate_text
 
 
-def read_partial(path: Path) -> dict[int, dict]:
-    """index -> row of the complete lines of OUT.partial (a torn last line is cut off the file)."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    keep = data[:data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    done = {}
-    for line in keep.decode("utf-8").splitlines():
-        row = json.loads(line)
-        done[row["failed"] if "failed" in row else row["meta"]["index"]] = row
-    return done
-
-
-def write_resumable(out, n: int, make: Callable[[int], dict | None], concurrency: int = 1) -> dict:
-    """Rows make(0..n-1) to `out` in index order through OUT.partial (see the module docstring)."""
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    done = read_partial(partial)
-    todo = [i for i in range(n) if i not in done]
-    lock, f = threading.Lock(), None
-
-    def run(i):
-        nonlocal f
-        row = make(i)
-        row = row if row is not None else {"failed": i}
-        with lock:
-            if f is None:  # opened on the first result, so a run failing at once leaves no file
-                f = open(partial, "a", encoding="utf-8")
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            done[i] = row
-
-    try:
-        if concurrency <= 1:
-            for i in todo:
-                run(i)
-        else:
-            with ThreadPoolExecutor(concurrency) as pool:
-                for fut in [pool.submit(run, i) for i in todo]:
-                    fut.result()
-    finally:
-        if f is not None:
-            f.close()
-    rows = [done[i] for i in range(n) if "failed" not in done[i]]
-    write_jsonl(out, rows)
-    partial.unlink(missing_ok=True)
-    return dict(written=len(rows), failed=n - len(rows))
-
-
-def write_jsonl(out, rows: Iterable[dict]) -> int:
-    """Write rows to `out` atomically (outputs.atomic_path): the file appears complete or not at all."""
-    n = 0
-    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
 def synth(docs, tokenizer: Tokenizer, ctx: int, kinds: list[str], out, n: int, seed: int = 0,
           template: str | None = None, generate_text: Callable[[str], str] | None = None,
           generator_name: str | None = None, generator_info: dict | None = None, concurrency: int = 1) -> dict:
-    """Write n long chat samples (kinds cycled) to `out` as JSONL, resumably; returns counts."""
-    if concurrency < 1:
-        raise UserError(f"--concurrency must be >= 1, got {concurrency}")
+    """Write n long chat samples (kinds cycled) to `out` as JSONL, resumably; returns counts. A generator
+    none of whose replies gives a sample is a UserError with the counts (OUT is not written)."""
+    check_range("--concurrency", concurrency, 1, MAX_CONCURRENCY)
+    check_range("--n", n, 1, MAX_SAMPLES)
     for k in kinds:
         if k not in SYNTH_KINDS:
             raise UserError(f"--kinds: {k!r} unknown; choose from {','.join(SYNTH_KINDS)}")
-    if ctx < 1024:
-        raise UserError(f"--ctx {ctx}: synth needs at least 1024 tokens per sample")
+    if not kinds:
+        raise UserError(f"--kinds is empty; choose from {','.join(SYNTH_KINDS)}")
+    if ctx < (MIN_CTX_GENERATED if generate_text else 1024):
+        raise UserError(f"--ctx {ctx}: synth needs at least {MIN_CTX_GENERATED if generate_text else 1024} tokens per "
+                        f"sample{' with a generator (2048 are kept for its answers)' if generate_text else ''}")
     template = chat_template_for(tokenizer, template)
     lines = _DocLines(list_files(docs), tokenizer)
+    settings = dict(docs=[str(f.resolve()) for f in lines.files], tokenizer=tokenizer.name, ctx=ctx, kinds=kinds,
+                    seed=seed, template=template, generator=generator_name, **(generator_info or {}))
+    replies = {"all": 0, "empty": 0}
+
+    def counted(prompt):
+        reply = generate_text(prompt)
+        replies["all"] += 1
+        replies["empty"] += not reply.strip()
+        return reply
 
     def make(i):
-        return synth_sample(lines, tokenizer, template, ctx, kinds[i % len(kinds)], seed, i, generate_text,
-                            generator_name, generator_info=generator_info)
+        return synth_sample(lines, tokenizer, template, ctx, kinds[i % len(kinds)], seed, i,
+                            counted if generate_text else None, generator_name, generator_info=generator_info)
 
-    return write_resumable(out, n, make, concurrency)
+    def check_row(row):
+        meta, want = row.get("meta"), dict(seed=seed, template=template, tokenizer=tokenizer.name,
+                                           generator=generator_name, **(generator_info or {}))
+        if not isinstance(meta, dict) or not isinstance(row.get("messages"), list):
+            return "is not a synth sample (needs messages and meta)"
+        want["kind"] = kinds[meta["index"] % len(kinds)]
+        diff = next((k for k in want if meta.get(k) != want[k]), None)
+        return None if diff is None else f"has {diff} {meta.get(diff)!r}, not {want[diff]!r}: it is another run's"
+
+    counts = write_resumable(out, n, make, concurrency, settings, check_row)
+    if counts["written"] == 0:
+        raise UserError(f"{generator_name or 'synth'}: none of the {n} samples could be made: "
+                        f"{replies['empty']} of {replies['all']} generator replies were empty or null, the others "
+                        f"did not parse as {'a summary' if kinds == ['summary'] else 'Question:/Answer:'}; "
+                        f"nothing written to {out}")
+    return counts
 
 
 # ----------------------------------------------------------------------------- command line
@@ -480,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        if args.n < 1:
-            raise UserError(f"--n must be >= 1, got {args.n}")
+        check_range("--n", args.n, 1, MAX_SAMPLES)
+        check_range("--concurrency", args.concurrency, 1, MAX_CONCURRENCY)
         for path in (args.out, args.out + ".partial"):  # before anything is generated
             check_output(path, "file", "--out", inputs=[*args.docs, args.tokenizer, args.generator])
         tokenizer = load_tokenizer(args.tokenizer)

@@ -26,11 +26,12 @@ import random
 import re
 import uuid
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from data import list_files
+from data import RecordReader
 from errors import UserError
 from tokenizer import BYTE_SPECIALS, CHAT_TEMPLATES
 
@@ -142,12 +143,15 @@ def place(context: list[int], starts: list[int], probe: list[int], depth: float)
 def needle_prompt(tokenizer, hay_ids: list[int], hay_starts: list[int], length: int, depth: float,
                   needle: str, question: str, template: str | None) -> tuple[list[int], int]:
     """(ids, needle's first token index): the haystack's first tokens, the needle at a sentence start at
-    `depth`, then the question, chat-wrapped; `length` tokens in all (fewer only if the haystack runs out)."""
+    `depth`, then the question, chat-wrapped; `length` tokens in all (a shorter haystack is a UserError)."""
     prefix, suffix = chat_wrap(tokenizer, template, f"\n\n{question} {NEEDLE_INSTRUCTION}")
     probe = tokenizer.encode(" " + needle + " ")
     budget = length - len(prefix) - len(suffix) - len(probe)
     if budget < 1:
         raise UserError(f"--lengths {length}: too short for the needle and question ({length - budget} tokens)")
+    if len(hay_ids) < budget:
+        raise UserError(f"--lengths {length}: the haystack has only {len(hay_ids)} tokens, {budget} are needed "
+                        f"besides the needle and question; pass a longer --haystack or lower --lengths")
     context = hay_ids[:budget]
     ids, at = place(context, [k for k in hay_starts if k < len(context)], probe, depth)
     return prefix + ids + suffix, len(prefix) + at
@@ -183,12 +187,12 @@ def kv_prompt(tokenizer, length: int, depth: float, rng: random.Random, template
     return ids + tokenizer.encode("}\n\n" + KV_QUESTION.format(key=key)) + suffix, key, value, at
 
 
-def token_stream(tokenizer, files: list[Path], needed: int) -> list[int]:
-    """Documents encoded in order, each followed by EOS, until `needed` tokens exist (or files run out)."""
+def token_stream(tokenizer, texts: Iterable[str], needed: int) -> list[int]:
+    """Documents encoded in order, each followed by EOS, until `needed` tokens exist (or texts run out)."""
     eos = tokenizer.eos_id
     out = []
-    for f in files:
-        out += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) + ([eos] if eos is not None else [])
+    for text in texts:
+        out += tokenizer.encode(text) + ([eos] if eos is not None else [])
         if len(out) >= needed:
             break
     return out
@@ -270,11 +274,24 @@ def corpus_bytes(files: list[Path]) -> np.ndarray:
     return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
+def stdlib_texts(files: list[Path]) -> Iterator[str]:
+    """The text of Python's own files (stdlib_files), an undecodable byte read as U+FFFD."""
+    return (f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
+def document_texts(paths: list[str]) -> Iterator[str]:
+    """The documents of user files (--docs, --haystack) read as training data is (data.RecordReader: text
+    and JSONL records, `file:line` errors, refusing empty, binary and non-UTF-8 files); a chat record's
+    text is its turns' contents, one per line."""
+    for rec in RecordReader(paths):
+        yield rec.text if rec.text is not None else "\n".join(m["content"] for m in rec.messages)
+
+
 def haystack_text(paths: list[str] | None) -> str:
-    """--haystack files' text, or by default the English prose of Python's own reference manual
-    (pydoc_data.topics, ~460K characters, shipped with every CPython)."""
+    """--haystack files' text (document_texts), or by default the English prose of Python's own reference
+    manual (pydoc_data.topics, ~460K characters, shipped with every CPython)."""
     if paths:
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in list_files(paths))
+        return "\n\n".join(document_texts(paths))
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))

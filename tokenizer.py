@@ -20,7 +20,7 @@ import bisect
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from checkpoint import copy_tokenizer_files
@@ -52,7 +52,44 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+PIECE_CHARS = 2**18  # texts longer than this are encoded piece by piece where that cannot change the ids
+WORD_END = re.compile(r"(?<=[^\W_])\s")  # a whitespace character after a letter or digit: a safe cut
+
 # ----------------------------------------------------------------------------- tokenizers
+
+
+def word_end_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut before a whitespace character that follows a
+    letter or digit (WORD_END): the last such place within `size`, else the first after it.
+
+    Note: the GPT-2 and Llama-3 pre-tokenizer regexes (GPT2_SPLIT, LLAMA3_SPLIT) end a word's or number's
+    pre-token at its last character and start the next one at the whitespace, so a byte-level BPE without a
+    normalizer gives the same ids for the pieces as for the whole text (tested); so do the byte tokenizer's
+    specials, which hold no whitespace. tokenizers' Encoding of one text costs ~700 bytes per token
+    (measured: 2.4 GB for 3.5M tokens of a 22 MB line): pieces of PIECE_CHARS bound it (tests/test_data.py).
+    """
+    out, start = [], 0
+    while len(text) - start > size:
+        last = None
+        for last in WORD_END.finditer(text, start + 1, start + size + 1):
+            pass
+        last = last or WORD_END.search(text, start + size)
+        if last is None:
+            break
+        out.append(text[start:last.start()])
+        start = last.start()
+    return out + [text[start:]]
+
+
+def _byte_level_state(pre_tokenizer, normalizer) -> bool:
+    """The tokenizers pre-tokenizer is one word_end_pieces keeps exact: GPT-2's or Llama-3's regex, digits
+    split or not, and no normalizer."""
+    state = json.loads(pre_tokenizer.__getstate__()) if pre_tokenizer is not None and normalizer is None else {}
+    parts = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]  # one regex only:
+    splits += ["GPT2"] * sum(p.get("type") == "ByteLevel" and bool(p.get("use_regex")) for p in parts)  # its own
+    return all(p.get("type") in ("Digits", "ByteLevel", "Split") for p in parts) and splits in (
+        [GPT2_SPLIT], [LLAMA3_SPLIT], ["GPT2"])
 
 
 def _split_specials(text: str, specials: dict[str, int]) -> list[tuple[int, int, int | None]]:
@@ -138,6 +175,7 @@ class Tokenizer:
     vocab_size: int = 0
     special_tokens: dict[str, int] = {}
     chat_template: str | None = None  # the jinja string shipped with the tokenizer, if any (informational)
+    piecewise: bool = False  # whether word_end_pieces keep this tokenizer's ids (encode_pieces)
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         raise NotImplementedError
@@ -148,8 +186,21 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
+    def encode_ids(self, text: str) -> list[int]:
+        """The ids of encode_offsets without the spans (backends override it to skip forming them: a span is
+        a tuple per token, ~20x the memory of the text it covers)."""
+        return self.encode_offsets(text)[0]
+
+    def encode_pieces(self, text: str, bos: bool = False) -> Iterator[list[int]]:
+        """encode(text, bos) as consecutive lists of ids, one per word_end_pieces piece where that keeps the ids:
+        a long text never exists whole as a list of Python ints (up to 36 bytes a token)."""
+        if bos:
+            yield [self._required(self.bos_id, "bos")]
+        for piece in word_end_pieces(text) if self.piecewise else [text]:
+            yield self.encode_ids(piece)
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.encode_offsets(text)[0]
+        ids = self.encode_ids(text)
         if bos:
             ids = [self._required(self.bos_id, "bos")] + ids
         if eos:
@@ -169,6 +220,7 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255 plus the specials in BYTE_SPECIALS (see the module docstring)."""
 
     kind = "bytes"
+    piecewise = True
 
     def __init__(self):
         self.name = "bytes"
@@ -184,6 +236,10 @@ class ByteTokenizer(Tokenizer):
             b = list(piece.encode("utf-8"))
             return b, [1] * len(b)
         return _encode_with_specials(text, self.special_tokens, plain)
+
+    def encode_ids(self, text):
+        return [i for a, b, sid in _split_specials(text, self.special_tokens)
+                for i in ([sid] if sid is not None else text[a:b].encode("utf-8"))]
 
     def decode(self, ids):
         names = {i: self._names.get(i, "") for i in range(256, self.vocab_size)}
@@ -210,6 +266,7 @@ class HFTokenizer(Tokenizer):
         if add_bos is None:  # tokenizer.json: does its post-processor put bos in front?
             add_bos = self.bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.add_bos = bool(add_bos)
+        self.piecewise = _byte_level_state(tok.pre_tokenizer, tok.normalizer)
 
     def _resolve(self, token, fallback_names):
         if isinstance(token, int):
@@ -224,6 +281,11 @@ class HFTokenizer(Tokenizer):
     def encode_offsets(self, text):
         enc = self._tok.encode(text, add_special_tokens=False)
         return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+    def encode_ids(self, text):
+        if len(text) <= PIECE_CHARS or not self.piecewise:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return [i for piece in word_end_pieces(text) for i in self._tok.encode(piece, add_special_tokens=False).ids]
 
     def decode(self, ids):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -293,6 +355,8 @@ def _load_tokenizer_json(path: Path) -> HFTokenizer:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{cfg_path}: not valid JSON ({e}); fix or remove it") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{cfg_path}: holds a JSON {type(config).__name__}, not an object; fix or remove it")
     return HFTokenizer(tok, str(path), "tokenizer.json", _config_token(config.get("bos_token")),
                        _config_token(config.get("eos_token")), config.get("chat_template"),
                        config.get("add_bos_token"))
@@ -316,7 +380,10 @@ def _load_gguf_tokenizer(path: Path) -> HFTokenizer:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
 
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError, ... on bad files
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     model_kind = _gguf_field(reader, "tokenizer.ggml.model")
     if model_kind != "gpt2":
         raise UserError(f"{path}: tokenizer.ggml.model is {model_kind!r}; only byte-level BPE ('gpt2') GGUF "
@@ -481,13 +548,22 @@ def render_llama2(messages, add_generation_prompt=False):
 CHAT_TEMPLATES: dict[str, Callable] = {
     "llama-3": render_llama3, "llama-2": render_llama2, "chatml": render_chatml, "smollm2": render_smollm2,
 }
+# The special tokens each template writes: a tokenizer without them would read them as plain text.
+TEMPLATE_SPECIALS = {"llama-3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                     "llama-2": ("<s>", "</s>"), "chatml": ("<|im_start|>", "<|im_end|>"),
+                     "smollm2": ("<|im_start|>", "<|im_end|>")}
 
 
 def chat_template_for(tokenizer: Tokenizer, name: str | None = None) -> str:
-    """The template name: `name` if given, else from the tokenizer's special tokens."""
+    """The template name: `name` if given (refused when the tokenizer lacks one of its special tokens), else
+    from the tokenizer's special tokens."""
     if name is not None:
         if name not in CHAT_TEMPLATES:
             raise UserError(f"chat template {name!r} unknown; choose one of {sorted(CHAT_TEMPLATES)}")
+        missing = [t for t in TEMPLATE_SPECIALS[name] if t not in tokenizer.special_tokens]
+        if missing:
+            raise UserError(f"chat template {name!r}: tokenizer {tokenizer.name} has no special token {missing[0]}, so "
+                            f"the template would be plain text; use the model's own template (omit the flag)")
         return name
     specials = tokenizer.special_tokens
     if "<|start_header_id|>" in specials:

@@ -52,7 +52,7 @@ import trainstate
 from checkpoint import load_model, read_json
 from config import TrainConfig
 from devices import choose_dtype
-from errors import UserError, run_cli
+from errors import UserError, json_field, run_cli
 from model import PRESETS, MemoryOptions
 from outputs import append_line, atomic_path, atomic_write_text
 from parallel import Dist, log0
@@ -290,11 +290,14 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
             raise UserError(f"{out}: holds checkpoints of an earlier run; pass --resume or choose a new --out")
         return 0
     where = ckpt / "trainer_state.json"
-    try:
+    try:  # a hand-edited or damaged state names its file and field
         state = read_json(where, "")
-        step, saved, scheduler, cursor = state["step"], state["config"], state["scheduler"], state["data_cursor"]
-    except (UserError, KeyError) as e:
-        raise UserError(f"{where}: unreadable trainer state ({e}){fallback_hint(ckpt)}") from None
+        step = json_field(state, "step", where, int, lambda v: v >= 0, "an integer >= 0")
+        saved, scheduler = (json_field(state, k, where, dict, what="an object") for k in ("config", "scheduler"))
+        cursor = json_field(state, "data_cursor", where, list, lambda v: len(v) > d.rank and all(
+            isinstance(c, dict) for c in v), "a list of one data cursor (an object) per process")
+    except UserError as e:
+        raise UserError(f"{e}{fallback_hint(ckpt)}") from None
     check_same_run(saved, cfg, ckpt)
     optimizer, rngs = read_tensors(ckpt / "optimizer.safetensors", ckpt), read_tensors(ckpt / "rng.safetensors", ckpt)
     try:
@@ -307,7 +310,7 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     sched._last_lr = [cfg.lr * f(step) for f in sched.lr_lambdas]
     for g, lr in zip(opt.param_groups, sched.get_last_lr()):
         g["lr"], g["initial_lr"] = lr, cfg.lr
-    mixture.load_state_dict(cursor[d.rank])
+    mixture.load_state_dict(cursor[d.rank], f"{where}: data_cursor[{d.rank}]")
     if f"rank{d.rank}" not in rngs:
         raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{fallback_hint(ckpt)}")
     trainstate.set_rng_state(rngs, d)

@@ -348,6 +348,153 @@ OUT_SETUPS = ("partial-folder", "eval-json-folder", "eval-png-folder", "hf-bytes
               "adapter-truncated")
 
 
+# ----------------------------------------------------------------------------- input side: synth's resume and
+# generator flags, eval's inputs and lengths, numbers beyond range, hand-edited state and adapter files.
+# A setup here is a function (ws, assets) that writes the bad input into the case's folder.
+
+SYNTH = ["--docs", "{ws}/doc.txt", "--tokenizer", "bytes", "--ctx", "1024", "--out", "{ws}/s.jsonl"]
+HUGE = str(10**29)
+
+
+def synth_partial(ws: Path, row_seed: int = 0, file_seed: int = 0, extra: bytes = b"", settings: bool = True):
+    """s.jsonl.partial as an interrupted `synth.py SYNTH --seed file_seed` leaves it: the settings line, one
+    sample made with row_seed, then `extra`."""
+    from tokenizer import ByteTokenizer
+    (ws / "doc.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 60)
+    synth.synth([ws / "doc.txt"], ByteTokenizer(), 1024, list(synth.SYNTH_KINDS), ws / "made.jsonl", n=1, seed=row_seed)
+    row = (ws / "made.jsonl").read_bytes()
+    (ws / "made.jsonl").unlink()
+    head = {"synth_settings": dict(docs=[str((ws / "doc.txt").resolve())], tokenizer="bytes", ctx=1024,
+                                   kinds=list(synth.SYNTH_KINDS), seed=file_seed, template="chatml", generator=None)}
+    (ws / "s.jsonl.partial").write_bytes((json.dumps(head) + "\n").encode() * settings + row + extra)
+
+
+def edit_json(path: Path, **change) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+
+
+def edited_state(edit):
+    """A setup: the finished run with edit(state) applied to its newest trainer_state.json."""
+    def setup(ws, a):
+        corrupt_run(ws, a, "copy")
+        path = sorted((ws / "out").glob("ckpt-*"))[-1] / "trainer_state.json"
+        state = json.loads(path.read_text())
+        edit(state)
+        path.write_text(json.dumps(state))
+    return setup
+
+
+def edited_adapter(**change):
+    def setup(ws, a):
+        shutil.copytree(a / "adapter", ws / "ad")
+        edit_json(ws / "ad" / "adapter_config.json", **change)
+    return setup
+
+
+def haystacks(ws, a):
+    (ws / "hay_empty.txt").write_text("")
+    (ws / "hay_binary.txt").write_bytes(b"text\n\x00\x01\x02 binary")
+    (ws / "hay_latin1.txt").write_bytes(b"caf\xe9\n" * 10)
+    (ws / "hay_short.txt").write_text("A short haystack. " * 4)
+    (ws / "nodata").mkdir()
+    (ws / "nodata" / "weights.bin").write_bytes(b"\x00" * 8)
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, how can I help?"}]
+    (ws / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+
+
+ByteLevelBPE = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+                           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                             "use_regex": True}})
+NEEDLE = ["needle", "--model", "tiny", "--lengths", "512", "--out", "{ws}/out", "--haystack"]
+CASES += [
+    # synth.py: the generator client's numbers
+    ("synth-timeout-nan", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m",
+                              "--timeout", "nan"], "--timeout", None),
+    ("synth-timeout-negative", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m",
+                                   "--timeout", "-1"], "--timeout", None),
+    ("synth-timeout-inf", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m",
+                              "--timeout", "inf"], "--timeout", None),
+    ("synth-retries-negative", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m",
+                                   "--retries", "-1"], "--retries", None),
+    ("synth-retries-huge", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m",
+                               "--retries", HUGE], "--retries", None),
+    ("synth-concurrency-zero", S, [*SYNTH, "--concurrency", "0"], "--concurrency", None),
+    ("synth-concurrency-huge", S, [*SYNTH, "--concurrency", "1000000"], "--concurrency", None),
+    ("synth-n-huge", S, [*SYNTH, "--n", HUGE], "--n", None),
+    # synth.py: the progress file it resumes, checked row by row
+    ("synth-resume-other-seed", S, SYNTH, "--seed", lambda ws, a: synth_partial(ws, 1, 1)),
+    ("synth-resume-foreign-row", S, SYNTH, "s.jsonl.partial:2", lambda ws, a: synth_partial(ws, 1, 0)),
+    ("synth-resume-broken-row", S, SYNTH, "s.jsonl.partial:3", lambda ws, a: synth_partial(ws, extra=b"{not json\n")),
+    ("synth-resume-not-utf8", S, SYNTH, "s.jsonl.partial:3: not UTF-8",
+     lambda ws, a: synth_partial(ws, extra=b'{"failed": "\xff"}\n')),
+    ("synth-resume-not-a-row", S, SYNTH, "s.jsonl.partial:3", lambda ws, a: synth_partial(ws, extra=b"[1, 2]\n")),
+    ("synth-resume-no-settings", S, SYNTH, "s.jsonl.partial:1", lambda ws, a: synth_partial(ws, settings=False)),
+    ("synth-resume-is-folder", S, SYNTH, "s.jsonl.partial", lambda ws, a: synth_partial(ws) or (
+        (ws / "s.jsonl.partial").unlink(), (ws / "s.jsonl.partial").mkdir())),
+    # eval.py: haystacks read as training data, long enough; templates of the tokenizer; lengths that fit
+    ("eval-haystack-empty", E, [*NEEDLE, "{ws}/hay_empty.txt"], "hay_empty.txt:1", haystacks),
+    ("eval-haystack-binary", E, [*NEEDLE, "{ws}/hay_binary.txt"], "hay_binary.txt:2", haystacks),
+    ("eval-haystack-latin1", E, [*NEEDLE, "{ws}/hay_latin1.txt"], "hay_latin1.txt:1: not UTF-8", haystacks),
+    ("eval-haystack-short", E, [*NEEDLE, "{ws}/hay_short.txt"], "--lengths 512", haystacks),
+    ("eval-haystack-folder-unreadable", E, [*NEEDLE, "{ws}/nodata"], "nodata", haystacks),
+    ("eval-docs-binary", E, ["ppl", "--model", "tiny", "--lengths", "16", "--docs", "{ws}/hay_binary.txt", "--out",
+                             "{ws}/out"], "hay_binary.txt:2", haystacks),
+    ("eval-template-not-tokenizers", E, ["needle", "--model", "tiny", "--lengths", "512", "--chat-template", "llama-3",
+                                         "--out", "{ws}/out"], "<|begin_of_text|>", None),
+    ("eval-lengths-beyond-memory", E, ["passkey", "--model", "tiny", "--lengths", str(10**11), "--out", "{ws}/out"],
+     "GiB", None),
+    ("eval-ppl-beyond-memory", E, ["ppl", "--model", "tiny", "--lengths", HUGE, "--out", "{ws}/out"], "GiB", None),
+    # generate.py
+    ("generate-tokens-beyond-memory", G, ["--model", "tiny", "--prompt", "hi", "--max-new-tokens", "1000000000"],
+     "--max-new-tokens 1000000000", None),
+    # train.py and data: numbers beyond range, mixture weights, data that yields nothing and why
+    ("pose-huge", T, [*TINY, *DATA, "--pose", HUGE], "--pose", None),
+    ("seed-huge", T, [*TINY, *DATA, "--seed", HUGE], "--seed", None),
+    ("ctx-beyond-positions", T, ["--model", "tiny", "--tokenizer", "bytes", "--ctx", str(2**60), *DATA], "--ctx", None),
+    ("lora-r-beyond-projections", T, [*TINY, *DATA, "--lora-r", "1000000000"], "rank r", None),
+    ("data-weight-too-small", T, [*TINY, "--data", "{ws}/a.txt:1e308,{ws}/a.txt:1e-300", "--out", "{ws}/out"],
+     "1e-300", None),
+    ("data-shorter-than-ctx", T, ["--model", "tiny", "--tokenizer", "bytes", "--ctx", "100000", *DATA],
+     "fewer than the 100001", None),
+    ("data-folder-unreadable", T, [*TINY, "--data", "{ws}/nodata", "--out", "{ws}/out"], "nodata", haystacks),
+    ("data-chat-template-not-tokenizers", T, [*TINY, "--data", "{ws}/chat.jsonl", "--out", "{ws}/out",
+                                              "--chat-template", "llama-3"], "llama-3", haystacks),
+    # hand-edited trainer_state.json and adapter_config.json
+    ("resume-state-step-string", T, [*RESUME, "--lora-r", "2", "--resume"], "'step'",
+     edited_state(lambda s: s.update(step="2"))),
+    ("resume-state-cursor-empty", T, [*RESUME, "--lora-r", "2", "--resume"], "'data_cursor'",
+     edited_state(lambda s: s.update(data_cursor=[]))),
+    ("resume-state-cursor-index", T, [*RESUME, "--lora-r", "2", "--resume"], "'index'",
+     edited_state(lambda s: s["data_cursor"][0].update(index="x"))),
+    ("adapter-r-word", E, ["ppl", "--model", "{a}/hf", "--tokenizer", "bytes", "--adapter", "{ws}/ad", "--out",
+                           "{ws}/out"], "'r'",
+     edited_adapter(r="eight")),
+    ("adapter-alpha-null", L, ["{a}/hf", "{ws}/ad", "{ws}/merged"], "'lora_alpha'", edited_adapter(lora_alpha=None)),
+    ("adapter-target-number", L, ["{a}/hf", "{ws}/ad", "{ws}/merged"], "target_modules",
+     edited_adapter(target_modules=[7])),
+    ("adapter-rslora-word", L, ["{a}/hf", "{ws}/ad", "{ws}/merged"], "'use_rslora'", edited_adapter(use_rslora="no")),
+    # found by probing: sizes that would exhaust memory, seeds, malformed tokenizer files and URLs, empty probes
+    ("eval-trials-huge", E, ["passkey", "--model", "tiny", "--lengths", "256", "--trials", str(10**12), "--out",
+                             "{ws}/out"], "--trials", None),
+    ("eval-windows-huge", E, ["ppl", "--model", "tiny", "--lengths", "16", "--windows", str(10**12), "--out",
+                              "{ws}/out"], "--windows", None),
+    ("eval-seed-huge", E, ["ppl", "--model", "tiny", "--lengths", "16", "--seed", HUGE, "--out", "{ws}/out"], "--seed",
+     None),
+    ("eval-needle-empty", E, ["needle", "--model", "tiny", "--lengths", "512", "--needle", "", "--out", "{ws}/out"],
+     "--needle", None),
+    ("tokenizer-config-list", D, ["stats", "{ws}/a.txt", "--tokenizer", "{ws}/tokdir"], "tokenizer_config.json",
+     lambda ws, a: (ws / "tokdir").mkdir() or (ws / "tokdir" / "tokenizer.json").write_text(
+         ByteLevelBPE) and (ws / "tokdir" / "tokenizer_config.json").write_text("[1, 2]")),
+    ("tokenizer-gguf-broken", D, ["stats", "{ws}/a.txt", "--tokenizer", "{ws}/bad.gguf"], "bad.gguf", None),
+    ("synth-docs-nul", S, [*SYNTH[:1], "{ws}/hay_binary.txt", *SYNTH[2:]], "hay_binary.txt:2", haystacks),
+    ("synth-docs-long-line", S, [*SYNTH[:1], "{ws}/a.txt", *SYNTH[2:]], "line 1 of", None),
+    ("synth-generator-ctx-small", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m"],
+     "--ctx 1024", None),
+    ("synth-generator-url-malformed", S, [*SYNTH, "--generator-url", "http://[::1", "--generator-model", "m"],
+     "--generator-url", None),
+]
+
+
 def listing(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
@@ -361,6 +508,8 @@ def test_bad_input(name, entry, argv, needle, setup, assets, tmp_path, monkeypat
         shutil.copytree(assets / "run", ws / "out")
     elif setup in OUT_SETUPS:
         close = prepare_outputs(ws, assets, setup)
+    elif callable(setup):
+        setup(ws, assets)
     elif setup:
         corrupt_run(ws, assets, setup)
     monkeypatch.chdir(ws)

@@ -22,8 +22,8 @@ LAYERS = {
     "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
     "model": 2,
     "checkpoint": 3, "lora": 3,
-    "tokenizer": 4, "data": 4, "synth": 4, "tasks": 4, "ruler": 4, "ruler_qa": 4, "protocols": 4, "generate": 4,
-    "gguf_export": 4,
+    "tokenizer": 4, "data": 4, "resumable": 4, "synth": 4, "tasks": 4, "ruler": 4, "ruler_qa": 4, "protocols": 4,
+    "generate": 4, "gguf_export": 4,
     "parallel": 5, "plan": 5, "config": 5, "guards": 5, "memory": 5, "trainstate": 5,
     "eval_report": 5,  # tables and plots of eval.py's results
     "harness": 5,  # lm-eval over a model eval.py loads; knows only generate and checkpoint
@@ -37,7 +37,8 @@ SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), 
               ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("ruler", "ruler_qa"), ("plan", "config"),
               ("plan", "parallel"), ("config", "parallel"), ("guards", "parallel"), ("outputs", "errors"),
               ("trainstate", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
-              ("protocols", "tasks"), ("protocols", "data"), ("protocols", "tokenizer")}
+              ("protocols", "tasks"), ("protocols", "data"), ("protocols", "tokenizer"),
+              ("synth", "resumable"), ("resumable", "data")}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import synth  # noqa: E402
 import tokenizer  # noqa: E402
+from errors import UserError  # noqa: E402
 from test_data import write  # noqa: E402
 
 
@@ -80,9 +81,12 @@ def test_synth_with_fake_generator_records_chunks(tmp_path):
         firsts = [content[c["char_start"]:c["char_end"]].split()[0] for c in meta["chunks"]]
         for c, first in zip(meta["chunks"], firsts):
             assert first in c["reply"] and first in r["messages"][1]["content"]
-    counts = synth.synth(STDLIB_DOCS, tok, 16384, ["single"], tmp_path / "none.jsonl", n=2,
-                        generate_text=lambda p: "I cannot help with that.", generator_name="fake-refuser")
-    assert counts == dict(written=0, failed=2)
+    for reply, said in [("I cannot help with that.", "0 of 2 generator replies were empty"),
+                        ("  ", "2 of 2 generator replies were empty or null")]:
+        with pytest.raises(UserError, match=f"none of the 2 samples could be made: {said}"):
+            synth.synth(STDLIB_DOCS, tok, 16384, ["single"], tmp_path / "none.jsonl", n=2,
+                        generate_text=lambda p: reply, generator_name="fake-refuser")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.jsonl"]  # no OUT, no progress file left
 
 
 @pytest.mark.parametrize("reply,expected", [

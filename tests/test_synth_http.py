@@ -1,7 +1,12 @@
 """synth.py's OpenAI-compatible HTTP generator against a local server (127.0.0.1, port 0, a thread):
 the same samples as the in-process path given the same replies, 429 retried, resumable output."""
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -9,15 +14,16 @@ import pytest
 import synth
 import tokenizer
 from errors import UserError
-from test_synth import STDLIB_DOCS, fake_generate_text
+from test_synth import ROOT, STDLIB_DOCS, fake_generate_text
 
 KINDS = ["single", "multi", "summary"]
 
 
 class Server:
-    """Replies fake_generate_text(prompt) in the OpenAI schema; `fail` lists statuses for the first requests."""
+    """Replies content(prompt) (default fake_generate_text) in the OpenAI schema after `delay` seconds; `fail`
+    lists statuses for the first requests."""
 
-    def __init__(self, fail=()):
+    def __init__(self, fail=(), content=fake_generate_text, delay=0.0):
         self.fail, self.requests = list(fail), []
         outer = self
 
@@ -32,8 +38,9 @@ class Server:
                     self.end_headers()
                     self.wfile.write(b'{"error": "busy"}')
                     return
+                time.sleep(delay)
                 reply = {"choices": [{"message": {"role": "assistant",
-                                                  "content": fake_generate_text(body["messages"][0]["content"])}}]}
+                                                  "content": content(body["messages"][0]["content"])}}]}
                 data = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -120,7 +127,8 @@ def test_killed_run_resumes_with_each_sample_once(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=5, seed=2, generate_text=dies_after_three)
     partial = tmp_path / "r.jsonl.partial"
-    first = rows(partial)
+    settings, *first = rows(partial)
+    assert settings["synth_settings"]["seed"] == 2 and settings["synth_settings"]["kinds"] == KINDS
     assert not out.exists() and 1 <= len(first) < 5
     with open(partial, "a", encoding="utf-8") as f:
         f.write('{"messages": [{"role": "user", "con')  # a kill in the middle of a write
@@ -136,3 +144,82 @@ def test_killed_run_resumes_with_each_sample_once(tmp_path):
     assert got[:len(first)] == first  # the samples done before the kill are kept, not made again
     synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "clean.jsonl", n=5, seed=2, generate_text=fake_generate_text)
     assert got == rows(tmp_path / "clean.jsonl") and not partial.exists()
+
+
+@pytest.mark.parametrize("content", [lambda p: "", lambda p: None, lambda p: "   \n"], ids=["empty", "null", "blank"])
+def test_a_generator_with_nothing_usable_is_an_error_with_the_count(tmp_path, capsys, content):
+    out = tmp_path / "s.jsonl"
+    with Server(content=content) as srv:
+        code = synth.main(["--docs", *map(str, STDLIB_DOCS[:2]), "--tokenizer", "bytes", "--ctx", "8192", "--kinds",
+                           "single", "--n", "3", "--generator-url", srv.url, "--generator-model", "m", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "none of the 3 samples could be made: 3 of 3 generator replies were empty or null" in err, err
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a progress file
+
+
+def test_a_progress_file_of_other_settings_is_refused_not_mixed(tmp_path):
+    tok, out = tokenizer.ByteTokenizer(), tmp_path / "r.jsonl"
+
+    def dies_after_two(prompt, calls=[]):
+        calls.append(prompt)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return fake_generate_text(prompt)
+
+    with pytest.raises(KeyboardInterrupt):
+        synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=4, seed=2, generate_text=dies_after_two)
+    before = (tmp_path / "r.jsonl.partial").read_bytes()
+    for change, flag in [(dict(seed=3), "--seed"), (dict(ctx=4096), "--ctx"), (dict(kinds=["single"]), "--kinds"),
+                         (dict(docs=STDLIB_DOCS[:2]), "--docs"), (dict(generator_name="other"), "--generator")]:
+        args = {**dict(docs=STDLIB_DOCS, ctx=8192, kinds=KINDS, seed=2, generator_name=None), **change}
+        with pytest.raises(UserError, match=f"made with {flag}"):
+            synth.synth(args["docs"], tok, args["ctx"], args["kinds"], out, n=4, seed=args["seed"],
+                        generate_text=fake_generate_text, generator_name=args["generator_name"])
+        assert (tmp_path / "r.jsonl.partial").read_bytes() == before and not out.exists()
+
+
+SIGNAL_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import synth
+sys.exit(synth.main({argv!r}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_with_requests_in_flight_keeps_finished_rows_and_resumes(tmp_path, sig):
+    """A slow server (0.5 s a reply), 4 requests in flight: the signal lets them finish, keeps every finished
+    row, exits 1 with one line saying how to continue and no traceback; the rerun makes only the rest, and
+    the result equals an uninterrupted run."""
+    out = tmp_path / "s.jsonl"
+    with Server(delay=0.5) as srv:
+        argv = ["--docs", *map(str, STDLIB_DOCS), "--tokenizer", "bytes", "--ctx", "8192", "--n", "12", "--seed", "4",
+                "--concurrency", "4", "--generator-url", srv.url, "--generator-model", "m", "--out", str(out)]
+        script = SIGNAL_SCRIPT.format(root=str(ROOT), argv=argv)
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        partial = tmp_path / "s.jsonl.partial"
+        t = time.time()
+        while (not partial.exists() or partial.read_text().count("\n") < 3) and time.time() - t < 120:
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "rerun the same command" in errors[0] and str(partial) in errors[0], err
+        kept = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
+        assert 2 <= len(kept) < 12 and not out.exists()
+        assert f"{len(kept)} of 12 samples kept" in errors[0]
+        asked = len(srv.requests)
+        assert synth.main(argv) == 0
+    got = rows(out)
+    assert [r["meta"]["index"] for r in got] == list(range(12)) and not partial.exists()
+    assert [r for r in got if r in kept] == sorted(kept, key=lambda r: r["meta"]["index"])  # kept, not remade
+    assert len(srv.requests) - asked < sum(len(r["meta"]["chunks"]) for r in got)  # only the rest was asked for
+    tok = tokenizer.ByteTokenizer()
+    synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "clean.jsonl", n=12, seed=4,
+                generate_text=fake_generate_text, generator_name="m",
+                generator_info=dict(generator_url=srv.url, generator_model="m"))
+    assert got == rows(tmp_path / "clean.jsonl")
