@@ -1,6 +1,7 @@
 """The built-in demo (`python train.py`) under each CPU allocator: wall, user and system time, peak RSS, same table.
 
-    python bench/bench_alloc.py [--rounds 2] [--args "--steps 40"] [--results bench/RESULTS.md]
+    python bench/bench_alloc.py [--rounds 2] [--side-by-side] [--script eval.py] [--args "ppl --model M"]
+                                [--results bench/RESULTS.md]
         [VARIANT ...]    # LABEL or LABEL:VAR=VALUE[;VAR=VALUE]; default: the three below
 
 Variants: `default` is the project's own choice (memory.return_freed_memory: the command exactly as a user
@@ -45,7 +46,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def run_round(variants: dict[str, dict[str, str]], args: list[str], side_by_side: bool) -> dict[str, dict]:
-    """`python train.py ARGS` once per variant, each in a fresh working directory, one after the other or all
+    """`python SCRIPT ARGS` (`args`: the script first) once per variant, each in a fresh working directory, one after the other or all
     at once: wall time, the child's user and system time and peak RSS, its printed table lines."""
     env = {k: v for k, v in os.environ.items() if k not in CLEARED and not k.startswith("MALLOC_")}
     results, running = {}, []
@@ -54,7 +55,7 @@ def run_round(variants: dict[str, dict[str, str]], args: list[str], side_by_side
             cwd, out = Path(tmp) / label, Path(tmp) / f"{label}.out"
             cwd.mkdir()
             with open(out, "w") as f:
-                p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env={**env, **extra},
+                p = subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, env={**env, **extra},
                                      stdout=f, stderr=subprocess.DEVNULL)
             running.append((label, p, out, time.perf_counter()))
             if not side_by_side:
@@ -83,14 +84,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("variants", nargs="*", default=["default", "glibc", "jemalloc"])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--args", default="", help="train.py's arguments (default: none, the demo as shipped)")
+    ap.add_argument("--script", default="train.py", help="the entry point (train.py, eval.py)")
+    ap.add_argument("--args", default="", help="its arguments (default: none: `python train.py`, the demo as shipped)")
     ap.add_argument("--reference", default="jemalloc", help="the variant the wall-time ratios divide by")
     ap.add_argument("--side-by-side", action="store_true",
                     help="start a round's variants at once (a fluctuating load then hits them alike)")
     ap.add_argument("--results", default=None, help="append the table to this markdown file")
     a = ap.parse_args()
     variants = dict(map(parse_variant, a.variants))
-    args = shlex.split(a.args)
+    args = [a.script, *shlex.split(a.args)]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(a.rounds):
         print(f"round {r + 1}", flush=True)
@@ -99,7 +101,7 @@ def main():
     first = runs[next(iter(runs))][0]["table"]
     ref = runs.get(a.reference)
     how = "side by side" if a.side_by_side else "interleaved"
-    lines = [f"### `python train.py {a.args}` by allocator, {a.rounds} {how} rounds ({datetime.date.today()}, "
+    lines = [f"### `python {shlex.join(args)}` by allocator, {a.rounds} {how} rounds ({datetime.date.today()}, "
              f"{platform.machine()}, {os.cpu_count()} CPUs, `python bench/bench_alloc.py {' '.join(sys.argv[1:])}`)", "",
              f"| variant | wall s (each round) | user s | system s | peak RSS MB | wall / {a.reference} (per round) | "
              "table as the first run |", "| --- | --- | --- | --- | --- | --- | --- |"]
