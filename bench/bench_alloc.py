@@ -54,9 +54,9 @@ def run_round(variants: dict[str, dict[str, str]], args: list[str], side_by_side
         for label, extra in variants.items():
             cwd, out = Path(tmp) / label, Path(tmp) / f"{label}.out"
             cwd.mkdir()
-            with open(out, "w") as f:
+            with open(out, "w") as f, open(out.with_suffix(".err"), "w") as e:
                 p = subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, env={**env, **extra},
-                                     stdout=f, stderr=subprocess.DEVNULL)
+                                     stdout=f, stderr=e)
             running.append((label, p, out, time.perf_counter()))
             if not side_by_side:
                 results.update(finish(running.pop(), *os.wait4(p.pid, 0)[1:]))
@@ -77,6 +77,8 @@ def finish(run: tuple, status: int, ru) -> dict[str, dict]:
            "rss_mb": ru.ru_maxrss * 1024 / 1e6, "table": table}
     print(f"{label}: rc {res['rc']}, wall {res['wall']:.0f} s, user {res['user']:.0f} s, sys {res['sys']:.0f} s, "
           f"peak RSS {res['rss_mb']:.0f} MB, load {os.getloadavg()[0]:.1f}", flush=True)
+    if p.returncode:
+        print("  " + (out.with_suffix(".err").read_text().strip().splitlines() or [""])[-1][-300:], flush=True)
     return {label: res}
 
 
