@@ -84,7 +84,8 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str:
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return "unsupported"
     preloaded, chosen = os.environ.get("LD_PRELOAD", ""), os.environ.get(ALLOCATOR_VAR)
-    if any(a in preloaded for a in ("jemalloc", "tcmalloc", "mimalloc")) or (chosen and chosen in preloaded.split(":")):
+    if any(a in preloaded for a in ("jemalloc", "tcmalloc", "mimalloc")) or \
+            (chosen and chosen in preloaded.split(":")):
         return "preloaded"
     if any(k.startswith("MALLOC_") for k in os.environ):
         return "environment"

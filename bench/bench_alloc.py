@@ -10,10 +10,10 @@ fallback without a library (LONGCTX_ALLOCATOR=glibc: mallopt with a 64 KiB mmap 
 system's jemalloc preloaded by hand (LD_PRELOAD). Any other variant is a label and its environment, e.g.
 `mmap32m:MALLOC_MMAP_THRESHOLD_=33554432` or `tcmalloc:LD_PRELOAD=libtcmalloc_minimal.so.4`. Each run is a
 fresh process in its own working directory (runs/ goes there); rounds interleave the variants (A B C A B C),
-or with --side-by-side start them at once, so a loaded machine slows them alike. Wall: the parent's clock; user, system and peak RSS: the child's own
-rusage (os.wait4; the peak includes the interpreter before a re-execution, which is smaller). Ratios are
-per round against the first variant named by --reference. Tables: the demo's printed markdown lines (`| ...`),
-which must be identical across all runs.
+or with --side-by-side start them at once, so a loaded machine slows them alike. Wall: the parent's clock;
+user, system and peak RSS: the child's own rusage (os.wait4; the peak includes the interpreter before a
+re-execution, which is smaller). Ratios are per round against the variant named by --reference. Tables: the
+demo's printed markdown lines (`| ...`), which must be identical across all runs.
 """
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def run_round(variants: dict[str, dict[str, str]], args: list[str], side_by_side: bool) -> dict[str, dict]:
-    """`python SCRIPT ARGS` (`args`: the script first) once per variant, each in a fresh working directory, one after the other or all
-    at once: wall time, the child's user and system time and peak RSS, its printed table lines."""
+    """`python SCRIPT ARGS` (`args`: the script first) once per variant, each in a fresh working directory,
+    one after the other or all at once: wall time, the child's user and system time and peak RSS, its printed
+    table lines."""
     env = {k: v for k, v in os.environ.items() if k not in CLEARED and not k.startswith("MALLOC_")}
     results, running = {}, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,14 +105,15 @@ def main():
     ref = runs.get(a.reference)
     how = "side by side" if a.side_by_side else "interleaved"
     lines = [f"### `python {shlex.join(args)}` by allocator, {a.rounds} {how} rounds ({datetime.date.today()}, "
-             f"{platform.machine()}, {os.cpu_count()} CPUs, `python bench/bench_alloc.py {' '.join(sys.argv[1:])}`)", "",
+             f"{platform.machine()}, {os.cpu_count()} CPUs, "
+             f"`python bench/bench_alloc.py {' '.join(sys.argv[1:])}`)", "",
              f"| variant | wall s (each round) | user s | system s | peak RSS MB | wall / {a.reference} (per round) | "
              "table as the first run |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, rs in runs.items():
         walls = ", ".join(f"{x['wall']:.0f}" for x in rs)
         ratios = [x["wall"] / y["wall"] for x, y in zip(rs, ref)] if ref else []
-        lines.append(f"| {label} | {walls} | "
-                     f"{statistics.median(x['user'] for x in rs):.0f} | {statistics.median(x['sys'] for x in rs):.0f} | "
+        user, system = (statistics.median(x[k] for x in rs) for k in ("user", "sys"))
+        lines.append(f"| {label} | {walls} | {user:.0f} | {system:.0f} | "
                      f"{max(x['rss_mb'] for x in rs):.0f} | {', '.join(f'{q:.2f}' for q in ratios)} | "
                      f"{'yes' if all(x['table'] == first and x['rc'] == 0 for x in rs) else 'NO'} |")
     print("\n".join(lines))

@@ -78,7 +78,8 @@ def test_preload_env_respects_the_users_choice():
     libs = ["/opt/lib/libmimalloc.so.3", "libjemalloc.so.2"]
     env = memory.preload_env({"PATH": "/bin"}, libs)
     assert env == {"PATH": "/bin", "LD_PRELOAD": libs[0], memory.ALLOCATOR_VAR: libs[0]}
-    assert memory.preload_env({memory.ALLOCATOR_VAR: "/x/libtcmalloc.so.4"}, libs)["LD_PRELOAD"] == "/x/libtcmalloc.so.4"
+    named = memory.preload_env({memory.ALLOCATOR_VAR: "/x/libtcmalloc.so.4"}, libs)
+    assert named["LD_PRELOAD"] == "/x/libtcmalloc.so.4"
     for users in ({"LD_PRELOAD": "/x/libother.so"}, {"MALLOC_ARENA_MAX": "2"}, {memory.ALLOCATOR_VAR: "glibc"}):
         assert memory.preload_env(users, libs) is None, users
     assert memory.preload_env({}, []) is None
@@ -90,7 +91,8 @@ def test_command_reexecutes_once_with_the_library_preloaded():
     same process id, the second time with it in LD_PRELOAD, and does not re-execute again."""
     libm = ctypes.util.find_library("m")
     lines, err = run_entry(**{memory.ALLOCATOR_VAR: libm})
-    assert lines == [["start", lines[0][1], "None"], ["start", lines[0][1], libm], ["result", "preloaded"]], (lines, err)
+    pid = lines[0][1]
+    assert lines == [["start", pid, "None"], ["start", pid, libm], ["result", "preloaded"]], (lines, err)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and mallopt are Linux + glibc's")
@@ -99,7 +101,8 @@ def test_users_preload_and_glibc_choice_run_as_they_are():
     for env, how in (({"LD_PRELOAD": libm}, "mallopt"), ({memory.ALLOCATOR_VAR: "glibc"}, "mallopt"),
                      ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "environment")):
         lines, err = run_entry(**env)
-        assert [w[0] for w in lines] == ["start", "result"] and lines[-1] == ["result", how] and not err, (env, lines, err)
+        assert [w[0] for w in lines] == ["start", "result"] and lines[-1] == ["result", how], (env, lines)
+        assert not err, (env, err)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and mallopt are Linux + glibc's")
