@@ -18,7 +18,8 @@ jemalloc, tcmalloc and glibc, with user + system 74 / 76 / 74 / 81 s and peak RS
 479 MB (mimalloc's peak +10% over jemalloc's); in the full demo, side by side, mimalloc and jemalloc
 reached step 92 in the time the glibc setting reached step 62 (same CPU time each); smollm2-135m
 `--steps 1` under mimalloc peaked at 1,303 and 1,470 MiB at 2,048 and 4,096 tokens (0.08 MiB per token;
-the CPU plan 8% under both). Cost: the interpreter and imports start twice (`python train.py --help`: 14 vs 8 s wall on that machine).
+the CPU plan 8% under both). Cost: the interpreter and imports start twice (`python train.py --help`:
+14 vs 8 s wall on that machine).
 """
 from __future__ import annotations
 
