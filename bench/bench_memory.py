@@ -13,7 +13,8 @@ block checkpointing, chunked loss, one step with AdamW; the tokenizer is --token
 and bytes otherwise (token values do not change memory).
 
 Measured: the process's peak RSS (VmHWM, memory.vm_hwm_kib: interpreter, libraries, weights and the step) with
-train.py's allocator setting (memory.return_freed_memory), or glibc's defaults with --allocator default;
+the allocator `python train.py` runs with (memory.command_env: the preloaded library, else glibc's setting), or
+glibc's defaults with --allocator default;
 the RSS after imports alone (the process baseline); CPU seconds (user + system) and wall seconds of the
 child. Planned: plan.memory_plan on "cpu" for the same TrainConfig.
 """
@@ -32,6 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import memory  # noqa: E402  (the project's root: bench/ runs as a script)
 SHAPES = {
     "bench": dict(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=4096),
     "llama3-8b-shape": dict(vocab_size=128256, dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=3584,
@@ -45,8 +48,6 @@ sys.path.insert(0, {root!r})
 import memory, model, train
 model.PRESETS.update({shapes!r})
 base = memory.vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if {default_allocator!r}:
-    memory.return_freed_memory = lambda *a: "default"
 train.main({argv!r})
 peak = memory.vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps(dict(base_mib=base / 1024, peak_mib=peak / 1024)))
@@ -60,9 +61,13 @@ def train_args(shape: str, ctx: int, variant: str, tokenizer: str | None, data: 
 
 def run_point(argv: list[str], default_allocator: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        code = CHILD.format(root=str(ROOT), shapes=SHAPES, default_allocator=default_allocator,
-                            argv=argv + ["--out", out])
-        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        code = CHILD.format(root=str(ROOT), shapes=SHAPES, argv=argv + ["--out", out])
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory.ALLOCATOR_VAR)
+               and not k.startswith("MALLOC_")}
+        # glibc untouched: any MALLOC_* variable makes memory.py leave glibc alone; this one at glibc's own
+        # default (8 arenas per core on 64-bit), unlike the threshold and pad settings, which also stop the
+        # threshold's dynamic growth
+        env = {**env, "MALLOC_ARENA_MAX": str(8 * os.cpu_count())} if default_allocator else memory.command_env(env)
         before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -76,7 +81,6 @@ def run_point(argv: list[str], default_allocator: bool) -> dict:
 
 def planned_mib(argv: list[str]) -> dict[str, float]:
     """plan.memory_plan on "cpu" (float32) for the TrainConfig these train.py flags resolve to, in MiB."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import config
@@ -101,7 +105,7 @@ def main():
     ap.add_argument("--tokenizer", default=None, help="smollm2-135m's tokenizer (its GGUF)")
     ap.add_argument("--data", default=str(Path(json.__file__).parent), help="training text (default: a stdlib dir)")
     ap.add_argument("--allocator", default="setting", choices=["setting", "default"],
-                    help="setting: train.py's (memory.return_freed_memory); default: glibc's defaults")
+                    help="setting: what `python train.py` runs with (memory.command_env); default: glibc's defaults")
     ap.add_argument("--results", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
     lines = [f"### Peak RSS of `train.py --steps 1` vs the CPU plan, allocator {args.allocator} "

@@ -11,8 +11,8 @@ LlamaForCausalLM(attn_implementation="sdpa") + PEFT, gradient_checkpointing_enab
 With --quant nf4: our NF4 base vs bitsandbytes' Linear4bit (nf4, double quant) via PEFT's QLoRA path.
 
 Peak memory is the model's own RSS growth plus the process's peak RSS growth during the step (VmHWM, reset
-after the model is built), with MALLOC_MMAP_THRESHOLD_=65536 so freed large blocks leave the RSS and it
-follows live memory; the memory plan of `train.py --dry-run` (plan.memory_plan) is printed beside ours (error in %).
+after the model is built), with the allocator `python train.py` runs with (memory.command_env, and the child
+calls memory.return_freed_memory as train.py does), so freed memory leaves the RSS and it follows live memory; the memory plan of `train.py --dry-run` (plan.memory_plan) is printed beside ours (error in %).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import memory  # noqa: E402  (the project's root: bench/ runs as a script)
 CONFIG = dict(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=4096)
 SHAPES = {  # --shape: the benchmark config, the shipped model's shape, Llama-3-8B's proportions reduced
     "bench": CONFIG,
@@ -46,6 +48,8 @@ def kib(field):
 
 impl, T, quant, dtype, steps, mlp_chunk, save_attention = {impl!r}, {T}, {quant!r}, getattr(torch, {dtype!r}), {steps}, {mlp_chunk}, {save_attention}
 cfg = {cfg!r}
+from memory import return_freed_memory
+return_freed_memory()  # as train.py's main() starts: the preloaded allocator, else glibc's setting
 base_rss = kib('VmRSS')
 if impl == 'ours':
     import model as M, lora, quant4
@@ -106,7 +110,7 @@ def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: 
               save_attention: bool = False, shape: dict = CONFIG) -> dict:
     code = CHILD.format(root=str(ROOT), impl=impl, T=T, quant=quant, dtype=dtype, steps=steps, cfg=shape,
                         mlp_chunk=mlp_chunk, save_attention=save_attention)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks via mmap: RSS follows live memory
+    env = memory.command_env(os.environ)  # the allocator `python train.py` runs with (memory.py's note)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
@@ -116,7 +120,6 @@ def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: 
 def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attention: bool = False,
                 shape: dict = CONFIG) -> float:
     """plan.memory_plan for the same config, in MiB."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import lora

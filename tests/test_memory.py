@@ -1,4 +1,6 @@
-"""memory.py: the allocator setting returns freed tensors to the OS; peak readings name what they measure."""
+"""memory.py: the allocator policy (one re-execution with a preloaded allocator, else glibc's setting, which
+returns freed tensors to the OS); peak readings name what they measure."""
+import ctypes.util
 import json
 import os
 import subprocess
@@ -46,6 +48,76 @@ def test_setting_returns_freed_tensors_that_glibc_defaults_keep():
     on, off = kept_after_free(True), kept_after_free(False)
     assert on["how"] == "mallopt", on
     assert on["kept_mib"] < 32 and off["kept_mib"] > 128, (on, off)
+
+
+# An entry point run as a command, reduced to its first call: `__file__` in the project's directory is what
+# memory.return_freed_memory reads as "run as a command". Prints a line per process start.
+ENTRY = r"""
+import os, sys
+sys.path.insert(0, {root!r})
+__file__ = {root!r} + "/train.py"
+print("start", os.getpid(), os.environ.get("LD_PRELOAD"), flush=True)
+import memory
+print("result", memory.return_freed_memory(), flush=True)
+"""
+
+
+def run_entry(as_command: bool = True, **env_vars) -> tuple[list[list[str]], str]:
+    """Run ENTRY (without its `__file__` line: an in-process caller) with these variables over a cleared
+    environment: (its stdout lines split, its stderr)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", memory.ALLOCATOR_VAR) and not k.startswith("MALLOC_")}
+    code = ENTRY.format(root=str(ROOT))
+    code = code if as_command else code.replace("__file__ =", "# __file__ =")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, **env_vars}, check=True)
+    return [line.split() for line in r.stdout.splitlines()], r.stderr
+
+
+def test_preload_env_respects_the_users_choice():
+    libs = ["/opt/lib/libmimalloc.so.3", "libjemalloc.so.2"]
+    env = memory.preload_env({"PATH": "/bin"}, libs)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": libs[0], memory.ALLOCATOR_VAR: libs[0]}
+    named = memory.preload_env({memory.ALLOCATOR_VAR: "/x/libtcmalloc.so.4"}, libs)
+    assert named["LD_PRELOAD"] == "/x/libtcmalloc.so.4"
+    for users in ({"LD_PRELOAD": "/x/libother.so"}, {"MALLOC_ARENA_MAX": "2"}, {memory.ALLOCATOR_VAR: "glibc"}):
+        assert memory.preload_env(users, libs) is None, users
+    assert memory.preload_env({}, []) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and mallopt are Linux + glibc's")
+def test_command_reexecutes_once_with_the_library_preloaded():
+    """LONGCTX_ALLOCATOR names a real library (libm: harmless to preload): the command starts twice, the
+    same process id, the second time with it in LD_PRELOAD, and does not re-execute again."""
+    libm = ctypes.util.find_library("m")
+    lines, err = run_entry(**{memory.ALLOCATOR_VAR: libm})
+    pid = lines[0][1]
+    assert lines == [["start", pid, "None"], ["start", pid, libm], ["result", "preloaded"]], (lines, err)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and mallopt are Linux + glibc's")
+def test_users_preload_and_glibc_choice_run_as_they_are():
+    libm = ctypes.util.find_library("m")
+    for env, how in (({"LD_PRELOAD": libm}, "mallopt"), ({memory.ALLOCATOR_VAR: "glibc"}, "mallopt"),
+                     ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "environment")):
+        lines, err = run_entry(**env)
+        assert [w[0] for w in lines] == ["start", "result"] and lines[-1] == ["result", how], (env, lines)
+        assert not err, (env, err)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and mallopt are Linux + glibc's")
+def test_missing_library_falls_back_to_glibc_with_one_line():
+    lines, err = run_entry(**{memory.ALLOCATOR_VAR: "/nonexistent/libfake.so"})
+    assert [w[0] for w in lines] == ["start", "result"] and lines[-1] == ["result", "mallopt"], lines
+    assert err.count("\n") == 1 and "/nonexistent/libfake.so" in err and "glibc" in err, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and mallopt are Linux + glibc's")
+def test_in_process_callers_are_not_reexecuted():
+    """A caller whose __main__ is not an entry point (a test runner calling main() in-process) gets glibc's
+    setting silently, even with a library named."""
+    lines, err = run_entry(False, **{memory.ALLOCATOR_VAR: ctypes.util.find_library("m")})
+    assert [w[0] for w in lines] == ["start", "result"] and lines[-1] == ["result", "mallopt"] and not err, (lines, err)
 
 
 def test_peak_memory_on_cpu_names_the_resident_set():
