@@ -19,8 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys
 sys.path.insert(0, {root!r})
-import torch, memory
-how = memory.return_freed_memory() if {apply!r} else "default"
+import torch
+if {apply!r}:
+    import memory
+    how = memory.return_freed_memory()
+else:  # glibc's defaults; memory.py not even imported (its imports' own frees move glibc's threshold)
+    how = "default"
 def rss_mib():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024
 x = torch.ones(4 * 2**20)
