@@ -46,8 +46,8 @@ def run_cli(body: Callable[[], object], quiet: bool = False) -> int:
 
     0 when it returns; 1 with one `error: ...` line on stderr for a UserError, or for an OSError on a path
     the user named (unreadable, vanished, a file where a folder should be), which names that path. Any
-    other exception propagates with its traceback: it is a bug. quiet: exit 1 without the line (the ranks
-    of a torchrun job but rank 0, which prints the same line once).
+    other exception propagates with its traceback: it is a bug. quiet: exit 1 without the line (the
+    processes of a torchrun node but its local rank 0, which prints the same line once for the node).
     """
     try:
         body()

@@ -550,7 +550,8 @@ def main(argv=None):
         train(config.resolve(given, recipe, d.world), d)
 
     try:
-        code = run_cli(body, quiet=int(os.environ.get("RANK", "0")) > 0)  # under torchrun rank 0 prints errors
+        # under torchrun one process a node prints errors (each node's log says why it stopped)
+        code = run_cli(body, quiet=int(os.environ.get("LOCAL_RANK", "0")) > 0)
     finally:
         parallel.destroy(d)
     if code:
