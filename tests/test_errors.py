@@ -736,21 +736,22 @@ def test_a_signal_during_the_final_writes_stops_at_once_without_debris(tmp_path)
 def test_a_second_trainer_on_the_same_out_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path, assets):
     out = tmp_path / "run"
     args = [*RUN, "--data", str(assets / "text.txt"), "--out", str(out), "--save-every", "1", "--keep", "2"]
-    first = start([*args, "--steps", "150"])
+    n = 600  # long enough that the first still runs while the second starts (imports twice: memory.py)
+    first = start([*args, "--steps", str(n)])
     wait_for_step(out, 2, first)
-    code, _, err = finish([*args, "--steps", "150", "--resume"])
+    code, _, err = finish([*args, "--steps", str(n), "--resume"])
     errors = [l for l in err.splitlines() if l.startswith("error:")]
     assert code == 1 and len(errors) == 1 and "another trainer" in errors[0], err[-2000:]
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == list(range(1, 151))  # the second trainer truncated nothing
-    again = start([*args, "--steps", "300", "--resume"])
-    wait_for_step(out, 152, again)
+    assert [r["step"] for r in recs] == list(range(1, n + 1))  # the second trainer truncated nothing
+    again = start([*args, "--steps", str(2 * n), "--resume"])
+    wait_for_step(out, n + 2, again)
     again.kill()  # kill -9 while it holds the lock
     again.communicate(timeout=60)
     assert (out / guards.LOCK_NAME).exists()
-    code, _, err = finish([*args, "--steps", "160", "--resume"])
+    code, _, err = finish([*args, "--steps", str(n + 10), "--resume"])
     assert code == 0, err[-2000:]
 
 
