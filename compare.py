@@ -1,6 +1,6 @@
 """A controlled comparison of RoPE extension methods on the demo's base, every method under one budget.
 
-`python demo.py compare` (or `python compare.py`) extends the demo's base (demo/, a byte-level Llama trained
+`python compare.py` extends the demo's base (demo/, a byte-level Llama trained
 at L = 256 bytes) ten-fold, to 10 L = 2,560, once per method, through the trainer (train.train), with the
 same budget: the demo's recipe (NF4 base with double quantization, LoRA r=16 alpha=32 on all linear layers
 plus trained embeddings and norms, lr 2e-3, 10 warmup steps, cosine, seed 0), the same number of steps and
@@ -29,6 +29,11 @@ and the row's wall seconds (training plus evaluation).
 Notation: L the base's context (256), N = 10 L the target.
 """
 from __future__ import annotations
+
+import memory_alloc
+
+if __name__ == "__main__":  # a command: re-executes once with the CPU allocator preloaded, before torch loads
+    memory_alloc.return_freed_memory(as_command=True)
 
 import argparse
 import dataclasses
@@ -197,7 +202,7 @@ def compare(args) -> dict:
     d = init_distributed()
     try:
         if d.world != 1:
-            raise UserError("compare runs in one process (python demo.py compare), not under torchrun")
+            raise UserError("compare runs in one process (python compare.py), not under torchrun")
         t = time.time()
         rows = {"base": evaluate_row(demo.load_base(base_dir), filler, L, args, hay, None)}
         rows["base"]["seconds"] = time.time() - t
@@ -248,7 +253,7 @@ def compare(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python demo.py compare",
+    ap = argparse.ArgumentParser(prog="python compare.py",
                                  description="Extend the demo base ten-fold with each RoPE method under one budget.")
     ap.add_argument("--steps", type=int, default=demo.DEMO_RECIPE["steps"], help="training steps of every method")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list from {','.join(METHODS)}")

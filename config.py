@@ -28,6 +28,7 @@ import rope
 from errors import UserError
 
 ROPE_GROUP = "RoPE context extension"
+DEMO_MAX_CTX = 2560  # the demo's longest length (demo.py: 10 x its base's 256); no --model and a longer --ctx: SmolLM2
 
 
 def _f(default, help: str | None = None, *, identity: bool = False, flag: str | None = None, choices=None,

@@ -17,7 +17,7 @@ then `finish` below, from the shipped base in demo/:
      value, 40 prompts per length) at L, 5 L and 10 L.
 Short-context retention: the table's columns at L are the base's own length, its last column and a printed
 line give retention at L against the base (ppl: base ppl@L / row ppl@L; passkey: row / base; 1 = kept,
-above 1 = better). `python demo.py compare` (compare.py) runs PI, NTK, YaRN and YaRN + PoSE under this budget.
+above 1 = better). `python compare.py` runs PI, NTK, YaRN and YaRN + PoSE under this budget.
 The output ends with that table, the targets it is read against, and the paths of the adapter, the table
 (results.md, results.json) and a plot of NLL by position. The README holds the measured table and the
 runs behind the choice of YaRN factor 16.
@@ -46,15 +46,18 @@ Notation: B batch, T tokens, L base context, N evaluation length, V vocab (264: 
 """
 from __future__ import annotations
 
+import memory_alloc
+
+if __name__ == "__main__":  # a command: re-executes once with the CPU allocator preloaded, before torch loads
+    memory_alloc.return_freed_memory(as_command=True)
+
 import argparse
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 import guards
-import memory
+import train
 import model as llama
 import rope
 from checkpoint import SAFETENSORS_SINGLE, load_model, read_config, save_model
@@ -416,26 +419,37 @@ def finish(d: Dist, run: DemoRun) -> dict | None:
     return rows
 
 
-def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object]) -> dict | None:
-    """The whole demo on every rank: `prepare`, `train_fn(cfg, d)` (train.train: the caller passes it, so
-    this module needs nothing above it), `finish`. Returns the rows on rank 0, else None."""
+def run(d: Dist, flags: dict) -> dict | None:
+    """The whole demo on every rank: `prepare`, train.train, `finish`. Returns the rows on rank 0, else None."""
     job = prepare(d, flags)
-    train_fn(job.cfg, d)
+    train.train(job.cfg, d)
     return finish(d, job)
 
 
+def run_command(argv: list[str]) -> int:
+    """`python train.py [flags]` with no --model and --ctx up to the demo's, handed over to this module."""
+    given, opts = train.parse_flags(argv)
+    return run_cli(lambda: check_flags(given, opts)) or train.run_ranks(lambda d: run(d, given), given)
+
+
+def check_flags(given: dict, opts: dict) -> None:
+    """The demo takes train.py's flags but these (they need --model)."""
+    for flag, value in (("--recipe", opts["recipe"]), ("--force", opts["force"]), ("--data", given.get("data")),
+                        ("--dry-run", opts["dry_run"]), ("--suggest-base", opts["suggest_base"])):
+        if value:
+            raise UserError(f"{flag} does not apply to the built-in demo (use it with train.py and --model)")
+
+
 def main(argv=None):
-    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["compare"]:
-        # compare.py trains through train.py, which sits above this module: this process becomes compare.py.
-        script = str(Path(__file__).resolve().with_name("compare.py"))
-        os.execv(sys.executable, [sys.executable, script, *argv[1:]])
-    ap = argparse.ArgumentParser(description="Remake the demo's base (`python train.py` with no --model runs the demo).")
+    if argv[:1] != ["pretrain"]:  # the demo itself, on train.py's command line
+        code = run_command(argv)
+        if code:
+            sys.exit(code)
+        return
+    ap = argparse.ArgumentParser(description="Remake the demo's base: `python demo.py pretrain` (`python train.py` "
+                                 "or `python demo.py` with no --model runs the demo; compare.py compares methods).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("compare", add_help=False,
-                   help="extend the base ten-fold with PI, NTK, YaRN, YaRN + PoSE under one budget (compare.py; "
-                        "`python demo.py compare --help`)")
     p = sub.add_parser("pretrain", help="train the base from scratch (the shipped demo/ was made by this)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=8)

@@ -45,6 +45,11 @@ Note: dynamic NTK rescales RoPE for the current length, so chunked prefill would
 """
 from __future__ import annotations
 
+import memory_alloc
+
+if __name__ == "__main__":  # a command: re-executes once with the CPU allocator preloaded, before torch loads
+    memory_alloc.return_freed_memory(as_command=True)
+
 import argparse
 import json
 import math
@@ -58,7 +63,7 @@ import torch
 from tqdm import tqdm
 
 import harness
-import memory
+import memory_peak
 import protocols
 import rope
 import ruler
@@ -532,7 +537,6 @@ def evaluate(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
     args = build_parser().parse_args(argv)
     return run_cli(lambda: (check_args(args), run_harness(args) if args.task == "harness" else evaluate(args)))
 

@@ -39,11 +39,16 @@ Notation: L0 original context, N target context, Ls short-data length, T tokens,
 """
 from __future__ import annotations
 
+import memory_alloc
+
+if __name__ == "__main__":  # a command: re-executes once with the CPU allocator preloaded, before torch loads
+    memory_alloc.return_freed_memory(as_command=True)
+
 import importlib.util
 import json
 import math
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,10 +57,11 @@ import torch
 import eval as ev
 import lora
 import rope
+import train
 from checkpoint import load_model, read_checkpoint
 from config import TrainConfig, resolve
 from devices import choose_dtype
-from errors import UserError
+from errors import UserError, run_cli
 from guards import check_same_files
 from model import MemoryOptions, ModelConfig, Transformer
 from outputs import atomic_write_text, check_output, holds_only, save_figure
@@ -305,8 +311,7 @@ def before(job: Job, d: Dist, tok, args, stream) -> tuple[dict, float]:
     return rows, chosen
 
 
-def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object], recipe: str | None = None,
-        force: bool = False) -> dict | None:
+def run(d: Dist, flags: dict, recipe: str | None = None, force: bool = False) -> dict | None:
     """The whole job on every rank (module docstring); returns the rows on rank 0, else None."""
     t_start = time.time()
     job = make_job(d, flags, recipe)
@@ -337,7 +342,7 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object], r
         cfg = replace(cfg, rope_theta=all_reduce_sum(theta, d).item())
     barrier(d)
     check_same_files(d, [job.out / "long.jsonl", job.out / "short.jsonl"], f"--out {job.out}")  # rank 0 wrote them
-    train_fn(cfg, d)
+    train.train(cfg, d)
     if not d.main:
         return None
     net = load_model(cfg.model, dtype=choose_dtype(cfg.dtype, d.device), device=d.device, quant=cfg.quant)
@@ -355,3 +360,22 @@ def run(d: Dist, flags: dict, train_fn: Callable[[TrainConfig, Dist], object], r
     print(f"adapter: {Path(cfg.out) / 'adapter'}; table: {job.out / 'results.md'}; "
           f"plot: {png or 'not written (no matplotlib)'}")
     return rows
+
+
+def main(argv=None) -> None:
+    """`python train.py --ctx N` with no --model and N beyond the demo's, handed over to this module."""
+    given, opts = train.parse_flags(argv)
+
+    def check():
+        for flag, value in (("--data", given.get("data")), ("--dry-run", opts["dry_run"]),
+                            ("--suggest-base", opts["suggest_base"])):
+            if value:
+                raise UserError(f"{flag} does not apply to the SmolLM2 extension (use it with train.py and --model)")
+
+    code = run_cli(check) or train.run_ranks(lambda d: run(d, given, opts["recipe"], opts["force"]), given)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

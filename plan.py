@@ -38,7 +38,7 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     `trainable` parameters are the model's own embeddings, norms or head, whose float32 master replaces
     the base-dtype tensor, so the weights term leaves them out), and one (T, C) checkpoint per block. On CPU the
     process itself (interpreter and libraries, PROCESS_BASE) is counted, so the total is the process's
-    peak RSS under memory.return_freed_memory. On top, the larger of two transient phases:
+    peak RSS under memory_alloc.return_freed_memory. On top, the larger of two transient phases:
     - the loss: one chunk's float32 logits, turned into the softmax-gradient in place (model.py's frozen-head
       NLL), plus their copy in the model dtype when that is not float32 (chunk x V x (4 + 2) bytes in
       bf16), beside the last block's output, the final norm's input and output and the stored gradient

@@ -19,14 +19,21 @@ micro-steps, all ranks), so 2 ranks x accum 1 and 1 rank x accum 2 take the same
 """
 from __future__ import annotations
 
+import memory_alloc
+
+if __name__ == "__main__":  # a command: re-executes once with the CPU allocator preloaded, before torch loads
+    memory_alloc.return_freed_memory(as_command=True)
+
 import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,13 +43,11 @@ from tqdm import tqdm
 
 import config
 import data as D
-import demo
 import doc_attn
-import extend
 import gguf_export
 import guards
 import lora
-import memory
+import memory_peak
 import parallel
 import plan
 import pose
@@ -59,7 +64,7 @@ from parallel import Dist, log0
 from tokenizer import CHAT_TEMPLATES, load_tokenizer, save_tokenizer
 
 CKPT_PREFIX = guards.CKPT_PREFIX
-DEMO_MAX_CTX = demo.FACTORS[-1] * demo.BASE_PRESET["max_seq_len"]  # no --model: --ctx up to this runs the demo
+DRIVERS = {"demo": "demo.py", "extend": "extend.py"}  # what `python train.py` with no --model becomes
 
 # ----------------------------------------------------------------------------- model
 
@@ -374,7 +379,7 @@ class Progress:
             self.bar.update(1)
             if rec["step"] % self.every == 0 or rec["step"] == self.total:
                 self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                     mem=memory.memory_label(rec))
+                                     mem=memory_peak.memory_label(rec))
 
     def __enter__(self):
         return self
@@ -490,7 +495,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
             opt.zero_grad(set_to_none=True)
             step += 1
             rec = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                   "tokens_per_s": tokens_seen * d.world / (time.perf_counter() - t0), **memory.peak_memory(d.device)}
+                   "tokens_per_s": tokens_seen * d.world / (time.perf_counter() - t0), **memory_peak.peak_memory(d.device)}
             metrics.write(rec)
             bar.update(rec)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
@@ -518,42 +523,75 @@ def suggest_base(spec: str | None, target_len: int) -> float:
     return rope.suggest_base(mc.rope_theta, mc.max_seq_len, target_len, mc.head_dim)
 
 
-def main(argv=None):
-    memory.return_freed_memory()  # CPU: freed activations leave the RSS (memory.py's note)
+def parse_flags(argv: list[str] | None) -> tuple[dict, dict]:
+    """train.py's command line -> (the TrainConfig fields given, the command's own options: recipe,
+    dry_run, suggest_base, force). The drivers (demo.py, extend.py) parse the same line."""
     given = vars(config.build_parser(__doc__.split("\n")[0]).parse_args(argv))
-    recipe, dry_run, target = given.pop("recipe", None), given.pop("dry_run"), given.pop("suggest_base")
-    force = given.pop("force")
+    return given, {k: given.pop(k, None) for k in ("recipe", "dry_run", "suggest_base", "force")}
+
+
+def run_ranks(body: Callable[[Dist], object], given: dict) -> int:
+    """A command's body on every rank of torchrun's process group (or one process): its exit code, with one
+    error line a node (errors.run_cli)."""
     d = None
 
-    def body():
+    def start():
         nonlocal d
-        if target is not None:
-            print(f"{suggest_base(given.get('model'), target):.4g}")
-            return
-        if force and (given.get("model") is not None or (given.get("ctx") or 0) <= DEMO_MAX_CTX):
-            raise UserError(f"--force applies to the real-model extension only (no --model, --ctx above {DEMO_MAX_CTX})")
-        if dry_run:  # every check of a run that loads no weights, then the plan
-            cfg = config.resolve(given, recipe, dry_run=True)
-            preflight(cfg, load_tok(cfg))
-            guards.check_run_folder(Path(cfg.out))
-            plan.dry_run(cfg)
-            return
         d = parallel.init_distributed(given.get("nccl_timeout"))
-        if given.get("model") is None:  # no model given: the built-in demo (demo.py)
-            if given.get("data") is not None:
-                raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
-            if given.get("ctx") is not None and given["ctx"] > DEMO_MAX_CTX:  # beyond the demo: a real model
-                extend.run(d, given, train, recipe, force)
-                return
-            demo.run(d, given, train)  # demo.py needs nothing above it: the trainer is handed in
-            return
-        train(config.resolve(given, recipe, d.world), d)
+        body(d)
 
     try:
         # under torchrun one process a node prints errors (each node's log says why it stopped)
-        code = run_cli(body, quiet=int(os.environ.get("LOCAL_RANK", "0")) > 0)
+        return run_cli(start, quiet=int(os.environ.get("LOCAL_RANK", "0")) > 0)
     finally:
         parallel.destroy(d)
+
+
+def hand_over(driver: str, argv: list[str] | None) -> int:
+    """Run the driver script on the same command line. As a command this process becomes it (os.execv:
+    same process id, streams and torchrun environment), so the trainer never imports its drivers; an
+    in-process caller (argv given) gets it as a child process and its exit code."""
+    script = str(Path(__file__).resolve().with_name(DRIVERS[driver]))
+    if argv is None:
+        sys.stdout.flush(), sys.stderr.flush()
+        interpreter_flags = sys.orig_argv[1:sys.orig_argv.index(sys.argv[0])] if sys.argv[0] in sys.orig_argv else []
+        os.execv(sys.executable, [sys.executable, *interpreter_flags, script, *sys.argv[1:]])
+    return subprocess.call([sys.executable, script, *argv])
+
+
+def plan_only(given: dict, opts: dict) -> None:
+    """--suggest-base prints a base; --dry-run applies every check of a run that loads no weights, then
+    prints the memory plan."""
+    if opts["suggest_base"] is not None:
+        print(f"{suggest_base(given.get('model'), opts['suggest_base']):.4g}")
+        return
+    cfg = config.resolve(given, opts["recipe"], dry_run=True)
+    preflight(cfg, load_tok(cfg))
+    guards.check_run_folder(Path(cfg.out))
+    plan.dry_run(cfg)
+
+
+def check_command(given: dict, opts: dict) -> None:
+    """What the command line's flags say of each other, before anything runs."""
+    no_model, beyond_demo = given.get("model") is None, (given.get("ctx") or 0) > config.DEMO_MAX_CTX
+    if opts["force"] and not (no_model and beyond_demo):
+        raise UserError(f"--force applies to the real-model extension only (no --model, --ctx above "
+                        f"{config.DEMO_MAX_CTX})")
+    if no_model and given.get("data") is not None and not opts["dry_run"] and opts["suggest_base"] is None:
+        raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
+
+
+def main(argv=None):
+    given, opts = parse_flags(argv)
+    code = run_cli(lambda: check_command(given, opts))
+    if code:
+        sys.exit(code)
+    if opts["dry_run"] or opts["suggest_base"] is not None:
+        code = run_cli(lambda: plan_only(given, opts))
+    elif given.get("model") is None:  # the built-in demo, or beyond its length the SmolLM2 extension
+        code = hand_over("extend" if (given.get("ctx") or 0) > config.DEMO_MAX_CTX else "demo", argv)
+    else:
+        code = run_ranks(lambda d: train(config.resolve(given, opts["recipe"], d.world), d), given)
     if code:
         sys.exit(code)
 

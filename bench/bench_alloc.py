@@ -4,7 +4,7 @@
                                 [--results bench/RESULTS.md]
         [VARIANT ...]    # LABEL or LABEL:VAR=VALUE[;VAR=VALUE]; default: the three below
 
-Variants: `default` is the project's own choice (memory.return_freed_memory: the command exactly as a user
+Variants: `default` is the project's own choice (memory_alloc.return_freed_memory: the command exactly as a user
 types it, with LD_PRELOAD, MALLOC_* and LONGCTX_ALLOCATOR removed from the environment); `glibc` its
 fallback without a library (LONGCTX_ALLOCATOR=glibc: mallopt with a 64 KiB mmap threshold); `jemalloc` the
 system's jemalloc preloaded by hand (LD_PRELOAD). Any other variant is a label and its environment, e.g.

@@ -12,8 +12,8 @@ hidden 1024, 8 layers, 8/2 heads of 128, ffn 3584, vocab 128256, untied). Every 
 block checkpointing, chunked loss, one step with AdamW; the tokenizer is --tokenizer for smollm2-135m
 and bytes otherwise (token values do not change memory).
 
-Measured: the process's peak RSS (VmHWM, memory.vm_hwm_kib: interpreter, libraries, weights and the step) with
-the allocator `python train.py` runs with (memory.command_env: the preloaded library, else glibc's setting), or
+Measured: the process's peak RSS (VmHWM, memory_peak.vm_hwm_kib: interpreter, libraries, weights and the step) with
+the allocator `python train.py` runs with (memory_alloc.command_env: the preloaded library, else glibc's setting), or
 glibc's defaults with --allocator default;
 the RSS after imports alone (the process baseline); CPU seconds (user + system) and wall seconds of the
 child. Planned: plan.memory_plan on "cpu" for the same TrainConfig.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import memory  # noqa: E402  (the project's root: bench/ runs as a script)
+import memory_alloc  # noqa: E402  (the project's root: bench/ runs as a script)
 SHAPES = {
     "bench": dict(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=4096),
     "llama3-8b-shape": dict(vocab_size=128256, dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=3584,
@@ -45,11 +45,11 @@ VARIANTS = {"full": [], "s2": ["--attn", "s2"], "nf4": ["--quant", "nf4"], "chun
 CHILD = r"""
 import json, resource, sys
 sys.path.insert(0, {root!r})
-import memory, model, train
+import memory_peak, model, train
 model.PRESETS.update({shapes!r})
-base = memory.vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = memory_peak.vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 train.main({argv!r})
-peak = memory.vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = memory_peak.vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps(dict(base_mib=base / 1024, peak_mib=peak / 1024)))
 """
 
@@ -62,12 +62,12 @@ def train_args(shape: str, ctx: int, variant: str, tokenizer: str | None, data: 
 def run_point(argv: list[str], default_allocator: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         code = CHILD.format(root=str(ROOT), shapes=SHAPES, argv=argv + ["--out", out])
-        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory.ALLOCATOR_VAR)
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory_alloc.ALLOCATOR_VAR)
                and not k.startswith("MALLOC_")}
-        # glibc untouched: any MALLOC_* variable makes memory.py leave glibc alone; this one at glibc's own
+        # glibc untouched: any MALLOC_* variable makes memory_alloc.py leave glibc alone; this one at glibc's own
         # default (8 arenas per core on 64-bit), unlike the threshold and pad settings, which also stop the
         # threshold's dynamic growth
-        env = {**env, "MALLOC_ARENA_MAX": str(8 * os.cpu_count())} if default_allocator else memory.command_env(env)
+        env = {**env, "MALLOC_ARENA_MAX": str(8 * os.cpu_count())} if default_allocator else memory_alloc.command_env(env)
         before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -105,7 +105,7 @@ def main():
     ap.add_argument("--tokenizer", default=None, help="smollm2-135m's tokenizer (its GGUF)")
     ap.add_argument("--data", default=str(Path(json.__file__).parent), help="training text (default: a stdlib dir)")
     ap.add_argument("--allocator", default="setting", choices=["setting", "default"],
-                    help="setting: what `python train.py` runs with (memory.command_env); default: glibc's defaults")
+                    help="setting: what `python train.py` runs with (memory_alloc.command_env); default: glibc's defaults")
     ap.add_argument("--results", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
     lines = [f"### Peak RSS of `train.py --steps 1` vs the CPU plan, allocator {args.allocator} "

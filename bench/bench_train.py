@@ -11,8 +11,8 @@ LlamaForCausalLM(attn_implementation="sdpa") + PEFT, gradient_checkpointing_enab
 With --quant nf4: our NF4 base vs bitsandbytes' Linear4bit (nf4, double quant) via PEFT's QLoRA path.
 
 Peak memory is the model's own RSS growth plus the process's peak RSS growth during the step (VmHWM, reset
-after the model is built), with the allocator `python train.py` runs with (memory.command_env, and the child
-calls memory.return_freed_memory as train.py does), so freed memory leaves the RSS and it follows live memory; the memory plan of `train.py --dry-run` (plan.memory_plan) is printed beside ours (error in %).
+after the model is built), with the allocator `python train.py` runs with (memory_alloc.command_env, and the child
+calls memory_alloc.return_freed_memory as train.py does), so freed memory leaves the RSS and it follows live memory; the memory plan of `train.py --dry-run` (plan.memory_plan) is printed beside ours (error in %).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import memory  # noqa: E402  (the project's root: bench/ runs as a script)
+import memory_alloc  # noqa: E402  (the project's root: bench/ runs as a script)
 CONFIG = dict(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=4096)
 SHAPES = {  # --shape: the benchmark config, the shipped model's shape, Llama-3-8B's proportions reduced
     "bench": CONFIG,
@@ -48,7 +48,7 @@ def kib(field):
 
 impl, T, quant, dtype, steps, mlp_chunk, save_attention = {impl!r}, {T}, {quant!r}, getattr(torch, {dtype!r}), {steps}, {mlp_chunk}, {save_attention}
 cfg = {cfg!r}
-from memory import return_freed_memory
+from memory_alloc import return_freed_memory
 return_freed_memory()  # as train.py's main() starts: the preloaded allocator, else glibc's setting
 base_rss = kib('VmRSS')
 if impl == 'ours':
@@ -110,7 +110,7 @@ def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: 
               save_attention: bool = False, shape: dict = CONFIG) -> dict:
     code = CHILD.format(root=str(ROOT), impl=impl, T=T, quant=quant, dtype=dtype, steps=steps, cfg=shape,
                         mlp_chunk=mlp_chunk, save_attention=save_attention)
-    env = memory.command_env(os.environ)  # the allocator `python train.py` runs with (memory.py's note)
+    env = memory_alloc.command_env(os.environ)  # the allocator `python train.py` runs with (memory_alloc.py's note)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}

@@ -51,7 +51,7 @@ import demo  # noqa: E402
 import devices  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
-import memory  # noqa: E402
+import memory_peak  # noqa: E402
 import parallel  # noqa: E402
 import plan  # noqa: E402
 import quant4  # noqa: E402
@@ -96,7 +96,7 @@ def sdpa_kernels_run(fn) -> list[str]:
 
 def peak_bytes(device: torch.device) -> int:
     """CUDA: the allocator's peak since reset_peak; CPU: the process's peak RSS (not reset: an upper bound)."""
-    rec = memory.peak_memory(device)
+    rec = memory_peak.peak_memory(device)
     return (rec["peak_alloc_gb"] if device.type == "cuda" else rec["peak_rss_gb"]) * 2**30
 
 
@@ -492,7 +492,7 @@ def section_demo(args, device, small: bool, out: Path, deadline: float) -> dict:
     elif device.type == "cuda":
         flags.update(eval_windows=16, eval_keys=80)  # twice the CPU demo's evaluation, its 400 steps
     t = time.time()
-    rows = demo.run(parallel.Dist(0, 0, 1, device), flags, train.train)
+    rows = demo.run(parallel.Dist(0, 0, 1, device), flags)
     return {"ok": rows is not None, "seconds": time.time() - t, "flags": flags,
             "rows": {k: {c: v for c, v in r.items() if c != "nll_by_position"} for k, r in (rows or {}).items()}}
 

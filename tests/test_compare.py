@@ -61,9 +61,9 @@ def test_errors_are_one_line(tmp_path, capsys, argv, needle):
         compare.method_list("")
 
 
-def test_demo_cli_dispatches_compare(tmp_path):
-    """`python demo.py compare ...` is compare.py's command line (its own process, exit status kept)."""
-    r = subprocess.run([sys.executable, str(ROOT / "demo.py"), "compare", "--methods", "bogus", "--out", str(tmp_path)],
+def test_compare_cli_is_one_line_on_bad_methods(tmp_path):
+    """`python compare.py ...` as a command: one line, exit status 1."""
+    r = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--methods", "bogus", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("error: --methods 'bogus'"), r.stderr
 
@@ -71,7 +71,7 @@ def test_demo_cli_dispatches_compare(tmp_path):
 @pytest.mark.slow
 def test_comparison_with_a_few_steps_has_every_row_and_finite_numbers(tmp_path):
     out = tmp_path / "cmp"
-    r = subprocess.run([sys.executable, str(ROOT / "demo.py"), "compare", "--steps", "3", "--methods",
+    r = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--steps", "3", "--methods",
                         "pi,ntk,yarn,yarn+pose,yarn+mix", "--eval-windows", "1", "--eval-keys", "2", "--ruler-trials",
                         "1", "--out", str(out)], capture_output=True, text=True, timeout=3000, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -287,13 +287,13 @@ def test_smollm2_gguf_tokenizer_long_text_piecewise_equals_whole(smollm2_path):
 LONG_LINE_PEAK = """
 import json, sys
 sys.path.insert(0, {root!r})
-import memory
-memory.return_freed_memory()
+import memory_alloc, memory_peak
+memory_alloc.return_freed_memory()
 import data, tokenizer
 tok = tokenizer.load_tokenizer({tok!r})
-base = memory.vm_hwm_kib()
+base = memory_peak.vm_hwm_kib()
 n = sum(1 for _ in data.file_samples({path!r}, tok, 4096))
-print(json.dumps({{"samples": n, "peak_bytes": (memory.vm_hwm_kib() - base) * 1024}}))
+print(json.dumps({{"samples": n, "peak_bytes": (memory_peak.vm_hwm_kib() - base) * 1024}}))
 """
 
 

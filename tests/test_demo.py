@@ -18,7 +18,6 @@ import lora
 import model as llama
 import tasks
 import tokenizer
-import train
 from checkpoint import SAFETENSORS_SINGLE, load_model
 from config import resolve
 from errors import UserError
@@ -161,7 +160,7 @@ def test_run_without_base_is_one_clear_error(tmp_path):
     """`python train.py` with no model and no shipped base: one line naming the file and the fix."""
     d = Dist(0, 0, 1, torch.device("cpu"))
     with pytest.raises(UserError, match=r"model.safetensors: missing; make it with `python demo.py pretrain"):
-        demo.run(d, {"base": str(tmp_path), "out": str(tmp_path / "o")}, train_fn=lambda cfg, d: pytest.fail("trained"))
+        demo.run(d, {"base": str(tmp_path), "out": str(tmp_path / "o")})
     assert not (tmp_path / "o").exists()
 
 
@@ -206,7 +205,7 @@ def test_short_demo_run_is_reproduced_by_eval_and_its_outputs_carry_the_tokenize
     torch.set_num_threads(2)
     out = tmp_path / "demo"
     rows = demo.run(Dist(0, 0, 1, torch.device("cpu")), {"steps": 2, "out": str(out), "eval_keys": 8,
-                                                         "eval_windows": 1}, train.train)
+                                                         "eval_windows": 1})
     adapter = out / "train" / "adapter"
     assert isinstance(tokenizer.load_tokenizer(adapter), tokenizer.ByteTokenizer)
     lengths = [256, 1280, 2560]

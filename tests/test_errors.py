@@ -313,7 +313,7 @@ CASES = [
                                           "1", "--out", "{ws}/out", "--merge", "--gguf", "f16"], "nothing was trained",
      "hf-bytes"),
     ("resume-truncated-adapter", T, [*RESUME, "--lora-r", "2", "--resume"], "--resume-from", "adapter-truncated"),
-    ("out-demo-foreign-folder", T, ["--out", "{ws}/nonempty", "--steps", "1"], "nonempty", None),
+    ("out-demo-foreign-folder", DM, ["--out", "{ws}/nonempty", "--steps", "1"], "nonempty", None),
     ("out-demo-pretrain-nonempty", DM, ["pretrain", "--out", "{ws}/nonempty", "--steps", "1"], "nonempty", None),
     ("out-compare-foreign-folder", CM, ["--out", "{ws}/nonempty", "--steps", "1"], "nonempty", None),
 ]
@@ -736,7 +736,7 @@ def test_a_signal_during_the_final_writes_stops_at_once_without_debris(tmp_path)
 def test_a_second_trainer_on_the_same_out_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path, assets):
     out = tmp_path / "run"
     args = [*RUN, "--data", str(assets / "text.txt"), "--out", str(out), "--save-every", "1", "--keep", "2"]
-    n = 600  # long enough that the first still runs while the second starts (imports twice: memory.py)
+    n = 600  # long enough that the first still runs while the second starts (each starts twice: memory_alloc.py)
     first = start([*args, "--steps", str(n)])
     wait_for_step(out, 2, first)
     code, _, err = finish([*args, "--steps", str(n), "--resume"])

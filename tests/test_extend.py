@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import extend
-import train
 from errors import UserError
 from model import ModelConfig
 from parallel import Dist
@@ -75,7 +74,7 @@ def test_forced_tiny_extension_runs_end_to_end_on_smollm2(smollm2_path, tmp_path
     out = tmp_path / "ext"
     rows = extend.run(Dist(0, 0, 1, torch.device("cpu")),
                       {"ctx": 1024, "steps": 1, "out": str(out), "eval_lengths": [512, 1024], "eval_windows": 1,
-                       "eval_keys": 1}, train.train, force=True)
+                       "eval_keys": 1}, force=True)
     names = list(rows)
     assert len(names) == 4 and names[0].startswith("base (RoPE base 1e+05)") and names[-1].startswith("extended")
     for name in (names[0], names[-1]):

@@ -24,13 +24,14 @@ LAYERS = {
     "checkpoint": 3, "lora": 3,
     "tokenizer": 4, "data": 4, "resumable": 4, "synth": 4, "tasks": 4, "ruler": 4, "ruler_qa": 4, "protocols": 4,
     "generate": 4, "gguf_export": 4,
-    "parallel": 5, "plan": 5, "config": 5, "guards": 5, "memory": 5, "trainstate": 5,
+    "parallel": 5, "plan": 5, "config": 5, "guards": 5, "trainstate": 5,
     "eval_report": 5,  # tables and plots of eval.py's results
     "harness": 5,  # lm-eval over a model eval.py loads; knows only generate and checkpoint
-    "eval": 6,
-    "demo": 7, "extend": 7,
-    "train": 8,  # `python train.py` with no --model runs the demo: train.main -> demo -> eval
-    "compare": 9,  # trains each method through train.train; `python demo.py compare` runs it as a process
+    "eval": 6, "train": 6,  # `python train.py` with no --model hands its process to a driver (never imports it)
+    "memory_alloc": 0,  # standard library only: commands import it before torch
+    "memory_peak": 1,
+    "demo": 7, "extend": 7,  # drivers: run train.train and eval
+    "compare": 8,  # trains each method through train.train beside the demo's base
 }
 SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
               ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),

@@ -130,7 +130,7 @@ def test_single_process_run_writes_adapter_metrics_and_merged_model(tmp_path, co
     ls = losses(out)
     assert len(ls) == 4 and all(l == l for l in ls)
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert rec["peak_rss_gb"] > 0 and "peak_mem_gb" not in rec, rec  # named by what it measures (memory.py)
+    assert rec["peak_rss_gb"] > 0 and "peak_mem_gb" not in rec, rec  # named by what it measures (memory_peak.py)
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "merged" / "config.json").is_file()
     for folder in ("adapter", "merged"):  # a preset trains with the byte tokenizer; both outputs record it
