@@ -5,7 +5,7 @@ What the recipes train on:
     plus ~39k long instruction samples for chat models.
   - Llama-3-8B-Instruct-80K-QLoRA (arXiv 2404.19553): 3.5K synthetic 64K-80K-token chat samples of three
     kinds (Single-Detail QA, Multi-Detail QA, Biography Summarization), written by GPT-4 about chunks of
-    a long document, mixed with 20K short instances (RedPajama, LongAlpaca); synth.py makes such data.
+    a long document, mixed with 20K short instances (RedPajama, LongAlpaca); data_synth.py makes such data.
   - ProLong (Gao et al., lecture notes): long + short mixtures weighted by TOKENS, not samples
     (e.g. 60% long / 40% short).
 

@@ -17,7 +17,7 @@ then `finish` below, from the shipped base in demo/:
      value, 40 prompts per length) at L, 5 L and 10 L.
 Short-context retention: the table's columns at L are the base's own length, its last column and a printed
 line give retention at L against the base (ppl: base ppl@L / row ppl@L; passkey: row / base; 1 = kept,
-above 1 = better). `python compare.py` runs PI, NTK, YaRN and YaRN + PoSE under this budget.
+above 1 = better). `python demo_compare.py` runs PI, NTK, YaRN and YaRN + PoSE under this budget.
 The output ends with that table, the targets it is read against, and the paths of the adapter, the table
 (results.md, results.json) and a plot of NLL by position. The README holds the measured table and the
 runs behind the choice of YaRN factor 16.
@@ -65,18 +65,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import guards
+import train_guards
 import train
 import model as llama
 import rope
 from checkpoint import SAFETENSORS_SINGLE, load_model, read_config, save_model
-from config import TrainConfig, resolve
+from train_config import TrainConfig, resolve
 from errors import UserError, run_cli
-from guards import check_same_files
+from train_guards import check_same_files
 from lora import load_adapter
 from outputs import atomic_path, atomic_write_text, check_output, holds_only, save_figure
 from parallel import Dist, barrier
-from tasks import (KEY_DIGITS, PASSKEY_NAME, code_passkey_items, corpus_bytes, query_bytes, random_value,
+from eval_tasks import (KEY_DIGITS, PASSKEY_NAME, code_passkey_items, corpus_bytes, query_bytes, random_value,
                    stdlib_split)
 from tokenizer import BYTE_SPECIALS, BYTE_VOCAB_SIZE, save_tokenizer
 
@@ -170,7 +170,7 @@ def greedy_hits(net, prompts: list[list[int]], answers: list[list[int]], batch: 
 
 
 def passkey_accuracy(net, filler: np.ndarray, length: int, n: int, seed: int, batch: int = 16) -> float:
-    """Fraction of n passkey prompts of `length` tokens (tasks.code_passkey_items: `eval.py passkey --format
+    """Fraction of n passkey prompts of `length` tokens (eval_tasks.code_passkey_items: `eval.py passkey --format
     code` builds the same ones) answered exactly by greedy decoding."""
     return greedy_hits(net, *code_passkey_items(filler, length, n, seed), batch=batch).float().mean().item()
 
@@ -372,7 +372,7 @@ def prepare(d: Dist, flags: dict) -> DemoRun:
     if d.main:
         print(f"demo: base {base_dir} (context L = {L} bytes), extending to {cfg.ctx} with {d.world} process(es)",
               flush=True)
-        guards.remove_run(out / "train")  # the demo's own previous run
+        train_guards.remove_run(out / "train")  # the demo's own previous run
         out.mkdir(parents=True, exist_ok=True)
         write_extension_data(out / "data.jsonl", corpus_bytes(stdlib_split()[0]), cfg.ctx,
                              cfg.steps * cfg.grad_accum * d.world, TRAIN_SEED + 7)
@@ -448,7 +448,7 @@ def main(argv=None):
             sys.exit(code)
         return
     ap = argparse.ArgumentParser(description="Remake the demo's base: `python demo.py pretrain` (`python train.py` "
-                                 "or `python demo.py` with no --model runs the demo; compare.py compares methods).")
+                                 "or `python demo.py` with no --model runs the demo; demo_compare.py compares methods).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pretrain", help="train the base from scratch (the shipped demo/ was made by this)")
     p.add_argument("--steps", type=int, default=3000)

@@ -9,10 +9,10 @@ recall, where the answer is only in the distant context:
              cut from one EOS-joined token stream (Chen et al. 2023, "Position Interpolation", sec. 3.2;
              with --stride S each window scores only its last S tokens, as in the sliding evaluation there).
     passkey, needle, kv  synthetic recall with the answer only in the distant context, greedy decoding,
-             exact match (and ROUGE-L recall for needle); prompts and scorers in tasks.py. `--protocol`
+             exact match (and ROUGE-L recall for needle); prompts and scorers in eval_tasks.py. `--protocol`
              builds and scores them as a paper's code does (needle: llama3-80k, kamradt; kv: helmet;
-             protocols.py), on the protocol's own grid unless --lengths/--depths say otherwise.
-    harness  lm-evaluation-harness tasks (--tasks mmlu, ...) on the model as loaded here (harness.py).
+             eval_protocols.py), on the protocol's own grid unless --lengths/--depths say otherwise.
+    harness  lm-evaluation-harness tasks (--tasks mmlu, ...) on the model as loaded here (eval_harness.py).
              `passkey --format code` is the built-in demo's probe (byte-level models): held-out stdlib code
              with a `K$NNNN` fact at a random depth, queried by `K$`; --trials prompts per length from the
              RNG stream --seed, as demo.py draws them (its table uses --seed 987654321, 40 trials).
@@ -31,7 +31,7 @@ Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
     python eval.py needle --protocol llama3-80k --model $SMOL --haystack PaulGrahamEssays/ --lengths 8000
     python eval.py harness --model $SMOL --tasks longctx_mc --include-path tests/harness_tasks --out /tmp/h
     python eval.py kv --model tiny --model out/merged --adapter none --adapter none --lengths 512
-    python eval.py ruler --model $SMOL --lengths 4096 --samples quick   # RULER's 13 tasks (ruler.py, README)
+    python eval.py ruler --model $SMOL --lengths 4096 --samples quick   # RULER's 13 tasks (eval_ruler.py, README)
     python eval.py passkey --format code --model demo --adapter runs/demo/train/adapter --quant nf4 \
         --rope yarn:16 --lengths 256,1280,2560 --trials 40 --seed 987654321     # the demo's passkey column
 
@@ -62,11 +62,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import harness
-import memory_peak
-import protocols
+import eval_harness
+import eval_protocols
 import rope
-import ruler
+import eval_ruler
 from checkpoint import load_model, read_config
 from devices import add_device_flags, device_and_dtype
 from errors import UserError, check_range, run_cli
@@ -76,7 +75,7 @@ from lora import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
 from outputs import atomic_write_text, check_output
-from tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, document_texts,
+from eval_tasks import (END_OF_TURN, KEY_DIGITS, NEEDLE, QUESTION, code_passkey_items, corpus_bytes, document_texts,
                    haystack_text, kv_prompt, needle_prompt, passkey_correct, passkey_prompt,
                    sentence_starts, stdlib_files, stdlib_split, stdlib_texts, token_stream, windows)
 from tokenizer import chat_template_for, load_tokenizer
@@ -84,7 +83,7 @@ from tokenizer import chat_template_for, load_tokenizer
 # ----------------------------------------------------------------------------- constants
 
 TASKS = ("ppl", "passkey", "needle", "kv", "ruler", "harness")
-FORMATS = ("text", "code")  # passkey prompts: the filler-text probe, or the demo's code probe (tasks.py)
+FORMATS = ("text", "code")  # passkey prompts: the filler-text probe, or the demo's code probe (eval_tasks.py)
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 MAX_ITEMS = 10**5  # --trials, --windows: per length (every item is a generation or a forward pass)
 PROBE_NEW_TOKENS = 256  # tokens a probe's answer may take, counted in the memory check (the tasks ask for fewer)
@@ -237,9 +236,9 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
         if args.task == "passkey":
             item["correct"] = passkey_correct(answer, ref)
         elif args.task == "ruler":
-            item["task"], item["correct"] = sub, ruler.score(sub, answer, ref)  # a fraction of the references
+            item["task"], item["correct"] = sub, eval_ruler.score(sub, answer, ref)  # a fraction of the references
         else:  # needle, kv: ours or a published protocol's scores
-            item.update(protocols.score(args.task, args.protocol, answer, ref))
+            item.update(eval_protocols.score(args.task, args.protocol, answer, ref))
         items.append(item)
     by_length = {}
     for L in args.lengths:
@@ -250,18 +249,18 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
                 by_length[L][k] = sum(i[k] for i in sel) / len(sel)
     out = {"by_length": by_length, "items": items}
     if args.task == "ruler":  # accuracy above is the average over tasks; here each task alone, with its s.e.
-        out["by_task"] = {s: {L: ruler.summarize([i["correct"] for i in items if (i["task"], i["length"]) == (s, L)])
+        out["by_task"] = {s: {L: eval_ruler.summarize([i["correct"] for i in items if (i["task"], i["length"]) == (s, L)])
                               for L in args.lengths} for s in subtasks}
-        out["average"] = {"name": ruler.average_name(subtasks),
-                          **{L: ruler.average([out["by_task"][s][L] for s in subtasks]) for L in args.lengths}}
+        out["average"] = {"name": eval_ruler.average_name(subtasks),
+                          **{L: eval_ruler.average([out["by_task"][s][L] for s in subtasks]) for L in args.lengths}}
     return out
 
 
 def prompt_maker(task: str, tokenizer, args, hay):
     """The task's make_prompt(L, depth, trial); keys and UUIDs depend only on (seed, L, depth, trial)."""
     template = None
-    if task == "ruler":  # RULER's own templates and haystack sizes (ruler.py); sample t of each task and length
-        data, args.ruler_haystack = ruler.setup(tokenizer, args.template, args.chat_template, args.haystack,
+    if task == "ruler":  # RULER's own templates and haystack sizes (eval_ruler.py); sample t of each task and length
+        data, args.ruler_haystack = eval_ruler.setup(tokenizer, args.template, args.chat_template, args.haystack,
                                                 args.qa_files, args.ruler_tasks, args.seed)
         return (lambda L, d, t, sub: data.prompt(sub, L, t)), data.template or "base"
     if task == "kv" and args.protocol == "helmet":  # HELMET's recall runs without a chat template
@@ -286,7 +285,7 @@ def prompt_maker(task: str, tokenizer, args, hay):
             prompts, answers = code_items[L]
             return prompts[t], bytes(answers[t]).decode(), KEY_DIGITS, None
         if args.protocol != "ours":
-            return protocols.make_prompt(task, args.protocol, tokenizer, L, d, rng(L, d, t), template, hay)
+            return eval_protocols.make_prompt(task, args.protocol, tokenizer, L, d, rng(L, d, t), template, hay)
         if task == "passkey":
             key = str(rng(L, d, t).randint(10000, 99999))
             ids, at = passkey_prompt(tokenizer, L, d, key)
@@ -341,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "retained column compares each row with the first (default: the shortest length)")
     ap.add_argument("--depths", default=None, help=f"default {DEFAULT_DEPTHS}, or the --protocol's own grid")
     ap.add_argument("--protocol", default="ours", help="needle: ours, llama3-80k, kamradt; kv: ours, helmet "
-                    "(protocols.py: the published prompts, grids and scores)")
+                    "(eval_protocols.py: the published prompts, grids and scores)")
     ap.add_argument("--format", choices=FORMATS, default="text",
                     help="passkey: 'text' (filler sentences) or 'code' (the demo's probe: stdlib code, K$NNNN facts)")
     ap.add_argument("--trials", type=int, default=1,
@@ -361,9 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=float, default=None, help="harness: examples per task (a fraction if < 1)")
     ap.add_argument("--num-fewshot", type=int, default=None, help="harness: in-context examples per prompt")
     ap.add_argument("--log-samples", action="store_true", help="harness: also write per-sample logs")
-    ap.add_argument("--samples", default=str(ruler.DEFAULT_SAMPLES),
-                    help=f"ruler: samples per task and length, or 'quick' ({ruler.QUICK_SAMPLES}, a smoke run)")
-    ap.add_argument("--template", choices=ruler.TEMPLATE_KINDS, default=None,
+    ap.add_argument("--samples", default=str(eval_ruler.DEFAULT_SAMPLES),
+                    help=f"ruler: samples per task and length, or 'quick' ({eval_ruler.QUICK_SAMPLES}, a smoke run)")
+    ap.add_argument("--template", choices=eval_ruler.TEMPLATE_KINDS, default=None,
                     help="ruler: RULER's base template or the model's chat template (default: chat for a "
                          "tokenizer with a chat template)")
     ap.add_argument("--squad", default=None, help="ruler: SQuAD v2 dev JSON for qa_1 (RULER's squad.json)")
@@ -379,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     args.device, dtype = device_and_dtype(args.device, args.dtype)
     args.dtype = str(dtype).removeprefix("torch.")
-    grid = protocols.default_grid(args.task, args.protocol)  # a UserError for a protocol the task lacks
+    grid = eval_protocols.default_grid(args.task, args.protocol)  # a UserError for a protocol the task lacks
     args.lengths = parse_ints(args.lengths or (",".join(map(str, grid[0])) if grid else "2048,8192,16384"),
                               "--lengths", minimum=2)
     if args.base_length is not None:
@@ -419,7 +418,7 @@ def check_args(args) -> None:
 def check_ruler_args(args) -> None:
     """RULER's protocol: samples instead of depths x trials; the qa tasks only with their files."""
     args.qa_files = {"qa_1": args.squad, "qa_2": args.hotpotqa}
-    args.ruler_tasks = ruler.parse_tasks(args.tasks if args.task == "ruler" else None, args.qa_files)
+    args.ruler_tasks = eval_ruler.parse_tasks(args.tasks if args.task == "ruler" else None, args.qa_files)
     if args.prepare_only and (args.task != "ruler" or args.tokenizer is None or args.model):
         raise UserError("--prepare-only: ruler only, with --tokenizer TOK and no --model (no model is loaded)")
     if args.model is None and not args.prepare_only:
@@ -429,7 +428,7 @@ def check_ruler_args(args) -> None:
         return
     if args.depths != [float(x) for x in DEFAULT_DEPTHS.split(",")] or args.trials != 1:
         raise UserError("--depths/--trials do not apply to ruler: it draws depths by RULER's law; use --samples N")
-    args.samples = ruler.parse_samples(args.samples)
+    args.samples = eval_ruler.parse_samples(args.samples)
     args.depths, args.trials = [None], args.samples
 
 
@@ -458,9 +457,9 @@ def run_harness(args) -> dict:
     model, tok = load(args.model[0], args.adapter[0], args)
     cfg = model.config
     set_rope(model, *rope_override(cfg.rope_theta, cfg.rope_scaling, args.rope[0], args.rope_theta, cfg.max_seq_len))
-    res = harness.run(model, tok, args.model[0], args.tasks.split(","), args.out, args.include_path, args.limit,
+    res = eval_harness.run(model, tok, args.model[0], args.tasks.split(","), args.out, args.include_path, args.limit,
                       args.num_fewshot, args.log_samples, args.prefill_chunk, args.seed)
-    print(harness.table(res), f"\nwrote lm-eval's results under {args.out}", sep="")
+    print(eval_harness.table(res), f"\nwrote lm-eval's results under {args.out}", sep="")
     return res
 
 
@@ -473,13 +472,13 @@ def evaluate(args) -> list[dict]:
             "quant": args.quant,
             "seed": args.seed, "prefill_chunk": args.prefill_chunk, "lengths": args.lengths, "depths": args.depths,
             "trials": args.trials, "windows": args.windows, "stride": args.stride, "format": args.format,
-            "base_length": args.base_length, "protocol": args.protocol, "scoring": protocols.SCORING[args.protocol],
+            "base_length": args.base_length, "protocol": args.protocol, "scoring": eval_protocols.SCORING[args.protocol],
             "samples": args.samples if args.task == "ruler" else None,
             "docs": args.docs or "python stdlib *.py (sorted)"}
     if args.prepare_only:  # RULER's jsonl files, no model
-        data, _ = ruler.setup(load_tokenizer(args.tokenizer), args.template, args.chat_template, args.haystack,
+        data, _ = eval_ruler.setup(load_tokenizer(args.tokenizer), args.template, args.chat_template, args.haystack,
                               args.qa_files, args.ruler_tasks, args.seed)
-        for path in ruler.write_validation(data, args.lengths, args.ruler_tasks, args.samples, out):
+        for path in eval_ruler.write_validation(data, args.lengths, args.ruler_tasks, args.samples, out):
             print(f"wrote {path}")
         return []
     hay = None
@@ -500,7 +499,7 @@ def evaluate(args) -> list[dict]:
                                 "byte-level (the demo's models)")
             hay = corpus_bytes(stdlib_split()[1])  # held-out stdlib code, as the demo evaluates on
         elif args.task == "needle" and args.protocol != "ours":
-            hay, meta["haystack"] = protocols.read_haystack(args.haystack)
+            hay, meta["haystack"] = eval_protocols.read_haystack(args.haystack)
         elif args.task == "needle":
             text = haystack_text(args.haystack)
             ids, spans = tok.encode_offsets(text)

@@ -2,7 +2,7 @@
 
 Retention (Gao et al. 2024, "How to Train Long-Context Language Models (Effectively)": keep short-context
 ability): each row's score at the base's own length as a fraction of the first row's, 1 = kept.
-Tables name rows by model, adapter and RoPE; RULER rows carry each task's standard error (ruler.cell_text).
+Tables name rows by model, adapter and RoPE; RULER rows carry each task's standard error (eval_ruler.cell_text).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-import ruler
+import eval_ruler
 from outputs import save_figure
 
 PLOT_DPI = 80
@@ -67,7 +67,7 @@ def ruler_table(rows: list[dict], lengths: list[int], retain_at: int | None = No
     lines = ["| model | task | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     for r in rows:
         for task, by_length in [*r["by_task"].items(), (r["average"]["name"] + haystack, r["average"])]:
-            cells = [ruler.cell_text(by_length[L]) for L in lengths]
+            cells = [eval_ruler.cell_text(by_length[L]) for L in lengths]
             if extra:
                 first = rows[0]["by_task"].get(task, rows[0]["average"])[at]["score"]
                 cells.append(retention_cell(retention("ruler", [first, by_length[at]["score"]])[1]))

@@ -21,7 +21,7 @@ recipes' learning rates would never move. LoRA's A and B are float32 by default 
 each is rounded to the activations' dtype at use (LoRALinear, MasterEmbedding, MasterLinear, model.RMSNorm):
 the forward is the 16-bit model with the rounded weights, the gradient reaches the float32 tensor through
 the cast, and AdamW and the micro-step accumulation act on float32 (no copy-back step, no second tensor
-to checkpoint), as plan.memory_plan assumes.
+to checkpoint), as memory_plan.memory_plan assumes.
 
 Adapter files follow PEFT 0.21 (`PeftModel.from_pretrained` loads ours; we load PEFT's):
     adapter_config.json          peft_type LORA, r, lora_alpha, target_modules, use_rslora, modules_to_save

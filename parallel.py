@@ -156,7 +156,7 @@ class Mesh:
 
 def check_context_parallel(cp: int, n_heads: int, n_kv_heads: int) -> None:
     """The model shapes --cp allows: cp divides the kv heads and the query heads (one-line UserError naming
-    the values that do). config.resolve checks the world size and ctx."""
+    the values that do). train_config.resolve checks the world size and ctx."""
     if n_kv_heads % cp or n_heads % cp:
         ok = [n for n in range(1, n_kv_heads + 1) if n_kv_heads % n == 0 and n_heads % n == 0]
         raise UserError(f"--cp {cp} does not divide the model's {n_kv_heads} kv heads ({n_heads} query heads); "

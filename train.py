@@ -7,10 +7,10 @@ Launch:
         --data long.jsonl:0.15,short.jsonl:0.85 --ctx 81920 --out runs/llama3-80k
     python train.py --dry-run --model llama-3-8b --ctx 80000 --recipe llama3-80k --nproc 8   # memory plan only
     python train.py                                    # no --model: the built-in demo (demo.py)
-    torchrun --nproc_per_node 8 train.py --ctx 80000   # no --model, ctx beyond the demo's: SmolLM2 (extend.py)
+    torchrun --nproc_per_node 8 train.py --ctx 80000   # no --model, ctx beyond the demo's: SmolLM2 (demo_smollm2.py)
 
 Recipes (`--recipe`; explicit flags override them): `python train.py --help` lists them with their settings,
-config.RECIPES holds them.
+train_config.RECIPES holds them.
 
 One optimizer step = grad_accum micro-steps on every rank, each micro-step one sequence of up to ctx tokens.
 The loss is the sum of token NLLs divided by the number of supervised tokens of the whole step (all
@@ -41,21 +41,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import config
+import train_config
 import data as D
 import doc_attn
 import gguf_export
-import guards
+import train_guards
 import lora
 import memory_peak
 import parallel
-import plan
+import memory_plan
 import pose
 import rope
 import shift_attn
-import trainstate
+import train_state
 from checkpoint import load_model, read_json
-from config import TrainConfig
+from train_config import TrainConfig
 from devices import choose_dtype
 from errors import UserError, json_field, run_cli
 from model import PRESETS, MemoryOptions
@@ -63,8 +63,8 @@ from outputs import append_line, atomic_path, atomic_write_text
 from parallel import Dist, log0
 from tokenizer import CHAT_TEMPLATES, load_tokenizer, save_tokenizer
 
-CKPT_PREFIX = guards.CKPT_PREFIX
-DRIVERS = {"demo": "demo.py", "extend": "extend.py"}  # what `python train.py` with no --model becomes
+CKPT_PREFIX = train_guards.CKPT_PREFIX
+DRIVERS = {"demo": "demo.py", "extend": "demo_smollm2.py"}  # what `python train.py` with no --model becomes
 
 # ----------------------------------------------------------------------------- model
 
@@ -75,8 +75,8 @@ def build_model(cfg: TrainConfig, d: Dist, dtype: torch.dtype):
     memory = MemoryOptions(checkpointing=cfg.checkpointing, mlp_chunk=cfg.mlp_chunk, save_attention=cfg.save_attention)
     net = load_model(cfg.model, dtype=dtype, device=d.device, quant=None if cfg.quant == "none" else cfg.quant,
                      seed=cfg.seed, memory=memory)
-    plan.check_run(cfg, net.config, d.device)  # again: a GGUF file's config is known only now
-    net.config.rope_theta, net.config.rope_scaling = plan.trained_rope(cfg, net.config)
+    memory_plan.check_run(cfg, net.config, d.device)  # again: a GGUF file's config is known only now
+    net.config.rope_theta, net.config.rope_scaling = memory_plan.trained_rope(cfg, net.config)
     summary = lora.apply_lora(net, **cfg.lora_kwargs())
     net.to(d.device)
     return net, summary
@@ -162,14 +162,14 @@ def load_tok(cfg: TrainConfig):
 
 def preflight(cfg: TrainConfig, tokenizer) -> None:
     """Checks that need files but load no weights, in a run and in the dry run: the --data spec (if given),
-    the tokenizer against the model's vocabulary. (--out is checked by guards.check_run_folder, and locked
-    for a run by guards.own_run_folder.)"""
+    the tokenizer against the model's vocabulary. (--out is checked by train_guards.check_run_folder, and locked
+    for a run by train_guards.own_run_folder.)"""
     if cfg.data is not None:
         D.parse_data_spec(cfg.data)
     if cfg.chat_template is not None and cfg.chat_template not in CHAT_TEMPLATES:
         raise UserError(f"--chat-template {cfg.chat_template!r}: unknown; choose one of {sorted(CHAT_TEMPLATES)}")
     if cfg.model in PRESETS or Path(cfg.model).is_dir():
-        vocab = plan.model_config(cfg.model).vocab_size
+        vocab = memory_plan.model_config(cfg.model).vocab_size
         if tokenizer.vocab_size > vocab:
             raise UserError(f"--tokenizer {tokenizer.name}: {tokenizer.vocab_size} tokens, more than the vocab_size "
                             f"{vocab} of --model {cfg.model}; use the model's own tokenizer")
@@ -223,13 +223,13 @@ def save_checkpoint(out: Path, step: int, net, opt, sched, mixture, cfg: TrainCo
     """Every rank: gather the data cursors and RNG states (ranks stand at different places of the global
     stream). Rank 0: write adapter + trainer state as `ckpt-STEP` (atomically), keep the newest --keep."""
     cursor = parallel.gather_objects(mixture.state_dict(), d)
-    rngs = {kind: parallel.gather_tensors(s, d) for kind, s in trainstate.rng_state(d).items()}
+    rngs = {kind: parallel.gather_tensors(s, d) for kind, s in train_state.rng_state(d).items()}
     if not d.main:
         return
     with atomic_path(out / f"{CKPT_PREFIX}{step:07d}", is_dir=True) as tmp:
         lora.save_adapter(net, tmp / "adapter", base_model_path=cfg.model)
-        save_file(trainstate.optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
-        save_file(trainstate.rng_tensors(rngs), str(tmp / "rng.safetensors"))
+        save_file(train_state.optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
+        save_file(train_state.rng_tensors(rngs), str(tmp / "rng.safetensors"))
         state = {"step": step, "scheduler": sched.state_dict(), "data_cursor": cursor, "config": cfg.to_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     for old in sorted(out.glob(CKPT_PREFIX + "*"))[:-cfg.keep]:
@@ -243,10 +243,10 @@ def newest_checkpoint(out: Path) -> Path | None:
 
 
 def check_same_run(saved: dict, cfg: TrainConfig, where: Path):
-    """The settings that must match on resume (config.IDENTITY); a key an older checkpoint lacks reads as
+    """The settings that must match on resume (train_config.IDENTITY); a key an older checkpoint lacks reads as
     its default."""
-    for k in config.IDENTITY:
-        if saved.get(k, config.DEFAULTS.get(k)) != getattr(cfg, k):
+    for k in train_config.IDENTITY:
+        if saved.get(k, train_config.DEFAULTS.get(k)) != getattr(cfg, k):
             raise UserError(f"{where}: checkpoint was trained with {k}={saved.get(k)!r}, this run has "
                             f"{getattr(cfg, k)!r}; use a new --out or the same flags")
 
@@ -272,9 +272,9 @@ def fallback_hint(ckpt: Path) -> str:
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
-    """'key old -> new' for the settings (not config.IDENTITY) a resumed run changes."""
-    skip = set(config.IDENTITY) | {"resume", "resume_from", "recipe", "out"}
-    return [f"{config.flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
+    """'key old -> new' for the settings (not train_config.IDENTITY) a resumed run changes."""
+    skip = set(train_config.IDENTITY) | {"resume", "resume_from", "recipe", "out"}
+    return [f"{train_config.flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
             if k not in skip and k in saved and saved[k] != v]
 
 
@@ -285,7 +285,7 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     resumed step on: lr = --lr x schedule(step) with this run's schedule and total."""
     ckpt = Path(cfg.resume_from) if cfg.resume_from else newest_checkpoint(out) if cfg.resume else None
     place = f"--resume-from {ckpt}" if cfg.resume_from else f"--out {out}"
-    guards.check_same_files(d, [ckpt or newest_checkpoint(out)], place)  # every rank finds the same (multi-node)
+    train_guards.check_same_files(d, [ckpt or newest_checkpoint(out)], place)  # every rank finds the same (multi-node)
     if cfg.resume_from is not None and not (ckpt / "trainer_state.json").is_file():
         raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
     if cfg.resume and ckpt is None:
@@ -309,7 +309,7 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
         lora.load_adapter(net, ckpt / "adapter")
     except UserError as e:
         raise UserError(f"{e}{fallback_hint(ckpt)}") from None
-    trainstate.load_optimizer_tensors(opt, trained_names(net), optimizer)
+    train_state.load_optimizer_tensors(opt, trained_names(net), optimizer)
     sched.load_state_dict(scheduler)
     sched.base_lrs = [cfg.lr for _ in opt.param_groups]  # this run's --lr, not the saved one
     sched._last_lr = [cfg.lr * f(step) for f in sched.lr_lambdas]
@@ -318,9 +318,9 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     mixture.load_state_dict(cursor[d.rank], f"{where}: data_cursor[{d.rank}]")
     if f"rank{d.rank}" not in rngs:
         raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{fallback_hint(ckpt)}")
-    trainstate.set_rng_state(rngs, d)
+    train_state.set_rng_state(rngs, d)
     if cfg.resume_from is not None:  # a rollback: its branch becomes the one a later --resume continues
-        guards.set_aside_later(out, step, d)
+        train_guards.set_aside_later(out, step, d)
     changed = changed_settings(saved, cfg)
     log0(d, f"resumed from {ckpt} at step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
     return step
@@ -428,10 +428,10 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
 
 
 def train(cfg: TrainConfig, d: Dist) -> int:
-    """Fine-tune as `cfg` says, on every rank of `d`, holding --out (guards.own_run_folder); returns the last step."""
+    """Fine-tune as `cfg` says, on every rank of `d`, holding --out (train_guards.own_run_folder); returns the last step."""
     if not str(cfg.model).endswith(".gguf"):  # before --out is touched or a weight loads (a GGUF's: in build_model)
-        plan.check_run(cfg, plan.model_config(cfg.model), d.device)
-    with guards.own_run_folder(cfg.out, d):
+        memory_plan.check_run(cfg, memory_plan.model_config(cfg.model), d.device)
+    with train_guards.own_run_folder(cfg.out, d):
         return fit(cfg, d)
 
 
@@ -472,8 +472,8 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     net.train()
     stream = iter(mixture)
     # loop: one optimizer step = grad_accum micro-steps on every rank
-    watch = guards.GradWatch(d)
-    with Progress(d, total, step, cfg.log_every) as bar, guards.Interrupts(d) as stop:
+    watch = train_guards.GradWatch(d)
+    with Progress(d, total, step, cfg.log_every) as bar, train_guards.Interrupts(d) as stop:
         t0, tokens_seen = time.perf_counter(), 0
         sparse_steps = total - round(cfg.full_attn_tail * total)  # S²-Attn (if chosen) before, full attention after
         while step < total:
@@ -519,14 +519,14 @@ def suggest_base(spec: str | None, target_len: int) -> float:
         raise UserError("--suggest-base needs --model (a HF directory or a preset) to read its RoPE base and length")
     if target_len < 1:
         raise UserError(f"--suggest-base must be a length >= 1, got {target_len}")
-    mc = plan.model_config(spec)
+    mc = memory_plan.model_config(spec)
     return rope.suggest_base(mc.rope_theta, mc.max_seq_len, target_len, mc.head_dim)
 
 
 def parse_flags(argv: list[str] | None) -> tuple[dict, dict]:
     """train.py's command line -> (the TrainConfig fields given, the command's own options: recipe,
-    dry_run, suggest_base, force). The drivers (demo.py, extend.py) parse the same line."""
-    given = vars(config.build_parser(__doc__.split("\n")[0]).parse_args(argv))
+    dry_run, suggest_base, force). The drivers (demo.py, demo_smollm2.py) parse the same line."""
+    given = vars(train_config.build_parser(__doc__.split("\n")[0]).parse_args(argv))
     return given, {k: given.pop(k, None) for k in ("recipe", "dry_run", "suggest_base", "force")}
 
 
@@ -565,18 +565,18 @@ def plan_only(given: dict, opts: dict) -> None:
     if opts["suggest_base"] is not None:
         print(f"{suggest_base(given.get('model'), opts['suggest_base']):.4g}")
         return
-    cfg = config.resolve(given, opts["recipe"], dry_run=True)
+    cfg = train_config.resolve(given, opts["recipe"], dry_run=True)
     preflight(cfg, load_tok(cfg))
-    guards.check_run_folder(Path(cfg.out))
-    plan.dry_run(cfg)
+    train_guards.check_run_folder(Path(cfg.out))
+    memory_plan.dry_run(cfg)
 
 
 def check_command(given: dict, opts: dict) -> None:
     """What the command line's flags say of each other, before anything runs."""
-    no_model, beyond_demo = given.get("model") is None, (given.get("ctx") or 0) > config.DEMO_MAX_CTX
+    no_model, beyond_demo = given.get("model") is None, (given.get("ctx") or 0) > train_config.DEMO_MAX_CTX
     if opts["force"] and not (no_model and beyond_demo):
         raise UserError(f"--force applies to the real-model extension only (no --model, --ctx above "
-                        f"{config.DEMO_MAX_CTX})")
+                        f"{train_config.DEMO_MAX_CTX})")
     if no_model and given.get("data") is not None and not opts["dry_run"] and opts["suggest_base"] is None:
         raise UserError("--data needs --model (without --model, train.py runs the built-in demo)")
 
@@ -589,9 +589,9 @@ def main(argv=None):
     if opts["dry_run"] or opts["suggest_base"] is not None:
         code = run_cli(lambda: plan_only(given, opts))
     elif given.get("model") is None:  # the built-in demo, or beyond its length the SmolLM2 extension
-        code = hand_over("extend" if (given.get("ctx") or 0) > config.DEMO_MAX_CTX else "demo", argv)
+        code = hand_over("extend" if (given.get("ctx") or 0) > train_config.DEMO_MAX_CTX else "demo", argv)
     else:
-        code = run_ranks(lambda d: train(config.resolve(given, opts["recipe"], d.world), d), given)
+        code = run_ranks(lambda d: train(train_config.resolve(given, opts["recipe"], d.world), d), given)
     if code:
         sys.exit(code)
 

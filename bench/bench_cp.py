@@ -102,14 +102,14 @@ def run_point(T: int, cp: int) -> list[dict]:
 
 
 def planned_activation_mib(T: int, cp: int) -> float:
-    """plan.memory_plan's activation part (checkpoints + the larger transient) plus its CPU runtime
+    """memory_plan.memory_plan's activation part (checkpoints + the larger transient) plus its CPU runtime
     workspace, for the bench config: what a step's RSS growth should be."""
     sys.path.insert(0, str(ROOT))
-    import plan
-    from config import TrainConfig
+    import memory_plan
+    from train_config import TrainConfig
     from model import ModelConfig
 
-    p = plan.memory_plan(TrainConfig(ctx=T, cp=cp, loss_chunk=1024), ModelConfig(**CONFIG), 4, 0, "cpu")
+    p = memory_plan.memory_plan(TrainConfig(ctx=T, cp=cp, loss_chunk=1024), ModelConfig(**CONFIG), 4, 0, "cpu")
     act = p["block checkpoints"] + max(p["one block's backward"], p["loss (chunk x V logits + 4 T x C)"]) \
         + p["runtime workspace (cpu)"]
     return act / 2**20

@@ -16,7 +16,7 @@ Measured: the process's peak RSS (VmHWM, memory_peak.vm_hwm_kib: interpreter, li
 the allocator `python train.py` runs with (memory_alloc.command_env: the preloaded library, else glibc's setting), or
 glibc's defaults with --allocator default;
 the RSS after imports alone (the process baseline); CPU seconds (user + system) and wall seconds of the
-child. Planned: plan.memory_plan on "cpu" for the same TrainConfig.
+child. Planned: memory_plan.memory_plan on "cpu" for the same TrainConfig.
 """
 from __future__ import annotations
 
@@ -80,23 +80,23 @@ def run_point(argv: list[str], default_allocator: bool) -> dict:
 
 
 def planned_mib(argv: list[str]) -> dict[str, float]:
-    """plan.memory_plan on "cpu" (float32) for the TrainConfig these train.py flags resolve to, in MiB."""
+    """memory_plan.memory_plan on "cpu" (float32) for the TrainConfig these train.py flags resolve to, in MiB."""
     import torch
 
-    import config
+    import train_config
     import lora
     import model as M
-    import plan
+    import memory_plan
 
     M.PRESETS.update(SHAPES)
-    given = vars(config.build_parser("").parse_args(argv))
+    given = vars(train_config.build_parser("").parse_args(argv))
     given = {k: v for k, v in given.items() if k not in ("recipe", "dry_run", "suggest_base", "force")}
-    cfg = config.resolve(given, None, dry_run=True)
+    cfg = train_config.resolve(given, None, dry_run=True)
     mcfg = M.ModelConfig.from_name(cfg.model)
     with torch.device("meta"):
         net = M.Transformer(mcfg)
         trainable = lora.apply_lora(net, **cfg.lora_kwargs())["trainable"]
-    return {k: v / 2**20 for k, v in plan.memory_plan(cfg, mcfg, 4, trainable, "cpu").items()}
+    return {k: v / 2**20 for k, v in memory_plan.memory_plan(cfg, mcfg, 4, trainable, "cpu").items()}
 
 
 def main():

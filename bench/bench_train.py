@@ -12,7 +12,7 @@ With --quant nf4: our NF4 base vs bitsandbytes' Linear4bit (nf4, double quant) v
 
 Peak memory is the model's own RSS growth plus the process's peak RSS growth during the step (VmHWM, reset
 after the model is built), with the allocator `python train.py` runs with (memory_alloc.command_env, and the child
-calls memory_alloc.return_freed_memory as train.py does), so freed memory leaves the RSS and it follows live memory; the memory plan of `train.py --dry-run` (plan.memory_plan) is printed beside ours (error in %).
+calls memory_alloc.return_freed_memory as train.py does), so freed memory leaves the RSS and it follows live memory; the memory plan of `train.py --dry-run` (memory_plan.memory_plan) is printed beside ours (error in %).
 """
 from __future__ import annotations
 
@@ -119,13 +119,13 @@ def run_point(impl: str, T: int, quant: str, dtype: str, steps: int, mlp_chunk: 
 
 def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attention: bool = False,
                 shape: dict = CONFIG) -> float:
-    """plan.memory_plan for the same config, in MiB."""
+    """memory_plan.memory_plan for the same config, in MiB."""
     import torch
 
     import lora
     import model as M
-    import plan
-    from config import TrainConfig
+    import memory_plan
+    from train_config import TrainConfig
 
     cfg = TrainConfig(ctx=T, quant=quant, loss_chunk=1024, checkpointing=True, mlp_chunk=mlp_chunk,
                       save_attention=save_attention)
@@ -133,7 +133,7 @@ def planned_mib(T: int, quant: str, dtype: str, mlp_chunk: int = 0, save_attenti
     with torch.device("meta"):
         net = M.Transformer(mcfg)
     trainable = lora.apply_lora(net, r=8, alpha=16)["trainable"]
-    p = plan.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")
+    p = memory_plan.memory_plan(cfg, mcfg, torch.finfo(getattr(torch, dtype)).bits // 8, trainable, "cpu")
     return (p["total"] - p["process itself (cpu)"]) / 2**20  # measured here: model + step, not the interpreter
 
 

@@ -12,7 +12,7 @@ Sections, each catching its own failure (recorded, then the next one runs):
              results, and train.py --cp 2 under torchrun against one process;
   train      one training step of the llama-3-8b shape (random weights, NF4 + LoRA r=32 on q,k,v,o, bf16,
              recipe llama3-80k without its trained embedding) at 8K/32K/80K tokens, sizes the memory plan
-             (plan.memory_plan) says do not fit skipped; peak memory from the built model on (the peak is
+             (memory_plan.memory_plan) says do not fit skipped; peak memory from the built model on (the peak is
              reset after the build) against the plan, tokens/s, MFU against a bf16 matmul rate measured
              in the same run;
   hf         the same step through transformers + PEFT (bitsandbytes NF4 when importable) at 8K and 32K;
@@ -46,14 +46,14 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import config  # noqa: E402
+import train_config  # noqa: E402
 import demo  # noqa: E402
 import devices  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
 import memory_peak  # noqa: E402
 import parallel  # noqa: E402
-import plan  # noqa: E402
+import memory_plan  # noqa: E402
 import quant4  # noqa: E402
 import shift_attn  # noqa: E402
 import train  # noqa: E402
@@ -119,7 +119,7 @@ def run_trainer(out: Path, device: torch.device, name: str, **flags) -> list[flo
     """train.train on the tiny preset (2 steps at 128 tokens) with `flags`; returns the step losses."""
     given = {**dict(model="tiny", tokenizer="bytes", ctx=128, data=str(corpus(out)), steps=2, lr=1e-2,
                     out=str(out / name)), **flags}
-    train.train(config.resolve(given), parallel.Dist(0, 0, 1, device))
+    train.train(train_config.resolve(given), parallel.Dist(0, 0, 1, device))
     return [json.loads(l)["loss"] for l in (out / name / "metrics.jsonl").read_text().splitlines()]
 
 # ----------------------------------------------------------------------------- section 1: smoke
@@ -371,7 +371,7 @@ def section_train(args, device, sizes, rate: dict, deadline: float) -> dict:
     rows = {}
     for T in sizes["lengths"]:
         given = dict(model=sizes["model"], ctx=T, data="x", train="", dtype=str(dtype).removeprefix("torch."))
-        cfg = config.resolve(given, "llama3-80k")
+        cfg = train_config.resolve(given, "llama3-80k")
         if time.time() > deadline:
             rows[T] = {"skipped": "time budget spent"}
             continue
@@ -381,7 +381,7 @@ def section_train(args, device, sizes, rate: dict, deadline: float) -> dict:
             summary = lora.apply_lora(net, **cfg.lora_kwargs())
             net.to(device).train()
             reset_peak(device)  # after the build: quantize_model's transient copies are not the step's peak
-            need = plan.memory_plan(cfg, mc, torch.finfo(dtype).bits // 8, summary["trainable"], device.type)["total"]
+            need = memory_plan.memory_plan(cfg, mc, torch.finfo(dtype).bits // 8, summary["trainable"], device.type)["total"]
             if capacity is not None and need > capacity:
                 rows[T] = {"skipped": f"plan {need / 2**30:.1f} GiB > device {capacity / 2**30:.1f} GiB"}
                 continue
@@ -535,7 +535,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         device = devices.choose_device(args.device)
-    except config.UserError as e:
+    except train_config.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if device.type == "cuda":

@@ -16,10 +16,10 @@ import demo
 import eval as ev
 import lora
 import model as llama
-import tasks
+import eval_tasks
 import tokenizer
 from checkpoint import SAFETENSORS_SINGLE, load_model
-from config import resolve
+from train_config import resolve
 from errors import UserError
 import generate as gen
 from generate import generate
@@ -72,7 +72,7 @@ def test_training_sequence_answers_repeat_their_facts(held_out, seed, names, que
 
 def test_passkey_prompt_is_exact_length_with_one_fact(held_out):
     for length, depth in [(256, 0.0), (256, 0.5), (2560, 0.9)]:
-        ids = tasks.code_passkey_prompt(held_out, 1000, length, depth, "Q", "1234")
+        ids = eval_tasks.code_passkey_prompt(held_out, 1000, length, depth, "Q", "1234")
         assert len(ids) == length and ids[0] == demo.BOS
         text = bytes(ids[1:]).decode("latin-1")
         assert text.count("$") == 2 and text.count("\nQ$1234\n") == 1 and text.endswith("\nQ$")
@@ -81,7 +81,7 @@ def test_passkey_prompt_is_exact_length_with_one_fact(held_out):
 
 def test_eval_keys_differ_from_training_keys(held_out):
     """Evaluation prompts come from their own RNG stream: not the training stream's values."""
-    _, answers = tasks.code_passkey_items(held_out, 256, 50, demo.EVAL_SEED)
+    _, answers = eval_tasks.code_passkey_items(held_out, 256, 50, demo.EVAL_SEED)
     rng = random.Random(demo.TRAIN_SEED)
     train_values = [demo.random_value(rng) for _ in range(50)]
     assert [bytes(a).decode() for a in answers] != train_values
@@ -94,7 +94,7 @@ def test_greedy_hits_equal_token_by_token_generation(held_out):
     cfg = llama.ModelConfig(**{**demo.BASE_PRESET, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                                "ffn_dim": 64, "max_seq_len": 64})
     net = llama.Transformer(cfg).init_weights(0, std=0.2).eval()
-    prompts, _ = tasks.code_passkey_items(held_out, 48, 6, 0)
+    prompts, _ = eval_tasks.code_passkey_items(held_out, 48, 6, 0)
     greedy = [generate(net, p, demo.KEY_DIGITS) for p in prompts]
     wrong = [g[:-1] + [(g[-1] + 1) % 256] for g in greedy]
     assert demo.greedy_hits(net, prompts, greedy, batch=4).all()
@@ -144,7 +144,7 @@ def test_eval_code_passkey_reproduces_the_demo_probe_on_the_shipped_base(tmp_pat
                     "12", "--seed", str(demo.EVAL_SEED), "--out", str(out)]) == 0
     items = json.loads((out / "passkey.json").read_text())["rows"][0]["items"]
     net = load_model(str(demo.DEMO_DIR), dtype=torch.float32).eval()
-    hits = demo.greedy_hits(net, *tasks.code_passkey_items(demo.corpus_bytes(split[1]), 256, 12, demo.EVAL_SEED))
+    hits = demo.greedy_hits(net, *eval_tasks.code_passkey_items(demo.corpus_bytes(split[1]), 256, 12, demo.EVAL_SEED))
     assert [i["correct"] for i in items] == hits.tolist()
 
 

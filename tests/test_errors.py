@@ -1,5 +1,5 @@
 """Every bad input is one clear line: a table of user mistakes across the entry points (train.py, eval.py,
-data.py, synth.py, checkpoint.py convert, generate.py, lora.py, gguf_export.py, demo.py, compare.py), each
+data.py, data_synth.py, checkpoint.py convert, generate.py, lora.py, gguf_export.py, demo.py, demo_compare.py), each
 asserting a non-zero exit, no traceback, the offending flag/file/field named in the message, and no file
 left behind or deleted (output paths that exist and are not what the command writes are refused).
 
@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-import compare
+import demo_compare
 import data
 import demo
 import eval as evaluate_cli
 import generate
 import gguf_export
-import guards
+import train_guards
 import lora
-import synth
+import data_synth
 import tokenizer
 import train
 from model import ModelConfig, Transformer
@@ -109,8 +109,8 @@ def corrupt_run(ws: Path, a: Path, what: str) -> None:
 
 T, E, D, S, C, G, L = "train", "eval", "data", "synth", "convert", "generate", "lora"
 GG, DM, CM = "gguf", "demo", "compare"
-MAINS = {T: train.main, E: evaluate_cli.main, D: data.main, S: synth.main, C: checkpoint.main, G: generate.main,
-         L: lora.main, GG: gguf_export.main, DM: demo.main, CM: compare.main}
+MAINS = {T: train.main, E: evaluate_cli.main, D: data.main, S: data_synth.main, C: checkpoint.main, G: generate.main,
+         L: lora.main, GG: gguf_export.main, DM: demo.main, CM: demo_compare.main}
 DATA = ["--data", "{ws}/a.txt", "--out", "{ws}/out", "--steps", "2"]
 RESUME = [*TINY, "--data", "{a}/text.txt", "--out", "{ws}/out", "--steps", "4", "--save-every", "1", "--keep", "2"]
 
@@ -245,7 +245,7 @@ CASES = [
      None),
     ("data-stats-template", D, ["stats", "{ws}/shape.jsonl", "--tokenizer", "bytes", "--template", "nope"], "nope",
      None),
-    # synth.py
+    # data_synth.py
     ("synth-docs-missing", S, ["--docs", "{ws}/nodocs", "--tokenizer", "bytes", "--ctx", "2048", "--out",
                                "{ws}/out/s.jsonl"], "nodocs", None),
     ("synth-ctx-zero", S, ["--docs", "{ws}/a.txt", "--tokenizer", "bytes", "--ctx", "0", "--out",
@@ -334,7 +334,7 @@ def prepare_outputs(ws: Path, a: Path, what: str):
         (ws / "out" / "merged").write_text("not a folder")
     elif what == "run-locked":  # another trainer holds --out (an flock on its own open file)
         shutil.copytree(a / "run", ws / "out")
-        fd = os.open(ws / "out" / guards.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        fd = os.open(ws / "out" / train_guards.LOCK_NAME, os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return lambda: os.close(fd)
     elif what == "adapter-truncated":
@@ -357,15 +357,15 @@ HUGE = str(10**29)
 
 
 def synth_partial(ws: Path, row_seed: int = 0, file_seed: int = 0, extra: bytes = b"", settings: bool = True):
-    """s.jsonl.partial as an interrupted `synth.py SYNTH --seed file_seed` leaves it: the settings line, one
+    """s.jsonl.partial as an interrupted `data_synth.py SYNTH --seed file_seed` leaves it: the settings line, one
     sample made with row_seed, then `extra`."""
     from tokenizer import ByteTokenizer
     (ws / "doc.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 60)
-    synth.synth([ws / "doc.txt"], ByteTokenizer(), 1024, list(synth.SYNTH_KINDS), ws / "made.jsonl", n=1, seed=row_seed)
+    data_synth.synth([ws / "doc.txt"], ByteTokenizer(), 1024, list(data_synth.SYNTH_KINDS), ws / "made.jsonl", n=1, seed=row_seed)
     row = (ws / "made.jsonl").read_bytes()
     (ws / "made.jsonl").unlink()
     head = {"synth_settings": dict(docs=[str((ws / "doc.txt").resolve())], tokenizer="bytes", ctx=1024,
-                                   kinds=list(synth.SYNTH_KINDS), seed=file_seed, template="chatml", generator=None)}
+                                   kinds=list(data_synth.SYNTH_KINDS), seed=file_seed, template="chatml", generator=None)}
     (ws / "s.jsonl.partial").write_bytes((json.dumps(head) + "\n").encode() * settings + row + extra)
 
 
@@ -407,7 +407,7 @@ ByteLevelBPE = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {
                                              "use_regex": True}})
 NEEDLE = ["needle", "--model", "tiny", "--lengths", "512", "--out", "{ws}/out", "--haystack"]
 CASES += [
-    # synth.py: the generator client's numbers
+    # data_synth.py: the generator client's numbers
     ("synth-timeout-nan", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m",
                               "--timeout", "nan"], "--timeout", None),
     ("synth-timeout-negative", S, [*SYNTH, "--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "m",
@@ -421,7 +421,7 @@ CASES += [
     ("synth-concurrency-zero", S, [*SYNTH, "--concurrency", "0"], "--concurrency", None),
     ("synth-concurrency-huge", S, [*SYNTH, "--concurrency", "1000000"], "--concurrency", None),
     ("synth-n-huge", S, [*SYNTH, "--n", HUGE], "--n", None),
-    # synth.py: the progress file it resumes, checked row by row
+    # data_synth.py: the progress file it resumes, checked row by row
     ("synth-resume-other-seed", S, SYNTH, "--seed", lambda ws, a: synth_partial(ws, 1, 1)),
     ("synth-resume-foreign-row", S, SYNTH, "s.jsonl.partial:2", lambda ws, a: synth_partial(ws, 1, 0)),
     ("synth-resume-broken-row", S, SYNTH, "s.jsonl.partial:3", lambda ws, a: synth_partial(ws, extra=b"{not json\n")),
@@ -541,7 +541,7 @@ def test_table_size():
 
 
 def test_grad_watch_stops_on_non_finite_and_warns_once_on_zero(capsys):
-    from guards import GradWatch
+    from train_guards import GradWatch
     from parallel import Dist
     from errors import UserError
     d = Dist(rank=0, local_rank=0, world=1, device=torch.device("cpu"))
@@ -722,7 +722,7 @@ def test_a_signal_during_the_final_writes_stops_at_once_without_debris(tmp_path)
     from outputs import atomic_path
     from parallel import Dist
     d = Dist(rank=0, local_rank=0, world=1, device=torch.device("cpu"))
-    with guards.Interrupts(d) as stop:
+    with train_guards.Interrupts(d) as stop:
         with pytest.raises(UserError, match=r"SIGTERM: stopped before the final outputs.*ckpt-7.*--resume"):
             with stop.at_once(tmp_path / "ckpt-7"):
                 with atomic_path(tmp_path / "merged", is_dir=True) as tmp:
@@ -750,7 +750,7 @@ def test_a_second_trainer_on_the_same_out_is_refused_and_kill_9_leaves_no_stale_
     wait_for_step(out, n + 2, again)
     again.kill()  # kill -9 while it holds the lock
     again.communicate(timeout=60)
-    assert (out / guards.LOCK_NAME).exists()
+    assert (out / train_guards.LOCK_NAME).exists()
     code, _, err = finish([*args, "--steps", str(n + 10), "--resume"])
     assert code == 0, err[-2000:]
 
@@ -808,7 +808,7 @@ def test_under_torchrun_one_rank_prints_the_error(tmp_path, assets, case):
     fd = None
     if case == "out-locked":
         shutil.copytree(assets / "run", out)
-        fd = os.open(out / guards.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        fd = os.open(out / train_guards.LOCK_NAME, os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -15,10 +15,10 @@ import torch
 
 import tokenizer
 import eval as ev
-from test_tasks import HAY
+from test_eval_tasks import HAY
 import lora
 import rope
-import ruler
+import eval_ruler
 from checkpoint import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,10 +154,10 @@ def test_ruler_scores_carry_standard_errors_and_the_average_names_its_tasks(tmp_
     row = json.loads((tmp_path / "ruler.json").read_text())["rows"][0]
     assert len(row["items"]) == 4 and row["chat_template"] == "base"
     for it in row["items"]:
-        assert it["prompt_tokens"] + ruler.tokens_to_generate(it["task"]) <= 2048
-        assert it["correct"] == ruler.score(it["task"], it["answer"], it["reference"])
+        assert it["prompt_tokens"] + eval_ruler.tokens_to_generate(it["task"]) <= 2048
+        assert it["correct"] == eval_ruler.score(it["task"], it["answer"], it["reference"])
     cell = row["by_task"]["fwe"]["2048"]
-    assert cell["n"] == 2 and cell == ruler.summarize([i["correct"] for i in row["items"] if i["task"] == "fwe"])
+    assert cell["n"] == 2 and cell == eval_ruler.summarize([i["correct"] for i in row["items"] if i["task"] == "fwe"])
     assert row["average"]["name"] == "mean of 2 tasks (niah_single_1, fwe)"
     out = capsys.readouterr().out
     assert f"| fwe | {cell['score']:.3f} ± {cell['se']:.3f} |" in out and "not RULER's" in out
@@ -166,7 +166,7 @@ def test_ruler_scores_carry_standard_errors_and_the_average_names_its_tasks(tmp_
 def test_ruler_prepare_only_writes_rulers_jsonl_without_a_model(tmp_path):
     assert run_main("ruler", "--prepare-only", "--tokenizer", "bytes", "--lengths", "2048", "--tasks", "vt,cwe",
                     "--samples", "2", "--template", "base", "--out", str(tmp_path)) == 0
-    data = ruler.RulerData(tokenizer.load_tokenizer("bytes"), None, ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tokenizer.load_tokenizer("bytes"), None, eval_ruler.read_haystack(None)[0])
     for task in ("vt", "cwe"):
         rows = [json.loads(x) for x in (tmp_path / "2048" / task / "validation.jsonl").read_text().splitlines()]
         assert rows == [{k: v for k, v in data.row(task, 2048, i).items() if k != "ids"} for i in range(2)]

@@ -22,24 +22,26 @@ LAYERS = {
     "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
     "model": 2,
     "checkpoint": 3, "lora": 3,
-    "tokenizer": 4, "data": 4, "resumable": 4, "synth": 4, "tasks": 4, "ruler": 4, "ruler_qa": 4, "protocols": 4,
+    "tokenizer": 4, "data": 4, "data_resumable": 4, "data_synth": 4,
+    "eval_tasks": 4, "eval_ruler": 4, "eval_ruler_qa": 4, "eval_protocols": 4,
     "generate": 4, "gguf_export": 4,
-    "parallel": 5, "plan": 5, "config": 5, "guards": 5, "trainstate": 5,
+    "parallel": 5, "memory_plan": 5, "train_config": 5, "train_guards": 5, "train_state": 5,
     "eval_report": 5,  # tables and plots of eval.py's results
-    "harness": 5,  # lm-eval over a model eval.py loads; knows only generate and checkpoint
+    "eval_harness": 5,  # lm-eval over a model eval.py loads; knows only generate and checkpoint
     "eval": 6, "train": 6,  # `python train.py` with no --model hands its process to a driver (never imports it)
     "memory_alloc": 0,  # standard library only: commands import it before torch
     "memory_peak": 1,
-    "demo": 7, "extend": 7,  # drivers: run train.train and eval
-    "compare": 8,  # trains each method through train.train beside the demo's base
+    "demo": 7, "demo_smollm2": 7,  # drivers: run train.train and eval
+    "demo_compare": 8,  # trains each method through train.train beside the demo's base
 }
-SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("synth", "data"), ("synth", "tokenizer"),
-              ("synth", "generate"), ("generate", "tokenizer"), ("tasks", "data"), ("tasks", "tokenizer"),
-              ("ruler", "tasks"), ("ruler", "tokenizer"), ("ruler", "data"), ("ruler", "ruler_qa"), ("plan", "config"),
-              ("plan", "parallel"), ("config", "parallel"), ("guards", "parallel"), ("outputs", "errors"),
-              ("trainstate", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
-              ("protocols", "tasks"), ("protocols", "data"), ("protocols", "tokenizer"),
-              ("synth", "resumable"), ("resumable", "data")}
+SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("data_synth", "data"), ("data_synth", "tokenizer"),
+              ("data_synth", "generate"), ("generate", "tokenizer"), ("eval_tasks", "data"), ("eval_tasks", "tokenizer"),
+              ("eval_ruler", "eval_tasks"), ("eval_ruler", "tokenizer"), ("eval_ruler", "data"), ("eval_ruler", "eval_ruler_qa"),
+              ("memory_plan", "train_config"),
+              ("memory_plan", "parallel"), ("train_config", "parallel"), ("train_guards", "parallel"), ("outputs", "errors"),
+              ("train_state", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
+              ("eval_protocols", "eval_tasks"), ("eval_protocols", "data"), ("eval_protocols", "tokenizer"),
+              ("data_synth", "data_resumable"), ("data_resumable", "data")}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -147,7 +147,7 @@ def test_child_peak_is_its_own_not_its_large_parents():
     del big
 
 
-COMMANDS = ("train.py", "eval.py", "demo.py", "compare.py")
+COMMANDS = ("train.py", "eval.py", "demo.py", "demo_compare.py")
 
 
 @pytest.mark.parametrize("name", COMMANDS)

@@ -1,4 +1,4 @@
-"""synth.py's OpenAI-compatible HTTP generator against a local server (127.0.0.1, port 0, a thread):
+"""data_synth.py's OpenAI-compatible HTTP generator against a local server (127.0.0.1, port 0, a thread):
 the same samples as the in-process path given the same replies, 429 retried, resumable output."""
 import json
 import os
@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import synth
+import data_synth
 import tokenizer
 from errors import UserError
-from test_synth import ROOT, STDLIB_DOCS, fake_generate_text
+from test_data_synth import ROOT, STDLIB_DOCS, fake_generate_text
 
 KINDS = ["single", "multi", "summary"]
 
@@ -75,13 +75,13 @@ def without_generator(row):
 
 def test_http_generator_writes_the_in_process_samples(tmp_path, monkeypatch):
     tok = tokenizer.ByteTokenizer()
-    synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "a.jsonl", n=4, seed=1,
+    data_synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "a.jsonl", n=4, seed=1,
                 generate_text=fake_generate_text, generator_name="fake")
     monkeypatch.setenv("TEST_KEY", "sk-test")
     with Server() as srv:
-        gen = synth.http_generate_text(srv.url, "tiny-chat", api_key_env="TEST_KEY", timeout=10)
+        gen = data_synth.http_generate_text(srv.url, "tiny-chat", api_key_env="TEST_KEY", timeout=10)
         info = dict(generator_url=srv.url, generator_model="tiny-chat")
-        synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "b.jsonl", n=4, seed=1, generate_text=gen,
+        data_synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "b.jsonl", n=4, seed=1, generate_text=gen,
                     generator_name="tiny-chat", generator_info=info, concurrency=3)
     a, b = rows(tmp_path / "a.jsonl"), rows(tmp_path / "b.jsonl")
     assert [without_generator(r) for r in a] == [without_generator(r) for r in b]
@@ -96,22 +96,22 @@ def test_http_generator_writes_the_in_process_samples(tmp_path, monkeypatch):
 
 def test_429_then_200_is_retried_and_a_client_error_is_not(tmp_path):
     with Server(fail=[429, 503]) as srv:
-        gen = synth.http_generate_text(srv.url, "m", api_key_env=None, timeout=10, retries=2, backoff=0.01)
+        gen = data_synth.http_generate_text(srv.url, "m", api_key_env=None, timeout=10, retries=2, backoff=0.01)
         assert "Question" in gen("Read it.\n\nPassage:\nalpha beta")
         assert len(srv.requests) == 3 and srv.requests[0][2] is None
     with Server(fail=[429, 429, 429]) as srv:
-        gen = synth.http_generate_text(srv.url, "m", timeout=10, retries=2, backoff=0.01)
+        gen = data_synth.http_generate_text(srv.url, "m", timeout=10, retries=2, backoff=0.01)
         with pytest.raises(UserError, match="gave up after 3 attempts"):
             gen("Passage:\nx")
     with Server(fail=[404]) as srv:
         with pytest.raises(UserError, match="HTTP 404"):
-            synth.http_generate_text(srv.url, "m", timeout=10, backoff=0.01)("Passage:\nx")
+            data_synth.http_generate_text(srv.url, "m", timeout=10, backoff=0.01)("Passage:\nx")
         assert len(srv.requests) == 1
-    gen = synth.http_generate_text("http://127.0.0.1:9/v1", "m", timeout=2, retries=1, backoff=0.01)
+    gen = data_synth.http_generate_text("http://127.0.0.1:9/v1", "m", timeout=2, retries=1, backoff=0.01)
     with pytest.raises(UserError, match="gave up after 2 attempts"):  # connection refused: retried, bounded
         gen("Passage:\nx")
     with pytest.raises(UserError, match="http://"):
-        synth.http_generate_text("127.0.0.1:8000/v1", "m")
+        data_synth.http_generate_text("127.0.0.1:8000/v1", "m")
 
 
 def test_killed_run_resumes_with_each_sample_once(tmp_path):
@@ -125,7 +125,7 @@ def test_killed_run_resumes_with_each_sample_once(tmp_path):
         return fake_generate_text(prompt)
 
     with pytest.raises(KeyboardInterrupt):
-        synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=5, seed=2, generate_text=dies_after_three)
+        data_synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=5, seed=2, generate_text=dies_after_three)
     partial = tmp_path / "r.jsonl.partial"
     settings, *first = rows(partial)
     assert settings["synth_settings"]["seed"] == 2 and settings["synth_settings"]["kinds"] == KINDS
@@ -138,11 +138,11 @@ def test_killed_run_resumes_with_each_sample_once(tmp_path):
         made.append(prompt)
         return fake_generate_text(prompt)
 
-    counts = synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=5, seed=2, generate_text=counting, concurrency=2)
+    counts = data_synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=5, seed=2, generate_text=counting, concurrency=2)
     got = rows(out)
     assert counts == dict(written=5, failed=0) and [r["meta"]["index"] for r in got] == [0, 1, 2, 3, 4]
     assert got[:len(first)] == first  # the samples done before the kill are kept, not made again
-    synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "clean.jsonl", n=5, seed=2, generate_text=fake_generate_text)
+    data_synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "clean.jsonl", n=5, seed=2, generate_text=fake_generate_text)
     assert got == rows(tmp_path / "clean.jsonl") and not partial.exists()
 
 
@@ -150,7 +150,7 @@ def test_killed_run_resumes_with_each_sample_once(tmp_path):
 def test_a_generator_with_nothing_usable_is_an_error_with_the_count(tmp_path, capsys, content):
     out = tmp_path / "s.jsonl"
     with Server(content=content) as srv:
-        code = synth.main(["--docs", *map(str, STDLIB_DOCS[:2]), "--tokenizer", "bytes", "--ctx", "8192", "--kinds",
+        code = data_synth.main(["--docs", *map(str, STDLIB_DOCS[:2]), "--tokenizer", "bytes", "--ctx", "8192", "--kinds",
                            "single", "--n", "3", "--generator-url", srv.url, "--generator-model", "m", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
@@ -168,13 +168,13 @@ def test_a_progress_file_of_other_settings_is_refused_not_mixed(tmp_path):
         return fake_generate_text(prompt)
 
     with pytest.raises(KeyboardInterrupt):
-        synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=4, seed=2, generate_text=dies_after_two)
+        data_synth.synth(STDLIB_DOCS, tok, 8192, KINDS, out, n=4, seed=2, generate_text=dies_after_two)
     before = (tmp_path / "r.jsonl.partial").read_bytes()
     for change, flag in [(dict(seed=3), "--seed"), (dict(ctx=4096), "--ctx"), (dict(kinds=["single"]), "--kinds"),
                          (dict(docs=STDLIB_DOCS[:2]), "--docs"), (dict(generator_name="other"), "--generator")]:
         args = {**dict(docs=STDLIB_DOCS, ctx=8192, kinds=KINDS, seed=2, generator_name=None), **change}
         with pytest.raises(UserError, match=f"made with {flag}"):
-            synth.synth(args["docs"], tok, args["ctx"], args["kinds"], out, n=4, seed=args["seed"],
+            data_synth.synth(args["docs"], tok, args["ctx"], args["kinds"], out, n=4, seed=args["seed"],
                         generate_text=fake_generate_text, generator_name=args["generator_name"])
         assert (tmp_path / "r.jsonl.partial").read_bytes() == before and not out.exists()
 
@@ -182,8 +182,8 @@ def test_a_progress_file_of_other_settings_is_refused_not_mixed(tmp_path):
 SIGNAL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-import synth
-sys.exit(synth.main({argv!r}))
+import data_synth
+sys.exit(data_synth.main({argv!r}))
 """
 
 
@@ -213,13 +213,13 @@ def test_a_signal_with_requests_in_flight_keeps_finished_rows_and_resumes(tmp_pa
         assert 2 <= len(kept) < 12 and not out.exists()
         assert f"{len(kept)} of 12 samples kept" in errors[0]
         asked = len(srv.requests)
-        assert synth.main(argv) == 0
+        assert data_synth.main(argv) == 0
     got = rows(out)
     assert [r["meta"]["index"] for r in got] == list(range(12)) and not partial.exists()
     assert [r for r in got if r in kept] == sorted(kept, key=lambda r: r["meta"]["index"])  # kept, not remade
     assert len(srv.requests) - asked < sum(len(r["meta"]["chunks"]) for r in got)  # only the rest was asked for
     tok = tokenizer.ByteTokenizer()
-    synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "clean.jsonl", n=12, seed=4,
+    data_synth.synth(STDLIB_DOCS, tok, 8192, KINDS, tmp_path / "clean.jsonl", n=12, seed=4,
                 generate_text=fake_generate_text, generator_name="m",
                 generator_info=dict(generator_url=srv.url, generator_model="m"))
     assert got == rows(tmp_path / "clean.jsonl")

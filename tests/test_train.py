@@ -181,7 +181,7 @@ def test_pose_positions_follow_the_global_sample_and_doc_mask_chooses_document_a
     """In process: rank r's micro-step i of step s is global sample (s * accum + i) * world + r, so 2 ranks
     x accum 1 draw the positions of 1 rank x accum 2; --doc-mask with S²-Attn equals doc_attn with the
     sequence's window G inside each document (the float64 reference is test_doc_attn's)."""
-    import config
+    import train_config
     import doc_attn
     import pose
     import shift_attn
@@ -189,7 +189,7 @@ def test_pose_positions_follow_the_global_sample_and_doc_mask_chooses_document_a
     import train
     from parallel import Dist
     cpu = torch.device("cpu")
-    cfg = config.resolve({"model": "tiny", "ctx": 64, "data": "x", "pose": 640, "grad_accum": 2})
+    cfg = train_config.resolve({"model": "tiny", "ctx": 64, "data": "x", "pose": 640, "grad_accum": 2})
     one = train.add_pose_positions(cfg, [{"input_ids": torch.zeros(64)} for _ in range(2)], 3, Dist(0, 0, 1, cpu))
     cfg2 = dataclasses.replace(cfg, grad_accum=1)
     two = [train.add_pose_positions(cfg2, [{"input_ids": torch.zeros(64)}], 3, Dist(r, r, 2, cpu))[0]
@@ -208,7 +208,7 @@ def test_pose_positions_follow_the_global_sample_and_doc_mask_chooses_document_a
     whole = pair[0][0]["positions"]
     assert torch.equal(torch.cat(shards), torch.cat([whole, whole[-1:] + 1]))  # 63 + one padding position
 
-    cfg = config.resolve({"model": "tiny", "ctx": 40, "data": "x", "doc_mask": True, "attn": "s2"})
+    cfg = train_config.resolve({"model": "tiny", "ctx": 40, "data": "x", "doc_mask": True, "attn": "s2"})
     pos = torch.cat([torch.arange(n) for n in (13, 27)])
     b = {"input_ids": torch.zeros(40, dtype=torch.long), "labels": torch.zeros(40, dtype=torch.long), "positions": pos}
     x, y, p, fn = train.micro_inputs(cfg, b, train.attention_fn(cfg), Dist(0, 0, 1, cpu))
@@ -328,11 +328,11 @@ def test_peak_memory_grows_linearly_with_context(tmp_path):
     ("tiny", ["--cp", "2", "--nproc", "2", "--rope", "dynamic:4"], "dynamic NTK"),
 ])
 def test_dry_run_refuses_what_training_refuses(tmp_path, corpus, capsys, model, flags, needle):
-    """The dry run applies plan.check_run, the function training applies before any weight loads, so both
+    """The dry run applies memory_plan.check_run, the function training applies before any weight loads, so both
     stop with the same line. Training runs in-process as rank 0 of a world of --nproc (train.train reaches
     the check before it creates any process group); the dry run through train.main, one line on stderr,
     exit 1."""
-    import config
+    import train_config
     import parallel
     import train
     from errors import UserError
@@ -340,13 +340,13 @@ def test_dry_run_refuses_what_training_refuses(tmp_path, corpus, capsys, model, 
         train.main(["--dry-run", "--model", model, "--ctx", "256", *flags])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and len(err.splitlines()) == 1 and needle in err, err
-    given = vars(config.build_parser().parse_args(["--model", model, "--ctx", "256", "--data", str(corpus),
+    given = vars(train_config.build_parser().parse_args(["--model", model, "--ctx", "256", "--data", str(corpus),
                                                    "--out", str(tmp_path / "out"), "--tokenizer", "bytes", *flags]))
     for k in ("recipe", "dry_run", "suggest_base", "force", "nproc"):
         given.pop(k, None)
     world = int(flags[flags.index("--nproc") + 1])
     with pytest.raises(UserError) as refused:
-        train.train(config.resolve(given, world_size=world), parallel.Dist(0, 0, world, torch.device("cpu")))
+        train.train(train_config.resolve(given, world_size=world), parallel.Dist(0, 0, world, torch.device("cpu")))
     assert err == f"error: {refused.value}"
 
 

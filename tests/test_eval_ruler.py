@@ -1,4 +1,4 @@
-"""ruler.py and ruler_qa.py against NVIDIA/RULER: the prompts of niah_single_1, niah_multikey_2,
+"""eval_ruler.py and eval_ruler_qa.py against NVIDIA/RULER: the prompts of niah_single_1, niah_multikey_2,
 niah_multikey_3, vt, cwe and fwe at L = 4096 with SmolLM2's tokenizer and the base template are compared with
 facts recorded from RULER's own generators (tests/data/ruler_reference_4096.json: RULER at commit c3f5e3b,
 prepare.py, 200 samples per task; how it was run is in the file's "source"): length fields and bound, lead
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import ruler
-import ruler_qa
+import eval_ruler
+import eval_ruler_qa
 import tokenizer
 from errors import UserError
 
@@ -78,7 +78,7 @@ def smol(smollm2_path):
 
 @pytest.fixture(scope="module")
 def data4096(smol):
-    return ruler.RulerData(smol, None, ruler.read_haystack(None)[0])
+    return eval_ruler.RulerData(smol, None, eval_ruler.read_haystack(None)[0])
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def rulers_data(smollm2_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2_tokenizer")
     path = Path(smollm2_path)
     transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
-    return ruler.RulerData(tokenizer.load_tokenizer(folder), None, ruler.read_haystack(None)[0])
+    return eval_ruler.RulerData(tokenizer.load_tokenizer(folder), None, eval_ruler.read_haystack(None)[0])
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,9 @@ def tok():
 
 
 def qa_data(tok, template=None):
-    qa = {"qa_1": ruler_qa.read("qa_1", str(DATA / "squad_v2_mini.json")),
-          "qa_2": ruler_qa.read("qa_2", str(DATA / "hotpotqa_mini.json"))}
-    return ruler.RulerData(tok, template, ruler.read_haystack(None)[0], qa)
+    qa = {"qa_1": eval_ruler_qa.read("qa_1", str(DATA / "squad_v2_mini.json")),
+          "qa_2": eval_ruler_qa.read("qa_2", str(DATA / "hotpotqa_mini.json"))}
+    return eval_ruler.RulerData(tok, template, eval_ruler.read_haystack(None)[0], qa)
 
 
 # ----------------------------------------------------------------------------- RULER's own output at 4096
@@ -112,8 +112,8 @@ def test_prompts_match_rulers_text_answers_and_bound(data4096, task):
     prefix (keys and values masked) and number of answers; keys and words from RULER's vocabulary."""
     ref = REFERENCE["tasks"][task]
     rows = [data4096.row(task, 4096, i) for i in range(20)]
-    t2g = ruler.tokens_to_generate(task)
-    nouns, adjectives, verbs = map(set, ruler.wonderwords_lists())
+    t2g = eval_ruler.tokens_to_generate(task)
+    nouns, adjectives, verbs = map(set, eval_ruler.wonderwords_lists())
     for r in rows:
         assert len(r["ids"]) + t2g <= 4096 and r["length"] <= 4096 and r["length"] == r["length_w_model_temp"]
         assert sorted(k for k in r if k != "ids") == ref["fields"]
@@ -153,20 +153,20 @@ def test_mean_length_and_depth_law_match_rulers(rulers_data, task):
 
 def test_essay_needles_go_after_sentence_int_s_depth_over_100_for_grid_depths():
     words = " ".join(f"Sentence{i} ends." for i in range(80)).split(" ")
-    rng = ruler.random.Random(0)
+    rng = eval_ruler.random.Random(0)
     for _ in range(50):
-        text = ruler.insert_in_sentences(words, len(words), ["NEEDLE."], rng)
-        sents = ruler.split_sentences(text)
+        text = eval_ruler.insert_in_sentences(words, len(words), ["NEEDLE."], rng)
+        sents = eval_ruler.split_sentences(text)
         at = sents.index("NEEDLE.")
-        assert at in {int(80 * d / 100) for d in ruler.DEPTHS}
-    assert len(ruler.DEPTHS) == 40 and ruler.DEPTHS[:6] == [0, 3, 5, 8, 10, 13] and ruler.DEPTHS[-1] == 100
+        assert at in {int(80 * d / 100) for d in eval_ruler.DEPTHS}
+    assert len(eval_ruler.DEPTHS) == 40 and eval_ruler.DEPTHS[:6] == [0, 3, 5, 8, 10, 13] and eval_ruler.DEPTHS[-1] == 100
 
 
 def test_line_slots_are_distinct_and_uniform():
-    rng = ruler.random.Random(1)
+    rng = eval_ruler.random.Random(1)
     firsts = []
     for _ in range(2000):
-        lines = ruler.insert_in_lines(["x"] * 9, ["a", "b"], rng)
+        lines = eval_ruler.insert_in_lines(["x"] * 9, ["a", "b"], rng)
         assert len(lines) == 11 and lines.index("b") < lines.index("a")  # RULER: the first item at the last slot
         firsts.append(lines.index("b"))
     # P(first of two distinct slots of 9 = k) = (8 - k) / 36: slot 0 has 8/36
@@ -174,23 +174,23 @@ def test_line_slots_are_distinct_and_uniform():
 
 
 def test_rows_are_seeded_per_sample_and_fit_below_L(tok):
-    data = ruler.RulerData(tok, None, ruler.read_haystack(None)[0], seed=3)
-    again = ruler.RulerData(tok, None, ruler.read_haystack(None)[0], seed=3)
+    data = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0], seed=3)
+    again = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0], seed=3)
     for task in ("niah_single_2", "niah_multiquery", "vt", "fwe"):
         a, b, c = data.row(task, 4096, 0), again.row(task, 4096, 0), data.row(task, 4096, 1)
         assert a == b and a["input"] != c["input"]
-        assert len(a["ids"]) + ruler.tokens_to_generate(task) <= 4096 and a["ids"][0] == tok.bos_id
+        assert len(a["ids"]) + eval_ruler.tokens_to_generate(task) <= 4096 and a["ids"][0] == tok.bos_id
 
 
 def test_too_short_length_is_a_user_error_naming_lengths(tok):
-    data = ruler.RulerData(tok, None, ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0])
     for task in ("niah_single_1", "vt", "cwe"):
         with pytest.raises(UserError, match=f"--lengths 300: too short for {task}"):
             data.row(task, 300, 0)
 
 
 def test_chat_template_wraps_the_task_and_puts_the_answer_prefix_after_the_generation_prompt(tok):
-    data = ruler.RulerData(tok, "chatml", ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tok, "chatml", eval_ruler.read_haystack(None)[0])
     r = data.row("niah_multiquery", 3000, 0)
     assert r["input"].startswith("<|im_start|>user\nSome special magic numbers are hidden")
     assert r["input"].endswith("mentioned in the provided text?<|im_end|>\n<|im_start|>assistant\n")
@@ -198,7 +198,7 @@ def test_chat_template_wraps_the_task_and_puts_the_answer_prefix_after_the_gener
 
 
 def test_template_singular_edit_and_cwe_fwe_texts_as_rulers(tok):
-    data = ruler.RulerData(tok, None, ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0])
     one, many = data.row("niah_single_2", 2048, 0), data.row("niah_multivalue", 2048, 0)
     assert one["input"].startswith("A special magic number is hidden within the following text. Make sure to "
                                    "memorize it. I will quiz you about the number afterwards.\n")
@@ -217,7 +217,7 @@ def test_template_singular_edit_and_cwe_fwe_texts_as_rulers(tok):
 
 
 def test_qa_readers_follow_rulers_squad_and_hotpotqa_layouts():
-    qas, docs = ruler_qa.read("qa_1", str(DATA / "squad_v2_mini.json"))
+    qas, docs = eval_ruler_qa.read("qa_1", str(DATA / "squad_v2_mini.json"))
     assert [q["query"] for q in qas] == ["Into which sea does the Nile flow?", "Where is the Amazon river?",
                                         "What is Earth's highest mountain?",
                                         "Which is the highest peak in North America?"]  # is_impossible skipped
@@ -225,7 +225,7 @@ def test_qa_readers_follow_rulers_squad_and_hotpotqa_layouts():
     assert docs == sorted(docs) and [docs[i] for i in qas[2]["more_context"]] == [
         "K2 is the second-highest mountain on Earth, after Mount Everest.",
         "Denali is the highest mountain peak in North America."]
-    qas, docs = ruler_qa.read("qa_2", str(DATA / "hotpotqa_mini.json"))
+    qas, docs = eval_ruler_qa.read("qa_2", str(DATA / "hotpotqa_mini.json"))
     assert qas[0]["outputs"] == ["Blur"] and len(qas[0]["context"]) == 3
     assert "Blur (band)\nBlur are an English rock band formed in London in 1988. They were part of Britpop." in docs
 
@@ -240,40 +240,40 @@ def test_qa_prompt_has_rulers_template_documents_and_answer_prefix(tok, task):
     assert r["input"].endswith("\n\nQuestion: " + question) and r["answer_prefix"] == " Answer:"
     gold = ("The Amazon river in South America" if task == "qa_1" else "Maurice Ravel\nJoseph Maurice Ravel")
     assert gold in r["input"] and len(r["ids"]) + 32 <= 2048
-    assert ruler.score(task, "South America, I think", ["South America"]) == 1.0  # string_match_part
+    assert eval_ruler.score(task, "South America, I think", ["South America"]) == 1.0  # string_match_part
 
 
 def test_qa_files_missing_or_malformed_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="qa_1 needs --squad"):
-        ruler_qa.read("qa_1", None)
+        eval_ruler_qa.read("qa_1", None)
     with pytest.raises(UserError, match="--hotpotqa .*no such file"):
-        ruler_qa.read("qa_2", str(tmp_path / "nope.json"))
+        eval_ruler_qa.read("qa_2", str(tmp_path / "nope.json"))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="--squad .*not valid JSON"):
-        ruler_qa.read("qa_1", str(tmp_path / "bad.json"))
+        eval_ruler_qa.read("qa_1", str(tmp_path / "bad.json"))
     with pytest.raises(UserError, match="--squad: not SQuAD v2 JSON"):
-        ruler_qa.read_squad({"data": [{"title": "x"}]})
+        eval_ruler_qa.read_squad({"data": [{"title": "x"}]})
     with pytest.raises(UserError, match="--hotpotqa: not HotpotQA JSON"):
-        ruler_qa.read_hotpotqa([{"question": "q"}])
+        eval_ruler_qa.read_hotpotqa([{"question": "q"}])
 
 
 def test_haystack_file_is_rulers_essay_json_or_text(tmp_path):
     (tmp_path / "pg.json").write_text(json.dumps({"text": "One essay.\n\nTwo  words."}))
-    assert ruler.read_haystack([str(tmp_path / "pg.json")]) == (["One", "essay.", "Two", "words."], True)
-    assert ruler.read_haystack(None)[1] is False
+    assert eval_ruler.read_haystack([str(tmp_path / "pg.json")]) == (["One", "essay.", "Two", "words."], True)
+    assert eval_ruler.read_haystack(None)[1] is False
     (tmp_path / "bad.json").write_text(json.dumps({"essay": "x"}))
     with pytest.raises(UserError, match="not RULER's essay JSON"):
-        ruler.read_haystack([str(tmp_path / "bad.json")])
+        eval_ruler.read_haystack([str(tmp_path / "bad.json")])
     with pytest.raises(UserError, match="--haystack .*no such file"):
-        ruler.read_haystack([str(tmp_path / "missing.json")])
+        eval_ruler.read_haystack([str(tmp_path / "missing.json")])
 
 
 # ----------------------------------------------------------------------------- prepare-only files
 
 
 def test_write_validation_writes_rulers_jsonl_layout(tok, tmp_path):
-    data = ruler.RulerData(tok, None, ruler.read_haystack(None)[0])
-    paths = ruler.write_validation(data, [2048], ["niah_single_1", "fwe"], 3, tmp_path)
+    data = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0])
+    paths = eval_ruler.write_validation(data, [2048], ["niah_single_1", "fwe"], 3, tmp_path)
     assert paths == [tmp_path / "2048" / t / "validation.jsonl" for t in ("niah_single_1", "fwe")]
     rows = [json.loads(line) for line in paths[0].read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2] and all("ids" not in r for r in rows)
@@ -285,34 +285,34 @@ def test_write_validation_writes_rulers_jsonl_layout(tok, tmp_path):
 
 def test_string_match_all_and_part_on_hand_made_cases():
     refs = ["1234567", "2345678", "3456789", "4567890"]
-    assert ruler.string_match_all("1234567, 2345678, 3456789 and 4567890.", refs) == 1.0
-    assert ruler.string_match_all("1234567 and 3456789", refs) == 0.5
-    assert ruler.string_match_all("nothing here", refs) == 0.0
-    assert ruler.string_match_all("They are: Apple, BANANA", ["apple", "banana"]) == 1.0  # case-insensitive
-    assert ruler.string_match_part("1234567 only", refs) == 1.0  # max over references
-    assert ruler.string_match_part("nothing", refs) == 0.0
-    assert ruler.string_match_all("12345\x0067", ["1234567"]) == 0.0  # control characters become newlines
-    for task in ruler.TASKS:
-        assert ruler.score(task, "1234567 and 3456789", refs) == (1.0 if task.startswith("qa") else 0.5)
+    assert eval_ruler.string_match_all("1234567, 2345678, 3456789 and 4567890.", refs) == 1.0
+    assert eval_ruler.string_match_all("1234567 and 3456789", refs) == 0.5
+    assert eval_ruler.string_match_all("nothing here", refs) == 0.0
+    assert eval_ruler.string_match_all("They are: Apple, BANANA", ["apple", "banana"]) == 1.0  # case-insensitive
+    assert eval_ruler.string_match_part("1234567 only", refs) == 1.0  # max over references
+    assert eval_ruler.string_match_part("nothing", refs) == 0.0
+    assert eval_ruler.string_match_all("12345\x0067", ["1234567"]) == 0.0  # control characters become newlines
+    for task in eval_ruler.TASKS:
+        assert eval_ruler.score(task, "1234567 and 3456789", refs) == (1.0 if task.startswith("qa") else 0.5)
     with pytest.raises(ValueError):
-        ruler.string_match_all("x", [])
+        eval_ruler.string_match_all("x", [])
 
 
 def test_standard_errors_and_the_average_name():
-    cell = ruler.summarize([1.0, 0.0, 1.0, 1.0])
+    cell = eval_ruler.summarize([1.0, 0.0, 1.0, 1.0])
     assert cell["score"] == 0.75 and cell["n"] == 4 and math.isclose(cell["se"], math.sqrt(0.25 / 4))
-    avg = ruler.average([cell, ruler.summarize([0.5, 0.5])])
+    avg = eval_ruler.average([cell, eval_ruler.summarize([0.5, 0.5])])
     assert avg["score"] == 0.625 and math.isclose(avg["se"], math.sqrt(cell["se"] ** 2) / 2)
-    assert ruler.average_name(list(ruler.TASKS)) == "RULER"
-    assert ruler.average_name(["vt", "cwe"]) == "mean of 2 tasks (vt, cwe)"
-    assert ruler.parse_tasks(None, {"qa_1": None, "qa_2": "x.json"}) == [t for t in ruler.TASKS if t != "qa_1"]
-    assert ruler.parse_samples("quick") == ruler.QUICK_SAMPLES and ruler.parse_samples("7") == 7
+    assert eval_ruler.average_name(list(eval_ruler.TASKS)) == "RULER"
+    assert eval_ruler.average_name(["vt", "cwe"]) == "mean of 2 tasks (vt, cwe)"
+    assert eval_ruler.parse_tasks(None, {"qa_1": None, "qa_2": "x.json"}) == [t for t in eval_ruler.TASKS if t != "qa_1"]
+    assert eval_ruler.parse_samples("quick") == eval_ruler.QUICK_SAMPLES and eval_ruler.parse_samples("7") == 7
     for bad in ("0", "-1", "x", "5,6"):
         with pytest.raises(UserError, match="--samples"):
-            ruler.parse_samples(bad)
+            eval_ruler.parse_samples(bad)
     with pytest.raises(UserError, match="--tasks: unknown"):
-        ruler.parse_tasks("niah_single_1,nope", {})
+        eval_ruler.parse_tasks("niah_single_1,nope", {})
 
 
 def test_zeta_matches_the_series():
-    assert math.isclose(ruler.zeta(2.0), math.pi ** 2 / 6, rel_tol=1e-10)
+    assert math.isclose(eval_ruler.zeta(2.0), math.pi ** 2 / 6, rel_tol=1e-10)

@@ -1,4 +1,4 @@
-"""config.py: the TrainConfig fields, the recipes checked against them and against the README's table, the
+"""train_config.py: the TrainConfig fields, the recipes checked against them and against the README's table, the
 parser built from the fields, and resolve()'s order and checks."""
 import dataclasses
 import math
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import config
-from config import RECIPES, TrainConfig
+import train_config
+from train_config import RECIPES, TrainConfig
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,42 +32,42 @@ OLD_IDENTITY = ("model", "ctx", "quant", "lora_r", "lora_alpha", "lora_targets",
 
 
 def test_fields_keep_the_settings_defaults_and_checkpoint_keys():
-    assert config.DEFAULTS == {**OLD_DEFAULTS, **ADDED}
-    assert list(config.DEFAULTS) == [*OLD_DEFAULTS, *ADDED]  # the printed/saved order
-    assert set(config.IDENTITY) == set(OLD_IDENTITY) | {"cp", "doc_mask", "pose"}
-    cfg = config.resolve(BASE)
+    assert train_config.DEFAULTS == {**OLD_DEFAULTS, **ADDED}
+    assert list(train_config.DEFAULTS) == [*OLD_DEFAULTS, *ADDED]  # the printed/saved order
+    assert set(train_config.IDENTITY) == set(OLD_IDENTITY) | {"cp", "doc_mask", "pose"}
+    cfg = train_config.resolve(BASE)
     assert list(cfg.to_dict()) == [*OLD_DEFAULTS, *ADDED, "recipe", "world_size"]  # trainer_state.json's "config"
     assert TrainConfig(**cfg.to_dict()) == cfg
 
 
 def test_every_setting_has_help_and_a_flag():
-    ap = config.build_parser()
+    ap = train_config.build_parser()
     flags = {o for a in ap._actions for o in a.option_strings}
-    for name in config.SETTINGS:
-        assert config.FIELDS[name].metadata["help"], name
-        assert config.flag(name) in flags, name
+    for name in train_config.SETTINGS:
+        assert train_config.FIELDS[name].metadata["help"], name
+        assert train_config.flag(name) in flags, name
     assert {"--recipe", "--dry-run", "--suggest-base", "--rope", "--rope-theta", "--nproc", "--no-checkpointing"} <= flags
 
 
 def test_recipes_are_checked_against_the_fields():
-    config.check_recipes(RECIPES)
+    train_config.check_recipes(RECIPES)
     with pytest.raises(ValueError, match="lora_rank"):
-        config.check_recipes({"bad": {"lora_rank": 8}})
+        train_config.check_recipes({"bad": {"lora_rank": 8}})
     with pytest.raises(ValueError, match="lr"):
-        config.check_recipes({"bad": {"lr": "fast"}})
+        train_config.check_recipes({"bad": {"lr": "fast"}})
     with pytest.raises(ValueError, match="attn"):
-        config.check_recipes({"bad": {"attn": "sparse"}})
+        train_config.check_recipes({"bad": {"attn": "sparse"}})
     with pytest.raises(ValueError, match="world_size"):  # derived, not a setting
-        config.check_recipes({"bad": {"world_size": 2}})
+        train_config.check_recipes({"bad": {"world_size": 2}})
 
 
 # ----------------------------------------------------------------------------- parser
 
 
 def test_parser_leaves_out_what_is_not_given():
-    args = vars(config.build_parser().parse_args([]))
+    args = vars(train_config.build_parser().parse_args([]))
     assert args == {"dry_run": False, "force": False, "suggest_base": None}
-    args = vars(config.build_parser().parse_args(
+    args = vars(train_config.build_parser().parse_args(
         ["--recipe", "longqlora", "--lora-r", "4", "--no-checkpointing", "--rope", "yarn:4", "--rope-theta", "2e8",
          "--epochs", "0.5", "--rslora", "--dry-run", "--nproc", "8"]))
     assert args == {"recipe": "longqlora", "lora_r": 4, "checkpointing": False, "rope": "yarn:4", "rope_theta": 2e8,
@@ -77,13 +77,13 @@ def test_parser_leaves_out_what_is_not_given():
 def test_parser_rejects_an_unknown_recipe_and_choice(capsys):
     for argv in (["--recipe", "magic"], ["--attn", "sparse"], ["--lora-r", "x"]):
         with pytest.raises(SystemExit) as e:
-            config.build_parser().parse_args(argv)
+            train_config.build_parser().parse_args(argv)
         assert e.value.code == 2
     assert "invalid choice: 'magic'" in capsys.readouterr().err
 
 
 def test_help_lists_the_recipes():
-    text = config.build_parser().format_help()
+    text = train_config.build_parser().format_help()
     for name in RECIPES:
         assert name in text
     assert "--rope linear:auto" in text
@@ -93,19 +93,19 @@ def test_help_lists_the_recipes():
 
 
 def test_resolve_order_defaults_recipe_given():
-    cfg = config.resolve({**BASE, "lr": 1e-3}, "longqlora")
+    cfg = train_config.resolve({**BASE, "lr": 1e-3}, "longqlora")
     assert (cfg.lora_r, cfg.grad_accum, cfg.clip, cfg.lr, cfg.rope, cfg.recipe) == (64, 16, 0.3, 1e-3, "linear:auto",
                                                                                   "longqlora")
-    assert config.resolve(BASE).steps == 100  # neither steps nor epochs
-    cfg = config.resolve({**BASE, "steps": 5}, "llama3-80k")  # given steps replace the recipe's epochs
+    assert train_config.resolve(BASE).steps == 100  # neither steps nor epochs
+    cfg = train_config.resolve({**BASE, "steps": 5}, "llama3-80k")  # given steps replace the recipe's epochs
     assert (cfg.steps, cfg.epochs) == (5, None)
-    cfg = config.resolve({**BASE, "epochs": 2.0}, "longlora")  # given epochs replace the recipe's steps
+    cfg = train_config.resolve({**BASE, "epochs": 2.0}, "longlora")  # given epochs replace the recipe's steps
     assert (cfg.steps, cfg.epochs) == (None, 2.0)
-    assert config.resolve({**BASE, "lr": None}).lr == 2e-4  # None = not given
-    assert config.resolve(BASE, world_size=4).world_size == 4
-    assert config.resolve({"model": "tiny", "ctx": 64, "nproc": 8}, dry_run=True).world_size == 8
+    assert train_config.resolve({**BASE, "lr": None}).lr == 2e-4  # None = not given
+    assert train_config.resolve(BASE, world_size=4).world_size == 4
+    assert train_config.resolve({"model": "tiny", "ctx": 64, "nproc": 8}, dry_run=True).world_size == 8
     with pytest.raises(ValueError, match="lora_rank"):
-        config.resolve({**BASE, "lora_rank": 4})  # a programming error, not the user's
+        train_config.resolve({**BASE, "lora_rank": 4})  # a programming error, not the user's
 
 
 @pytest.mark.parametrize("given,needle", [
@@ -138,41 +138,41 @@ def test_resolve_order_defaults_recipe_given():
 ])
 def test_resolve_errors_name_the_flag(given, needle):
     with pytest.raises(UserError) as e:
-        config.resolve({**BASE, **given})
+        train_config.resolve({**BASE, **given})
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_resolve_checks_cp_against_world_and_ctx():
-    assert config.resolve({**BASE, "cp": 2}, world_size=4).cp == 2
+    assert train_config.resolve({**BASE, "cp": 2}, world_size=4).cp == 2
     with pytest.raises(UserError, match=r"^--ctx 66 is not divisible by --cp 4; use a multiple of 4$"):
-        config.resolve({**BASE, "cp": 4, "ctx": 66}, world_size=4)
+        train_config.resolve({**BASE, "cp": 4, "ctx": 66}, world_size=4)
     with pytest.raises(UserError, match=r"--cp 3 does not divide the world size 8 \(--nproc\)"):
-        config.resolve({"model": "tiny", "ctx": 64, "cp": 3, "nproc": 8}, dry_run=True)
+        train_config.resolve({"model": "tiny", "ctx": 64, "cp": 3, "nproc": 8}, dry_run=True)
 
 
 def test_resolve_accepts_every_recipe_and_rope_spelling():
     for name in RECIPES:
-        assert config.resolve(BASE, name).recipe == name
+        assert train_config.resolve(BASE, name).recipe == name
     for spec in ("linear:auto", "yarn:auto", "yarn:8,beta_fast=16", "llama3:8", "none", "default"):
-        assert config.resolve({**BASE, "rope": spec}).rope == spec
+        assert train_config.resolve({**BASE, "rope": spec}).rope == spec
     with pytest.raises(UserError, match="--recipe"):
-        config.resolve(BASE, "magic")
+        train_config.resolve(BASE, "magic")
 
 
 def test_doc_mask_and_pose_compose_with_s2_and_the_rope_methods():
-    assert config.resolve({**BASE, "doc_mask": True, "attn": "s2"}).doc_mask
+    assert train_config.resolve({**BASE, "doc_mask": True, "attn": "s2"}).doc_mask
     for spec in ("linear:auto", "yarn:auto", "dynamic:4", "ntk:8", "llama3:8", None):
-        cfg = config.resolve({**BASE, "pose": 640, "rope": spec, "quant": "nf4", "attn": "s2"})
+        cfg = train_config.resolve({**BASE, "pose": 640, "rope": spec, "quant": "nf4", "attn": "s2"})
         assert (cfg.pose, cfg.rope) == (640, spec)
-    assert {"--doc-mask", "--pose"} <= {o for a in config.build_parser()._actions for o in a.option_strings}
+    assert {"--doc-mask", "--pose"} <= {o for a in train_config.build_parser()._actions for o in a.option_strings}
     with pytest.raises(UserError, match="--doc-mask does not combine with --cp 2"):
-        config.resolve({**BASE, "doc_mask": True, "cp": 2}, world_size=2)
-    assert config.resolve({**BASE, "pose": 640, "cp": 2}, world_size=2).pose == 640  # shards carry PoSE positions
+        train_config.resolve({**BASE, "doc_mask": True, "cp": 2}, world_size=2)
+    assert train_config.resolve({**BASE, "pose": 640, "cp": 2}, world_size=2).pose == 640  # shards carry PoSE positions
 
 
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.resolve(BASE).lr = 1.0
+        train_config.resolve(BASE).lr = 1.0
 
 
 # ----------------------------------------------------------------------------- the README's recipe table
@@ -202,7 +202,7 @@ def number(text: str) -> float:
 
 def expected_from_row(row: dict[str, str]) -> dict:
     """The settings a README row states; what it leaves unsaid must be the default."""
-    d = config.DEFAULTS
+    d = train_config.DEFAULTS
     base, adapters, positions = row["base"], row["adapters"], row["positions"]
     attention, opt = row["attention in training"], row["optimisation"]
     want = {"quant": "nf4" if "NF4" in base else "none"}
@@ -249,7 +249,7 @@ def test_readme_recipe_table_matches_recipes():
     rows = readme_recipes()
     assert set(rows) == set(RECIPES)
     for name, row in rows.items():
-        cfg = config.resolve(BASE, name)
+        cfg = train_config.resolve(BASE, name)
         want = expected_from_row(row)
         got = {k: getattr(cfg, k) for k in want}
         got["train"] = {t for t in cfg.train.split(",") if t}
@@ -257,6 +257,6 @@ def test_readme_recipe_table_matches_recipes():
 
 
 def test_save_attention_with_compile_is_refused():
-    from config import resolve
+    from train_config import resolve
     with pytest.raises(UserError, match="--save-attention does not combine with --compile"):
         resolve({"model": "tiny", "ctx": 64, "data": "x", "compile": True, "save_attention": True})

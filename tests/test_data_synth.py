@@ -1,4 +1,4 @@
-"""Tests for synth.py: templated facts are verifiable at their recorded offsets, the generator path
+"""Tests for data_synth.py: templated facts are verifiable at their recorded offsets, the generator path
 records what it was shown, the CLI reports bad documents in one line and leaves nothing half written.
 """
 import json
@@ -12,14 +12,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import synth  # noqa: E402
+import data_synth  # noqa: E402
 import tokenizer  # noqa: E402
 from errors import UserError  # noqa: E402
 from test_data import write  # noqa: E402
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "synth.py"), *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "data_synth.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=60)
 
 
@@ -31,7 +31,7 @@ def test_synth_templated_facts_verifiable(tmp_path):
     """16K-token samples (byte tokenizer) from stdlib files: each inserted fact sits at its recorded
     offset on a line boundary at/after its depth, the rest is the real files, and answers match."""
     tok, ctx, out = tokenizer.ByteTokenizer(), 16384, tmp_path / "long.jsonl"
-    counts = synth.synth(STDLIB_DOCS, tok, ctx, ["single", "multi", "summary"], out, n=3, seed=7)
+    counts = data_synth.synth(STDLIB_DOCS, tok, ctx, ["single", "multi", "summary"], out, n=3, seed=7)
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert counts == dict(written=3, failed=0) and [r["meta"]["kind"] for r in rows] == ["single", "multi", "summary"]
     for r in rows:
@@ -71,7 +71,7 @@ def fake_generate_text(prompt: str) -> str:
 
 def test_synth_with_fake_generator_records_chunks(tmp_path):
     tok, out = tokenizer.ByteTokenizer(), tmp_path / "gen.jsonl"
-    counts = synth.synth(STDLIB_DOCS, tok, 16384, ["single", "multi", "summary"], out, n=3, seed=1,
+    counts = data_synth.synth(STDLIB_DOCS, tok, 16384, ["single", "multi", "summary"], out, n=3, seed=1,
                         generate_text=fake_generate_text, generator_name="fake")
     assert counts == dict(written=3, failed=0)
     for line in out.read_text(encoding="utf-8").splitlines():
@@ -84,7 +84,7 @@ def test_synth_with_fake_generator_records_chunks(tmp_path):
     for reply, said in [("I cannot help with that.", "0 of 2 generator replies were empty"),
                         ("  ", "2 of 2 generator replies were empty or null")]:
         with pytest.raises(UserError, match=f"none of the 2 samples could be made: {said}"):
-            synth.synth(STDLIB_DOCS, tok, 16384, ["single"], tmp_path / "none.jsonl", n=2,
+            data_synth.synth(STDLIB_DOCS, tok, 16384, ["single"], tmp_path / "none.jsonl", n=2,
                         generate_text=lambda p: reply, generator_name="fake-refuser")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.jsonl"]  # no OUT, no progress file left
 
@@ -97,7 +97,7 @@ def test_synth_with_fake_generator_records_chunks(tmp_path):
     ("Question: \nAnswer: ", None),
 ])
 def test_parse_qa(reply, expected):
-    assert synth.parse_qa(reply) == expected
+    assert data_synth.parse_qa(reply) == expected
 
 
 def test_cli_synth_success_and_bad_doc(tmp_path):
@@ -122,8 +122,8 @@ def test_synth_with_smollm2_generator_writes_questions_about_chunks(tmp_path, sm
     and answer; the line records the generator, the source and the chunk it was shown."""
     out = tmp_path / "long.jsonl"
     tok = tokenizer.load_tokenizer(smollm2_path)
-    counts = synth.synth([os.path.join(os.path.dirname(os.__file__), "textwrap.py")], tok, 4096, ["single"], out, n=1,
-                        generate_text=synth.model_generate_text(smollm2_path, tok, max_new_tokens=96),
+    counts = data_synth.synth([os.path.join(os.path.dirname(os.__file__), "textwrap.py")], tok, 4096, ["single"], out, n=1,
+                        generate_text=data_synth.model_generate_text(smollm2_path, tok, max_new_tokens=96),
                         generator_name=smollm2_path)
     assert counts["written"] + counts["failed"] == 1
     rows = [json.loads(l) for l in out.read_text().splitlines()] if out.exists() else []
@@ -134,13 +134,13 @@ def test_synth_with_smollm2_generator_writes_questions_about_chunks(tmp_path, sm
 
 
 def eval_template_fragments() -> set[str]:
-    """Every fixed run of 4+ words in the evaluations' prompt strings (tasks.py, ruler.py, protocols.py):
+    """Every fixed run of 4+ words in the evaluations' prompt strings (eval_tasks.py, eval_ruler.py, eval_protocols.py):
     their module-level upper-case string constants, cut at format fields and lower-cased."""
-    import protocols
-    import ruler
-    import tasks
+    import eval_protocols
+    import eval_ruler
+    import eval_tasks
     out = set()
-    for mod in (tasks, ruler, protocols):
+    for mod in (eval_tasks, eval_ruler, eval_protocols):
         for name, value in vars(mod).items():
             if name.isupper() and isinstance(value, str):
                 for piece in re.split(r"\{[^}]*\}", value):
@@ -156,7 +156,7 @@ def test_synth_uses_no_evaluation_sentence_or_question(tmp_path):
     assert "the pass key is" in fragments and "what is the pass" in fragments  # the check sees passkey
     assert any("dolores park" in f for f in fragments) and any("special magic" in f for f in fragments)
     tok, out = tokenizer.ByteTokenizer(), tmp_path / "s.jsonl"
-    synth.synth(STDLIB_DOCS, tok, 4096, ["single", "multi", "summary"], out, n=60, seed=1)
+    data_synth.synth(STDLIB_DOCS, tok, 4096, ["single", "multi", "summary"], out, n=60, seed=1)
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert {f["type"] for r in rows for f in r["meta"]["facts"]} >= {"needle", "code", "record"}
     for r in rows:

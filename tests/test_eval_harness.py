@@ -1,4 +1,4 @@
-"""harness.py / `eval.py harness`: our model through lm-evaluation-harness, on the local tasks in
+"""eval_harness.py / `eval.py harness`: our model through lm-evaluation-harness, on the local tasks in
 tests/harness_tasks (20 multiple-choice questions, 20 generation prompts; YAML + JSONL, offline).
 
 Reference: lm-eval's own `--model hf` (HFLM) on transformers' SmolLM2-135M-Instruct loaded from the same
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import eval as ev
-import harness
+import eval_harness
 import lora
 import tokenizer
 from checkpoint import load_model, save_model
@@ -33,14 +33,14 @@ def samples_of(out: Path) -> dict[str, list[dict]]:
 
 
 def test_cut_at_stops_and_missing_lm_eval(monkeypatch):
-    assert harness.cut_at_stops("Rome.\nNext", ["\n", "."]) == "Rome"
-    assert harness.cut_at_stops("abc", ["", "x"]) == "abc"
+    assert eval_harness.cut_at_stops("Rome.\nNext", ["\n", "."]) == "Rome"
+    assert eval_harness.cut_at_stops("abc", ["", "x"]) == "abc"
 
     def no_lm_eval(name):
         raise ImportError(name)
-    monkeypatch.setattr(harness.importlib, "import_module", no_lm_eval)
+    monkeypatch.setattr(eval_harness.importlib, "import_module", no_lm_eval)
     with pytest.raises(ev.UserError, match="pip install lm-eval"):
-        harness.lm_eval_api()
+        eval_harness.lm_eval_api()
 
 
 def test_continuation_logprob_equals_full_forward():
@@ -51,7 +51,7 @@ def test_continuation_logprob_equals_full_forward():
     with torch.no_grad():
         logp = torch.log_softmax(m(torch.tensor([ctx + cont[:-1]]))[0].float(), -1)
     want = float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
-    got, greedy = harness.continuation_logprob(m, ctx, cont, max_length=512, chunk=7)
+    got, greedy = eval_harness.continuation_logprob(m, ctx, cont, max_length=512, chunk=7)
     assert abs(got - want) < 1e-5 and greedy == all(int(logp[len(ctx) - 1 + i].argmax()) == t
                                                    for i, t in enumerate(cont))
 

@@ -276,7 +276,7 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
     """
     unknown = sorted(set(given) - set(SETTINGS))
     if unknown:
-        raise ValueError(f"config.resolve: unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+        raise ValueError(f"train_config.resolve: unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     if recipe is not None and recipe not in RECIPES:
         raise UserError(f"--recipe {recipe!r}: unknown; choose one of {', '.join(sorted(RECIPES))}")
     cfg = {**DEFAULTS, **(RECIPES[recipe] if recipe else {}), **{k: v for k, v in given.items() if v is not None}}

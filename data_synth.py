@@ -15,15 +15,15 @@ Multi-Detail QA and Biography Summarization. Here the same three kinds are made 
     request has a timeout and is retried on 429, 5xx and connection errors with exponential backoff
     (delay = backoff * 2^attempt, at most 60 s or the server's Retry-After, at most --retries times).
 Each sample is one conversation (user: document + question, assistant: answer) of at most ctx tokens.
-No fact, question or answer reuses an evaluation's sentence or question (tasks.py, ruler.py, protocols.py):
+No fact, question or answer reuses an evaluation's sentence or question (eval_tasks.py, eval_ruler.py, eval_protocols.py):
 training on an evaluation's own format would inflate its score (tests/test_synth.py checks every 4-word run).
 
-Output goes through resumable.write_resumable: samples are kept as they complete, Ctrl-C or SIGTERM stops
+Output goes through data_resumable.write_resumable: samples are kept as they complete, Ctrl-C or SIGTERM stops
 cleanly, a rerun with the same settings continues where the last one stopped (rows of other settings are
 refused), and OUT is written atomically (outputs.atomic_path) when all are done.
 
 Command line:
-    python synth.py --docs DIR_OR_FILES --tokenizer PATH --ctx 65536 --kinds single,multi,summary \
+    python data_synth.py --docs DIR_OR_FILES --tokenizer PATH --ctx 65536 --kinds single,multi,summary \
         --out long.jsonl [--generator MODEL | --generator-url URL --generator-model NAME] [--concurrency 8] \
         [--seed 0] [--n 8]
 """
@@ -50,7 +50,7 @@ from data import decode_text, list_files
 from errors import UserError, check_range, run_cli
 from generate import generate
 from outputs import check_output
-from resumable import write_resumable
+from data_resumable import write_resumable
 from tokenizer import CHAT_TEMPLATES, Tokenizer, chat_template_for, encode_chat, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
@@ -427,7 +427,7 @@ def synth(docs, tokenizer: Tokenizer, ctx: int, kinds: list[str], out, n: int, s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    s = argparse.ArgumentParser(prog="synth.py", description="Write verifiable long chat samples from long documents.")
+    s = argparse.ArgumentParser(prog="data_synth.py", description="Write verifiable long chat samples from long documents.")
     s.add_argument("--docs", nargs="+", required=True, help="documents: files and/or folders")
     s.add_argument("--tokenizer", required=True, help="tokenizer.json, tokenizer.model, .gguf or 'bytes'")
     s.add_argument("--ctx", type=int, required=True, help="tokens per sample (upper bound)")

@@ -1,4 +1,4 @@
-"""protocols.py: the published needle and key-value prompts and their scorers.
+"""eval_protocols.py: the published needle and key-value prompts and their scorers.
 
 References: the `rouge_score` package (ROUGE-L F, exact to 1e-12: same integer LCS, one division order);
 the `rouge` package 1.0.1 when installed (what the 80K paper's code calls) and hand-computed values
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-import protocols as pr
+import eval_protocols as pr
 import tokenizer
 from conftest import smollm2_gguf
 

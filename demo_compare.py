@@ -1,6 +1,6 @@
 """A controlled comparison of RoPE extension methods on the demo's base, every method under one budget.
 
-`python compare.py` extends the demo's base (demo/, a byte-level Llama trained
+`python demo_compare.py` extends the demo's base (demo/, a byte-level Llama trained
 at L = 256 bytes) ten-fold, to 10 L = 2,560, once per method, through the trainer (train.train), with the
 same budget: the demo's recipe (NF4 base with double quantization, LoRA r=16 alpha=32 on all linear layers
 plus trained embeddings and norms, lr 2e-3, 10 warmup steps, cosine, seed 0), the same number of steps and
@@ -21,7 +21,7 @@ changed, nothing trained), the lecture's "frozen" rows (Lu et al. 2024, the cont
 
 Each row reports: perplexity of 8 held-out windows over their first L, 5 L and 10 L positions; passkey
 (demo.evaluate: greedy exact match of a 4-digit fact, 40 prompts per length) at L, 5 L, 10 L; RULER tasks
-at 10 L (ruler.py's RULER prompts of at most 10 L bytes with BOS first, greedy decoding, RULER's metric;
+at 10 L (eval_ruler.py's RULER prompts of at most 10 L bytes with BOS first, greedy decoding, RULER's metric;
 a model pretrained on Python source has never read such English prompts); retention at L against the base
 (demo.retained: base ppl@L / row ppl@L and row passkey@L / base passkey@L, 1 = kept, above 1 = better);
 and the row's wall seconds (training plus evaluation).
@@ -47,10 +47,10 @@ from pathlib import Path
 import torch
 
 import demo
-import guards
-import ruler
+import train_guards
+import eval_ruler
 from checkpoint import SAFETENSORS_SINGLE, read_config
-from config import TrainConfig, resolve
+from train_config import TrainConfig, resolve
 from errors import UserError, run_cli
 from generate import generate
 from lora import load_adapter
@@ -146,7 +146,7 @@ def format_table(rows: dict[str, dict], L: int, factors: tuple[int, ...], tasks:
 
 
 @torch.no_grad()
-def ruler_scores(net, data: ruler.RulerData, length: int, tasks: tuple[str, ...], trials: int) -> dict[str, float]:
+def ruler_scores(net, data: eval_ruler.RulerData, length: int, tasks: tuple[str, ...], trials: int) -> dict[str, float]:
     """{task: mean RULER score} over the first `trials` samples of RULER's prompts (BOS first, prompt plus
     tokens to generate <= length), greedy decoding until EOS or RULER's token budget."""
     out = {}
@@ -155,7 +155,7 @@ def ruler_scores(net, data: ruler.RulerData, length: int, tasks: tuple[str, ...]
         for t in range(trials):
             ids, refs, max_new, _ = data.prompt(task, length, t)
             new = generate(net, ids, max_new, stop_ids=[demo.EOS])
-            total += ruler.score(task, data.tok.decode(new), refs)
+            total += eval_ruler.score(task, data.tok.decode(new), refs)
         out[task] = total / trials
     return out
 
@@ -198,11 +198,11 @@ def compare(args) -> dict:
     check_output(out, "new", "--out", owned=holds_only("data.jsonl", "short-*.jsonl", "results.*", *METHODS))
     out.mkdir(parents=True, exist_ok=True)
     filler = demo.corpus_bytes(demo.stdlib_split()[1])
-    hay = ruler.RulerData(ByteTokenizer(), None, ruler.read_haystack(None)[0], seed=demo.EVAL_SEED)
+    hay = eval_ruler.RulerData(ByteTokenizer(), None, eval_ruler.read_haystack(None)[0], seed=demo.EVAL_SEED)
     d = init_distributed()
     try:
         if d.world != 1:
-            raise UserError("compare runs in one process (python compare.py), not under torchrun")
+            raise UserError("compare runs in one process (python demo_compare.py), not under torchrun")
         t = time.time()
         rows = {"base": evaluate_row(demo.load_base(base_dir), filler, L, args, hay, None)}
         rows["base"]["seconds"] = time.time() - t
@@ -219,7 +219,7 @@ def compare(args) -> dict:
             t = time.time()
             data = write_data(out, m, L, factor * L, args.steps)
             cfg = resolve(train_settings(m, L, factor, args.steps, base_dir, data, out / key / "train"), world_size=1)
-            guards.remove_run(cfg.out)  # this command's own previous run of the method
+            train_guards.remove_run(cfg.out)  # this command's own previous run of the method
             train(cfg, d)
             net = demo.load_base(base_dir, cfg, quant=cfg.quant)
             load_adapter(net, Path(cfg.out) / "adapter")
@@ -253,7 +253,7 @@ def compare(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python compare.py",
+    ap = argparse.ArgumentParser(prog="python demo_compare.py",
                                  description="Extend the demo base ten-fold with each RoPE method under one budget.")
     ap.add_argument("--steps", type=int, default=demo.DEMO_RECIPE["steps"], help="training steps of every method")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list from {','.join(METHODS)}")
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--base", default=str(demo.DEMO_DIR), help="the base (default: the shipped demo/)")
     ap.add_argument("--eval-windows", type=int, default=demo.EVAL_WINDOWS, help="held-out windows for perplexity")
     ap.add_argument("--eval-keys", type=int, default=demo.EVAL_KEYS, help="passkey prompts per length")
-    ap.add_argument("--ruler-tasks", default=",".join(RULER_TASKS), help="comma list of ruler.py tasks")
+    ap.add_argument("--ruler-tasks", default=",".join(RULER_TASKS), help="comma list of eval_ruler.py tasks")
     ap.add_argument("--ruler-trials", type=int, default=RULER_TRIALS, help="prompts per RULER task")
     return ap
 
@@ -272,9 +272,9 @@ def check_args(args) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.ruler_tasks = tuple(t.strip() for t in args.ruler_tasks.split(",") if t.strip())
-    unknown = [t for t in args.ruler_tasks if t not in ruler.TASKS]
+    unknown = [t for t in args.ruler_tasks if t not in eval_ruler.TASKS]
     if unknown or not args.ruler_tasks:
-        raise UserError(f"--ruler-tasks: unknown {unknown or 'empty list'}; choose from {','.join(ruler.TASKS)}")
+        raise UserError(f"--ruler-tasks: unknown {unknown or 'empty list'}; choose from {','.join(eval_ruler.TASKS)}")
 
 
 def main(argv=None) -> int:

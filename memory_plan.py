@@ -15,7 +15,7 @@ import parallel
 import rope
 import shift_attn
 from checkpoint import read_config
-from config import TrainConfig
+from train_config import TrainConfig
 from devices import choose_dtype
 from errors import UserError
 from model import PRESETS, ModelConfig, Transformer

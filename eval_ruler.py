@@ -17,7 +17,7 @@ qa}.py, scripts/data/{prepare,template}.py and scripts/eval/synthetic/constants.
               (40 words 10/3 times; 20 words 3/1 below 4096); the 10; string_match_all.
     fwe       frequent words extraction: coded 6-letter words, rank k written floor(N k^-a / zeta(a)) times
               (a = 2) over (L - 50) // 50 types, rank 1 replaced by "..."; ranks 2-4; string_match_all.
-    qa_1/2    SQuAD v2 / HotpotQA documents around a question (ruler_qa.py); string_match_part.
+    qa_1/2    SQuAD v2 / HotpotQA documents around a question (eval_ruler_qa.py); string_match_part.
 
 Length. A prompt is model template(task template) + answer prefix (prepare.py), and its tokens plus the
 task's tokens_to_generate (niah 128, vt 30, cwe 120, fwe 50, qa 32) stay <= L. The haystack count n (essay
@@ -58,10 +58,10 @@ import string
 import uuid
 from pathlib import Path
 
-import ruler_qa
+import eval_ruler_qa
 from errors import UserError
 from outputs import atomic_write_text
-from tasks import haystack_text
+from eval_tasks import haystack_text
 from tokenizer import CHAT_TEMPLATES, chat_template_for
 
 # ----------------------------------------------------------------------------- constants
@@ -113,7 +113,7 @@ TEMPLATE_KINDS = ("base", "chat")
 
 
 def family(task: str) -> str:
-    return "niah" if task in NIAH else "qa" if task in ruler_qa.DATASETS else task
+    return "niah" if task in NIAH else "qa" if task in eval_ruler_qa.DATASETS else task
 
 
 def tokens_to_generate(task: str) -> int:
@@ -294,7 +294,7 @@ class RulerData:
 
     template: None for RULER's `base` template, else a chat template name (tokenizer.CHAT_TEMPLATES): the task
     text goes in the user turn and the answer prefix after the generation prompt. haystack: the essay words
-    (read_haystack). qa: {task: (questions, documents)} (ruler_qa.read). Each (task, L) fits its haystack
+    (read_haystack). qa: {task: (questions, documents)} (eval_ruler_qa.read). Each (task, L) fits its haystack
     count once; sample i draws from a generator seeded by (seed, task, L, i).
     """
 
@@ -417,7 +417,7 @@ class RulerData:
         qas, docs = self.qa[task]
         qa = qas[index % len(qas)]
         body, prefix, _ = TEMPLATES["qa"]
-        return (self.wrap(body.format(context=ruler_qa.documents(qa, docs, n, rng, SEED), query=qa["query"]),
+        return (self.wrap(body.format(context=eval_ruler_qa.documents(qa, docs, n, rng, SEED), query=qa["query"]),
                           prefix), qa["outputs"])
 
     # fitting and rows
@@ -490,7 +490,7 @@ class RulerData:
         if task == "fwe":
             return (lambda n, rng: self.fwe(L, n, rng)), max(1, (L - tokens_to_generate("fwe")) // 32), None, None
         if task not in self.qa:
-            self.qa[task] = ruler_qa.read(task, None)
+            self.qa[task] = eval_ruler_qa.read(task, None)
         return (lambda n, rng: self.qa_text(task, index, n, rng)), 10, 10, None
 
     def row(self, task: str, L: int, index: int) -> dict:
@@ -540,7 +540,7 @@ def setup(tokenizer, template: str | None, chat_name: str | None, haystack: list
     template = template or ("chat" if tokenizer.chat_template else "base")
     chat = chat_template_for(tokenizer, chat_name) if template == "chat" else None
     words, is_ruler = read_haystack(haystack)
-    qa = {t: ruler_qa.read(t, qa_files.get(t)) for t in tasks if t in ruler_qa.DATASETS}
+    qa = {t: eval_ruler_qa.read(t, qa_files.get(t)) for t in tasks if t in eval_ruler_qa.DATASETS}
     return RulerData(tokenizer, chat, words, qa, seed), is_ruler
 
 

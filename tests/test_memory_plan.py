@@ -1,4 +1,4 @@
-"""plan.py: the memory plan of `train.py --dry-run`, built from the config and the model shape alone."""
+"""memory_plan.py: the memory plan of `train.py --dry-run`, built from the config and the model shape alone."""
 import json
 import re
 import sys
@@ -8,17 +8,17 @@ import pytest
 
 import torch
 
-import config
+import train_config
 import lora
 import model
-import plan
+import memory_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_memory  # bench/ is not a package: found through sys.path above
 
 
 def dry_run_output(capsys, recipe, **given):
-    plan.dry_run(config.resolve(given, recipe, dry_run=True))
+    memory_plan.dry_run(train_config.resolve(given, recipe, dry_run=True))
     return capsys.readouterr().out
 
 
@@ -34,8 +34,8 @@ def test_dry_run_plans_the_token_chunked_mlp():
     keeps T x 4 C more (the chunks' outputs and their gradients): on Llama-3-8B at 10K tokens per GPU the
     block's backward halves (19.3 -> 9.6 GiB in bf16)."""
     base = dict(model="llama-3-8b", ctx=80000, nproc=8)
-    mc, T, c = plan.model_config("llama-3-8b"), 80000, 4096
-    whole, chunked = (plan.dry_run(config.resolve({**base, **extra}, "llama3-80k", dry_run=True))[0]
+    mc, T, c = memory_plan.model_config("llama-3-8b"), 80000, 4096
+    whole, chunked = (memory_plan.dry_run(train_config.resolve({**base, **extra}, "llama3-80k", dry_run=True))[0]
                       for extra in ({}, {"mlp_chunk": c}))
     freed = ((T - c) * 6 * mc.ffn_dim - 4 * T * mc.dim) * 2  # bf16 values
     assert whole["one block's backward"] - chunked["one block's backward"] == freed
@@ -43,7 +43,7 @@ def test_dry_run_plans_the_token_chunked_mlp():
 
 
 def test_dry_run_returns_the_plan_it_prints(capsys):
-    p, summary = plan.dry_run(config.resolve({"model": "tiny", "ctx": 64}, dry_run=True))
+    p, summary = memory_plan.dry_run(train_config.resolve({"model": "tiny", "ctx": 64}, dry_run=True))
     out = capsys.readouterr().out
     assert f"{p['total'] / 2**30:9.2f} GiB" in out and summary["trainable"] > 0
     assert p["total"] == sum(v for k, v in p.items() if k not in ("total", "one block's backward",
@@ -57,15 +57,15 @@ def test_context_parallel_plan_divides_activations_and_adds_the_exchange():
     plus the all-to-all term; weights and optimizer state do not change. 1M tokens fit 80 GB with
     --mlp-chunk (Llama-3-8B, the 80K recipe)."""
     base = dict(model="llama-3-8b", ctx=1048576, nproc=8)
-    one = plan.dry_run(config.resolve({**base, "ctx": 131072}, "llama3-80k", dry_run=True))[0]
-    cp8 = plan.dry_run(config.resolve({**base, "cp": 8}, "llama3-80k", dry_run=True))[0]
-    a2a = plan.all_to_all_bytes(config.resolve({**base, "cp": 8}, "llama3-80k", dry_run=True),
-                                plan.model_config("llama-3-8b"), 2)
+    one = memory_plan.dry_run(train_config.resolve({**base, "ctx": 131072}, "llama3-80k", dry_run=True))[0]
+    cp8 = memory_plan.dry_run(train_config.resolve({**base, "cp": 8}, "llama3-80k", dry_run=True))[0]
+    a2a = memory_plan.all_to_all_bytes(train_config.resolve({**base, "cp": 8}, "llama3-80k", dry_run=True),
+                                memory_plan.model_config("llama-3-8b"), 2)
     assert a2a == 131072 * 2 * 32 * 128 * 2  # send + receive buffers of q's exchange, bf16
     assert cp8["block checkpoints"] == one["block checkpoints"]
     assert cp8["weights"] == one["weights"] and cp8["AdamW moments"] == one["AdamW moments"]
     assert cp8["one block's backward"] == one["one block's backward"] + a2a
-    chunked = plan.dry_run(config.resolve({**base, "cp": 8, "mlp_chunk": 4096}, "llama3-80k", dry_run=True))[0]
+    chunked = memory_plan.dry_run(train_config.resolve({**base, "cp": 8, "mlp_chunk": 4096}, "llama3-80k", dry_run=True))[0]
     assert cp8["total"] > 80e9 > chunked["total"]
 
 
@@ -115,11 +115,11 @@ def block_saved(dtype, targets, T=8192, r=32):
 def test_block_saved_bytes_match_a_llama3_8b_block_in_both_dtypes(targets):
     """What a bf16 block keeps for backward is half its float32 bytes plus small float32 terms (LoRA's
     branch in bf16, RMSNorm keeping its bf16 input): at most 0.58x (PEFT's float32 branch and the float32
-    norm input made it 0.78x; measured 0.50x now). plan.block_saved_bytes matches the count within 10% in each dtype
+    norm input made it 0.78x; measured 0.50x now). memory_plan.block_saved_bytes matches the count within 10% in each dtype
     (measured: float32 exact, bf16 0.2% and 0.4% under)."""
     counted = {dt: block_saved(dt, targets) for dt in (torch.float32, torch.bfloat16)}
     assert counted[torch.bfloat16] <= 0.58 * counted[torch.float32], counted
     mc = model.ModelConfig.from_name("llama-3-8b")
     for dt, n in counted.items():
-        planned = plan.block_saved_bytes(mc, 8192, torch.finfo(dt).bits // 8, lora.resolve_targets(targets), 32)
+        planned = memory_plan.block_saved_bytes(mc, 8192, torch.finfo(dt).bits // 8, lora.resolve_targets(targets), 32)
         assert abs(planned / n - 1) < 0.10, (dt, planned, n)

@@ -1,4 +1,4 @@
-"""Published recall protocols as their own code builds and scores them, beside ours (tasks.py). No model here.
+"""Published recall protocols as their own code builds and scores them, beside ours (eval_tasks.py). No model here.
 
     llama3-80k  the needle test of Zhang et al. 2024 ("Extending Llama-3's Context Ten-Fold Overnight"),
                 as FlagEmbedding's research/Long_LLM/longllm_qlora/main/eval_needle.py runs it:
@@ -22,7 +22,7 @@
                 kv_retrieval ("JSON data:" then `{"k": "v",\\n "k": "v"}` with UUID4 keys and values, the
                 key quoted after "Key: "), which its prompt cites; the examples' pairs are fresh UUIDs.
 
-Without --haystack the needle protocols use our manual haystack (tasks.haystack_text): both papers use
+Without --haystack the needle protocols use our manual haystack (eval_tasks.haystack_text): both papers use
 Paul Graham's essays, so such a score is labelled as not theirs (HAYSTACK_NOTE).
 
 Notation: L requested length, p needle position among the context tokens.
@@ -40,7 +40,7 @@ import numpy as np
 
 from data import list_files
 from errors import UserError
-from tasks import exact_match, haystack_text, rouge_l_recall
+from eval_tasks import exact_match, haystack_text, rouge_l_recall
 from tokenizer import CHAT_TEMPLATES
 
 # ----------------------------------------------------------------------------- constants
