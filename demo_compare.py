@@ -53,7 +53,7 @@ from checkpoint import SAFETENSORS_SINGLE, read_config
 from train_config import TrainConfig, resolve
 from errors import UserError, run_cli
 from generate import generate
-from lora import load_adapter
+from lora_peft import load_adapter
 from outputs import atomic_write_text, check_output, holds_only
 from parallel import destroy, init_distributed
 from tokenizer import ByteTokenizer

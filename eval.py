@@ -71,7 +71,7 @@ from devices import add_device_flags, device_and_dtype
 from errors import UserError, check_range, run_cli
 from eval_report import label, markdown_table, plot, retention, ruler_table
 from generate import check_memory, generate
-from lora import load_adapter
+from lora_peft import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
 from outputs import atomic_write_text, check_output

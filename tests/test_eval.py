@@ -17,6 +17,7 @@ import tokenizer
 import eval as ev
 from test_eval_tasks import HAY
 import lora
+import lora_peft
 import rope
 import eval_ruler
 from checkpoint import load_model, save_model
@@ -107,7 +108,7 @@ def test_adapter_equals_merged_model(tmp_path):
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    lora.save_adapter(m, tmp_path / "adapter")
+    lora_peft.save_adapter(m, tmp_path / "adapter")
     lora.merge_lora(m)
     save_model(m, tmp_path / "merged")
     docs = tmp_path / "doc.txt"

@@ -25,7 +25,8 @@ import gguf_export
 import rope
 from checkpoint import load_model, save_model
 from errors import UserError
-from lora import LoRALinear, apply_lora, export_merged
+from lora import LoRALinear, apply_lora
+from lora_peft import export_merged
 from test_tokenizer import make_bpe_dir
 from tokenizer import load_tokenizer
 

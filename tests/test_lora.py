@@ -1,4 +1,5 @@
-"""lora.py against transformers + PEFT 0.21 (forward, adapter files both ways), merge, gradients, QLoRA, errors.
+"""lora.py and lora_peft.py against transformers + PEFT 0.21 (forward, adapter files both ways), merge,
+gradients, QLoRA, errors.
 
 Tolerance: 1e-5 absolute on float32 logits of a 2-layer tiny model wherever two implementations compute
 the same function (ours vs transformers+PEFT, merged vs unmerged): they differ only in float32 summation
@@ -13,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import hf_llama
-from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LLAMA_LINEARS, LoRALinear, apply_lora, export_merged,
-                  load_adapter, lora_modules, lora_scaling, lora_state_dict, main, merge_lora, save_adapter)
+from lora import LLAMA_LINEARS, LoRALinear, apply_lora, lora_modules, lora_scaling, lora_state_dict, merge_lora
+from lora_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_merged, load_adapter, main, save_adapter
 from checkpoint import load_model
 from errors import UserError
 
