@@ -156,7 +156,7 @@ def test_ruler_scores_carry_standard_errors_and_the_average_names_its_tasks(tmp_
     assert len(row["items"]) == 4 and row["chat_template"] == "base"
     for it in row["items"]:
         assert it["prompt_tokens"] + eval_ruler.tokens_to_generate(it["task"]) <= 2048
-        assert it["correct"] == eval_ruler.score(it["task"], it["answer"], it["reference"])
+        assert it["correct"] == eval_ruler.score_ruler(it["task"], it["answer"], it["reference"])
     cell = row["by_task"]["fwe"]["2048"]
     assert cell["n"] == 2 and cell == eval_ruler.summarize([i["correct"] for i in row["items"] if i["task"] == "fwe"])
     assert row["average"]["name"] == "mean of 2 tasks (niah_single_1, fwe)"
@@ -167,7 +167,7 @@ def test_ruler_scores_carry_standard_errors_and_the_average_names_its_tasks(tmp_
 def test_ruler_prepare_only_writes_rulers_jsonl_without_a_model(tmp_path):
     assert run_main("ruler", "--prepare-only", "--tokenizer", "bytes", "--lengths", "2048", "--tasks", "vt,cwe",
                     "--samples", "2", "--template", "base", "--out", str(tmp_path)) == 0
-    data = eval_ruler.RulerData(tokenizer.load_tokenizer("bytes"), None, eval_ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tokenizer.load_tokenizer("bytes"), None, eval_ruler.ruler_haystack(None)[0])
     for task in ("vt", "cwe"):
         rows = [json.loads(x) for x in (tmp_path / "2048" / task / "validation.jsonl").read_text().splitlines()]
         assert rows == [{k: v for k, v in data.row(task, 2048, i).items() if k != "ids"} for i in range(2)]
