@@ -236,7 +236,7 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
         if args.task == "passkey":
             item["correct"] = passkey_correct(answer, ref)
         elif args.task == "ruler":
-            item["task"], item["correct"] = sub, eval_ruler.score_ruler(sub, answer, ref)  # a fraction of the references
+            item["task"], item["correct"] = sub, eval_ruler.score_ruler(sub, answer, ref)  # fraction of the references
         else:  # needle, kv: ours or a published protocol's scores
             item.update(eval_protocols.score(args.task, args.protocol, answer, ref))
         items.append(item)

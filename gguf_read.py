@@ -46,8 +46,15 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Hugging Face rotate-half rows -> llama.cpp interleaved pairs. w (H*D, I); inverse of unpermute_qk."""
-    out_dim = w.shape[0]
-    return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    pairs = w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])  # (H, 2, D/2, I)
+    return pairs.transpose(1, 2).reshape(w.shape)  # (H, D/2, 2, I) -> (H*D, I)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp interleaved pairs -> Hugging Face rotate-half rows (undoes its convert-time permutation of
+    q and k). w (H*D, I); inverse of permute_qk."""
+    pairs = w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])  # (H, D/2, 2, I)
+    return pairs.transpose(1, 2).reshape(w.shape)  # (H, 2, D/2, I) -> (H*D, I)
 
 
 def dequantize_gguf_block(data: torch.Tensor, kind: str) -> torch.Tensor:
@@ -70,14 +77,6 @@ def dequantize_gguf_block(data: torch.Tensor, kind: str) -> torch.Tensor:
         q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()  # (..., nblocks, 32)
         x = d * (q - 8) if kind == "Q4_0" else d * q + blocks[..., 2:4].contiguous().view(torch.float16).float()
     return x.reshape(*lead, -1)
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """llama.cpp interleaved pairs -> Hugging Face rotate-half rows (undoes its convert-time permutation of
-    q and k). w (H*D, I); inverse of permute_qk."""
-    out_dim = w.shape[0]
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
 
 
 # ----------------------------------------------------------------------------- reading

@@ -2,7 +2,7 @@
 tests/harness_tasks (20 multiple-choice questions, 20 generation prompts; YAML + JSONL, offline).
 
 Reference: lm-eval's own `--model hf` (HFLM) on transformers' SmolLM2-135M-Instruct loaded from the same
-GGUF (AutoModelForCausalLM(gguf_file=...), as tests/test_checkpoint.py builds it). Per sample: log-likelihoods
+GGUF (AutoModelForCausalLM(gguf_file=...), as tests/test_gguf_read.py builds it). Per sample: log-likelihoods
 within 1e-3 (both float32 over the same dequantized weights; the logits differ by <= 1e-3 from summation
 order over 30 layers, and a continuation's few tokens sum such differences) and the same greedy generations.
 """

@@ -37,7 +37,8 @@ LAYERS = {
     "demo": 7, "demo_smollm2": 7,  # drivers: run train.train and eval
     "demo_compare": 8,  # trains each method through train.train beside the demo's base
 }
-SAME_LAYER = {("lora", "checkpoint"), ("checkpoint", "gguf_read"), ("lora_peft", "lora"), ("lora_peft", "checkpoint"), ("data", "tokenizer"), ("data_synth", "data"), ("data_synth", "tokenizer"),
+SAME_LAYER = {("lora", "checkpoint"), ("checkpoint", "gguf_read"), ("lora_peft", "lora"), ("lora_peft", "checkpoint"),
+              ("data", "tokenizer"), ("data_synth", "data"), ("data_synth", "tokenizer"),
               ("data_synth", "generate"), ("generate", "tokenizer"), ("eval_tasks", "data"), ("eval_tasks", "tokenizer"),
               ("eval_ruler", "eval_tasks"), ("eval_ruler", "tokenizer"), ("eval_ruler", "data"), ("eval_ruler", "eval_ruler_qa"),
               ("memory_plan", "train_config"),
@@ -158,7 +159,7 @@ def test_modules_are_short():
 def test_module_names_group():
     names = set(modules())
     loose = sorted(n for n in names - CARD_NAMES - set(STANDALONE) if not n.startswith(tuple(GROUPS)))
-    assert not loose, f"name these modules with a group prefix ({', '.join(GROUPS)}) or list them in STANDALONE: {loose}"
+    assert not loose, f"give these modules a group prefix ({', '.join(GROUPS)}) or list them in STANDALONE: {loose}"
     stale = sorted(set(STANDALONE) - names) + sorted(n for n in set(STANDALONE) & names
                                                      if n in CARD_NAMES or n.startswith(tuple(GROUPS)))
     assert not stale, f"STANDALONE lists modules that are gone or already grouped: {stale}"
@@ -171,7 +172,8 @@ def test_public_names_are_unique_across_modules():
     owners: dict[str, list[str]] = {}
     for module, tree in modules().items():
         for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            defines = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if defines and not node.name.startswith("_"):
                 owners.setdefault(node.name, []).append(module)
     shared = {name: mods for name, mods in owners.items() if len(mods) > 1 and name != "main" and name not in PENDING}
     assert not shared, f"public names defined in more than one module: {shared}"
