@@ -1,24 +1,21 @@
-"""Files: safetensors and GGUF reading, one strict name check, load_model and save_model.
+"""Files: safetensors reading and writing, one strict name check, load_model and save_model.
 
 Every file or directory written here goes through outputs.atomic_path (temporary name, then rename).
 
 Reading: a Hugging Face directory (config.json + model.safetensors or an index of shards) or a llama.cpp
-.gguf file becomes a ModelConfig and a lazy stream of (name, tensor, file), one tensor at a time; pickle
-checkpoints are refused. Every loader checks names through `strict_items` (unexpected, repeated,
+.gguf file (gguf_read.py) becomes a ModelConfig and a lazy stream of (name, tensor, file), one tensor at a
+time; pickle checkpoints are refused. Every loader checks names through `strict_items` (unexpected, repeated,
 mis-shaped or missing tensors, one message format). `load_model` builds the model on the meta device and
 assigns each tensor as it arrives, optionally quantizing every linear but the LM head to NF4 (quant4.py),
 so peak memory is about the loaded model plus one tensor.
 
     python checkpoint.py convert SRC OUT      # a .gguf or HF directory -> a HF safetensors directory
-
-Notation: O out features, I in features, H query heads, Hkv kv heads, D head dim.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -31,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import quant4
-import rope
 from errors import UserError, run_cli
+from gguf_read import Items, read_gguf
 from model import PRESETS, MemoryOptions, ModelConfig, Transformer
 from outputs import atomic_path, check_output
 
@@ -43,8 +40,6 @@ SAFETENSORS_SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 QUANT_KINDS = ("nf4",)
-
-Items = Iterator[tuple[str, torch.Tensor, str]]  # (name, tensor, file it came from)
 
 # ----------------------------------------------------------------------------- tokenizer files
 
@@ -145,160 +140,6 @@ def write_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], co
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-
-
-# ----------------------------------------------------------------------------- GGUF
-
-GGUF_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-
-
-def dequantize_gguf_block(data: torch.Tensor, kind: str) -> torch.Tensor:
-    """Dequantize llama.cpp blocks of 32 weights. data: (..., bytes) uint8 -> (..., n) float32.
-
-    Q8_0: [d f16][32 x int8]             x = d * q
-    Q4_0: [d f16][16 bytes]              x = d * (q - 8)
-    Q4_1: [d f16][m f16][16 bytes]       x = d * q + m
-    In the 4-bit kinds byte j holds weight j in its low nibble and weight j + 16 in its high nibble.
-    """
-    head = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4}[kind]
-    block = head + (32 if kind == "Q8_0" else 16)
-    lead = data.shape[:-1]
-    blocks = data.reshape(*lead, -1, block)  # (..., nblocks, block bytes)
-    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # (..., nblocks, 1)
-    qs = blocks[..., head:]
-    if kind == "Q8_0":
-        x = d * qs.contiguous().view(torch.int8).float()
-    else:
-        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()  # (..., nblocks, 32)
-        x = d * (q - 8) if kind == "Q4_0" else d * q + blocks[..., 2:4].contiguous().view(torch.float16).float()
-    return x.reshape(*lead, -1)
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's convert-time row permutation of q/k (interleaved pairs -> rotate-half halves)."""
-    out_dim = w.shape[0]
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Items]:
-    """Config and a lazy (name, float32 tensor, file) stream from a Llama-architecture GGUF file."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserError(f"{path}: reading GGUF needs the optional package 'gguf' (pip install gguf)") from None
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError, ... on bad files
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
-    names = {t.name for t in reader.tensors}
-    tok = reader.fields.get("tokenizer.ggml.tokens")
-    try:
-        n_heads = int(meta["llama.attention.head_count"])
-        n_kv = int(meta.get("llama.attention.head_count_kv", n_heads))
-        dim = int(meta["llama.embedding_length"])
-        cfg = ModelConfig(
-            vocab_size=int(meta.get("llama.vocab_size") or (len(tok.data) if tok is not None else 0)),
-            dim=dim, n_layers=int(meta["llama.block_count"]), n_heads=n_heads, n_kv_heads=n_kv,
-            head_dim=int(meta.get("llama.rope.dimension_count", dim // n_heads)),
-            ffn_dim=int(meta["llama.feed_forward_length"]),
-            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-            **_gguf_rope(path, meta, reader, dim // n_heads if "llama.rope.dimension_count" not in meta
-                         else int(meta["llama.rope.dimension_count"])),
-            tie_embeddings="output.weight" not in names,
-            bos_id=_field(reader, "tokenizer.ggml.bos_token_id"), eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        )
-    except KeyError as e:
-        raise UserError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
-    except ValueError as e:  # ModelConfig's checks
-        raise UserError(f"{path}: {e}") from None
-
-    def tensors():
-        for t in reader.tensors:
-            if t.name == "rope_freqs.weight":  # read into cfg.rope_scaling by _gguf_rope
-                continue
-            parts = t.name.split(".")
-            if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
-                name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-            elif parts[0] in GGUF_NAMES and len(parts) == 2:
-                name = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
-            else:
-                raise UserError(f"{path}: unknown GGUF tensor {t.name!r}")
-            kind = t.tensor_type.name
-            raw = torch.from_numpy(t.data.copy())
-            if kind in ("F32", "F16", "BF16"):
-                w = raw.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]).float()
-            elif kind in ("Q8_0", "Q4_0", "Q4_1"):
-                w = dequantize_gguf_block(raw, kind)
-            else:
-                raise UserError(f"{path}: tensor {t.name!r} has type {kind}; supported: F32 F16 BF16 Q8_0 Q4_0 Q4_1")
-            w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims fastest-first
-            if name.endswith("q_proj.weight"):
-                w = unpermute_qk(w, n_heads)
-            elif name.endswith("k_proj.weight"):
-                w = unpermute_qk(w, n_kv)
-            yield name, w, str(path)
-
-    return cfg, tensors()
-
-
-def _gguf_rope(path: Path, meta: dict, reader, head_dim: int) -> dict:
-    """rope_scaling and max_seq_len (L0) of ModelConfig from llama.cpp's RoPE keys.
-
-    rope.scaling.type linear / yarn with factor s and original_context_length L0 (default
-    context_length / s); a `rope_freqs` table (Llama 3.1: llama.cpp divides theta_i by f_i) is read as
-    llama3 scaling with s = max f_i, low/high frequency factors 1 and 4 and L0 from
-    original_context_length or from a blended channel (1/f = (1 - g)/s + g, L0 = lambda (1 + 3 g)),
-    and accepted only if that rule reproduces the table to 1e-5.
-    """
-    ctx = int(meta.get("llama.context_length", 4096))
-    kind = meta.get("llama.rope.scaling.type", "none")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is not None:
-        f = torch.from_numpy(freqs.data.copy()).float().reshape(-1)
-        theta = float(meta.get("llama.rope.freq_base", 10000.0))
-        s = float(f.max())
-        plain = rope.default_inv_freq(head_dim, theta)
-        original = meta.get("llama.rope.scaling.original_context_length")
-        blended = ((f > 1 + 1e-6) & (f < s * (1 - 1e-6))).nonzero()
-        if original is None and len(blended):
-            i = int(blended[0])
-            g = (1 / float(f[i]) - 1 / s) / (1 - 1 / s)
-            original = round(2 * math.pi / float(plain[i]) * (1 + 3 * g))
-        original = int(original or ctx / s)
-        scaling = {"rope_type": "llama3", "factor": s, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": original}
-        if s < 1 or f.numel() != head_dim // 2 or not torch.allclose(
-                plain / rope.rope_frequencies(head_dim, theta, scaling)[0], f, rtol=1e-5):
-            raise UserError(f"{path}: rope_freqs is not a Llama-3.1 frequency table (low 1, high 4); "
-                            "such a table cannot be loaded")
-        return {"rope_scaling": scaling, "max_seq_len": original}
-    if kind in ("linear", "yarn"):
-        s = float(meta.get("llama.rope.scaling.factor", 1.0))
-        original = int(meta.get("llama.rope.scaling.original_context_length") or ctx / s)
-        return {"rope_scaling": {"rope_type": kind, "factor": s, "original_max_position_embeddings": original},
-                "max_seq_len": original}
-    if kind != "none":
-        raise UserError(f"{path}: llama.rope.scaling.type {kind!r} is not supported (none, linear, yarn)")
-    return {"max_seq_len": ctx}
-
-
-def _field(reader, key):
-    f = reader.fields.get(key)
-    return int(f.contents()) if f is not None else None
-
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, Items]:

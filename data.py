@@ -6,15 +6,14 @@ What the recipes train on:
   - Llama-3-8B-Instruct-80K-QLoRA (arXiv 2404.19553): 3.5K synthetic 64K-80K-token chat samples of three
     kinds (Single-Detail QA, Multi-Detail QA, Biography Summarization), written by GPT-4 about chunks of
     a long document, mixed with 20K short instances (RedPajama, LongAlpaca); data_synth.py makes such data.
-  - ProLong (Gao et al., lecture notes): long + short mixtures weighted by TOKENS, not samples
-    (e.g. 60% long / 40% short).
+  - ProLong (Gao et al. 2024, "How to Train Long-Context Language Models (Effectively)"): long + short
+    mixtures weighted by TOKENS, not samples (e.g. 60% long / 40% short).
 
 Sample convention (what every builder here yields and the trainer consumes):
     dict(input_ids=LongTensor[L], labels=LongTensor[L]) with L <= ctx and
     labels[t] = the target for position t, i.e. already shifted:  labels[t] = ids[t + 1]  or -100.
-  The trainer computes  loss = CE(logits[t], labels[t])  over t with labels[t] != -100, no shifting.
-  Packing therefore cuts the token stream into chunks of ctx + 1 tokens: input_ids = chunk[:-1],
-  labels = chunk[1:], so every one of the ctx positions has a target.
+  The trainer computes loss = CE(logits[t], labels[t]) over t with labels[t] != -100, no shifting; packing
+  therefore cuts chunks of ctx + 1 tokens, input_ids = chunk[:-1], labels = chunk[1:] (ctx targets).
 
 Notation: T tokens in a sequence, ctx the sequence length a builder targets.
 
@@ -422,9 +421,8 @@ class Mixture:
     Resume: `state_dict()` holds the global index and each source's (epoch, consumed samples, tokens).
     `load_state_dict()` reopens each source at its epoch and skips the consumed samples.
 
-    Note: every rank reads and tokenizes the whole global stream and resuming replays each source's
-    current epoch up to the cursor. Tokenizing is cheap next to a training step at long context, and
-    this keeps the cursor tiny and exact; pre-tokenize very large sources if it ever is not.
+    Note: every rank tokenizes the whole global stream and a resume replays each source's epoch up to the
+    cursor: cheap next to a long-context step, and the cursor stays tiny and exact.
     """
 
     def __init__(self, sources: list[Source], seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -536,7 +534,7 @@ def format_stats(stats: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def data_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="data.py", description="Long-context data tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("stats", help="token-length histogram and supervised-token counts")
@@ -548,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = data_parser().parse_args(argv)
 
     def body():
         if args.template is not None and args.template not in CHAT_TEMPLATES:

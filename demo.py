@@ -73,7 +73,7 @@ from checkpoint import SAFETENSORS_SINGLE, load_model, read_config, save_model
 from train_config import TrainConfig, resolve
 from errors import UserError, run_cli
 from train_guards import check_same_files
-from lora import load_adapter
+from lora_peft import load_adapter
 from outputs import atomic_path, atomic_write_text, check_output, holds_only, save_figure
 from parallel import Dist, barrier
 from eval_tasks import (KEY_DIGITS, PASSKEY_NAME, code_passkey_items, corpus_bytes, query_bytes, random_value,

@@ -53,7 +53,7 @@ from checkpoint import SAFETENSORS_SINGLE, read_config
 from train_config import TrainConfig, resolve
 from errors import UserError, run_cli
 from generate import generate
-from lora import load_adapter
+from lora_peft import load_adapter
 from outputs import atomic_write_text, check_output, holds_only
 from parallel import destroy, init_distributed
 from tokenizer import ByteTokenizer
@@ -155,7 +155,7 @@ def ruler_scores(net, data: eval_ruler.RulerData, length: int, tasks: tuple[str,
         for t in range(trials):
             ids, refs, max_new, _ = data.prompt(task, length, t)
             new = generate(net, ids, max_new, stop_ids=[demo.EOS])
-            total += eval_ruler.score(task, data.tok.decode(new), refs)
+            total += eval_ruler.score_ruler(task, data.tok.decode(new), refs)
         out[task] = total / trials
     return out
 
@@ -198,7 +198,7 @@ def compare(args) -> dict:
     check_output(out, "new", "--out", owned=holds_only("data.jsonl", "short-*.jsonl", "results.*", *METHODS))
     out.mkdir(parents=True, exist_ok=True)
     filler = demo.corpus_bytes(demo.stdlib_split()[1])
-    hay = eval_ruler.RulerData(ByteTokenizer(), None, eval_ruler.read_haystack(None)[0], seed=demo.EVAL_SEED)
+    hay = eval_ruler.RulerData(ByteTokenizer(), None, eval_ruler.ruler_haystack(None)[0], seed=demo.EVAL_SEED)
     d = init_distributed()
     try:
         if d.world != 1:

@@ -56,6 +56,7 @@ import torch
 
 import eval as ev
 import lora
+import lora_peft
 import rope
 import train
 from checkpoint import load_model, read_checkpoint
@@ -349,7 +350,7 @@ def run(d: Dist, flags: dict, recipe: str | None = None, force: bool = False) ->
     mc = net.config  # the RoPE as train.build_model sets it
     mc.rope_theta, mc.rope_scaling = rope.override(mc.rope_theta, mc.rope_scaling, cfg.rope, cfg.rope_theta,
                                                    original_len=mc.max_seq_len, ctx=cfg.ctx)
-    lora.load_adapter(net, Path(cfg.out) / "adapter")
+    lora_peft.load_adapter(net, Path(cfg.out) / "adapter")
     rows[f"extended (NF4 + LoRA, RoPE base {cfg.rope_theta:.4g})"] = evaluate(net.eval(), tok, args, stream)
     table = format_table(rows, job.eval_lengths)
     png = plot(rows, job.eval_lengths, job.out / "ppl_by_length.png")

@@ -71,7 +71,7 @@ from devices import add_device_flags, device_and_dtype
 from errors import UserError, check_range, run_cli
 from eval_report import label, markdown_table, plot, retention, ruler_table
 from generate import check_memory, generate
-from lora import load_adapter
+from lora_peft import load_adapter
 from loss import chunked_cross_entropy
 from model import PRESETS, Transformer
 from outputs import atomic_write_text, check_output
@@ -236,7 +236,7 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
         if args.task == "passkey":
             item["correct"] = passkey_correct(answer, ref)
         elif args.task == "ruler":
-            item["task"], item["correct"] = sub, eval_ruler.score(sub, answer, ref)  # a fraction of the references
+            item["task"], item["correct"] = sub, eval_ruler.score_ruler(sub, answer, ref)  # fraction of the references
         else:  # needle, kv: ours or a published protocol's scores
             item.update(eval_protocols.score(args.task, args.protocol, answer, ref))
         items.append(item)

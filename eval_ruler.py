@@ -144,7 +144,7 @@ def string_match_part(prediction: str, references: list[str]) -> float:
     return float(any(r.lower() in pred for r in references))
 
 
-def score(task: str, prediction: str, references: list[str]) -> float:
+def score_ruler(task: str, prediction: str, references: list[str]) -> float:
     """RULER's metric for the task, in [0, 1]."""
     check_tasks([task])
     return (string_match_part if family(task) == "qa" else string_match_all)(prediction, references)
@@ -214,7 +214,7 @@ def wonderwords_lists() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ..
     return tuple(tuple(sorted(set(lists.filter(include_categories=[k])))) for k in ("noun", "adjective", "verb"))
 
 
-def random_value(kind: str, rng: random.Random) -> str:
+def needle_value(kind: str, rng: random.Random) -> str:
     """A needle key or value as RULER draws it: 7 digits, a UUID4, or an adjective-noun word."""
     if kind == "numbers":
         return str(rng.randint(10 ** 6, 10 ** 7 - 1))
@@ -237,7 +237,7 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+", text.strip()) if s]
 
 
-def read_haystack(paths: list[str] | None) -> tuple[list[str], bool]:
+def ruler_haystack(paths: list[str] | None) -> tuple[list[str], bool]:
     """(haystack words, is RULER's): --haystack files (RULER's PaulGrahamEssays.json, {"text": ...}, or plain
     text), else Python's reference manual (not RULER's haystack); words as RULER splits them."""
     if not paths:
@@ -294,7 +294,7 @@ class RulerData:
 
     template: None for RULER's `base` template, else a chat template name (tokenizer.CHAT_TEMPLATES): the task
     text goes in the user turn and the answer prefix after the generation prompt. haystack: the essay words
-    (read_haystack). qa: {task: (questions, documents)} (eval_ruler_qa.read). Each (task, L) fits its haystack
+    (ruler_haystack). qa: {task: (questions, documents)} (eval_ruler_qa.read). Each (task, L) fits its haystack
     count once; sample i draws from a generator seeded by (seed, task, L, i).
     """
 
@@ -325,15 +325,15 @@ class RulerData:
         n_keys = max(n_keys, n_asked)
         keys, values, needles = [], [], []
         for _ in range(n_keys):
-            keys.append(random_value(key_kind, rng))
-            values.append([random_value(kind, rng) for _ in range(n_values)])
+            keys.append(needle_value(key_kind, rng))
+            values.append([needle_value(kind, rng) for _ in range(n_values)])
             needles += [NEEDLE.format(type_needle_v=kind, key=keys[-1], value=v) for v in values[-1]]
         random.Random(SEED).shuffle(needles)
         if hay == "essay":
             context = insert_in_sentences(self.haystack, n, needles, rng)
         else:
             lines = [NOISE] * n if hay == "noise" else [
-                NEEDLE.format(type_needle_v=kind, key=random_value(key_kind, rng), value=random_value(kind, rng))
+                NEEDLE.format(type_needle_v=kind, key=needle_value(key_kind, rng), value=needle_value(kind, rng))
                 for _ in range(n)]
             context = "\n".join(insert_in_lines(lines, needles, rng))
         asked = rng.sample(range(n_keys), n_asked)
@@ -539,7 +539,7 @@ def setup(tokenizer, template: str | None, chat_name: str | None, haystack: list
     carries a chat template, as an instruct model's does); qa_files {task: path} read for the asked qa tasks."""
     template = template or ("chat" if tokenizer.chat_template else "base")
     chat = chat_template_for(tokenizer, chat_name) if template == "chat" else None
-    words, is_ruler = read_haystack(haystack)
+    words, is_ruler = ruler_haystack(haystack)
     qa = {t: eval_ruler_qa.read(t, qa_files.get(t)) for t in tasks if t in eval_ruler_qa.DATASETS}
     return RulerData(tokenizer, chat, words, qa, seed), is_ruler
 

@@ -8,7 +8,7 @@ The file follows what llama.cpp's own converter (convert_hf_to_gguf.py) writes f
     length is not a multiple of 32 stay F16, as llama.cpp's converter falls back);
   - q and k rows permuted from Hugging Face's rotate-half layout (channel i pairs with i + D/2) to
     llama.cpp's interleaved pairs (2i, 2i + 1): per head, w.reshape(2, D/2, I).transpose -> (D/2, 2, I),
-    the inverse of checkpoint.unpermute_qk;
+    gguf_read.permute_qk (the inverse of gguf_read.unpermute_qk);
   - RoPE in llama.cpp's terms:
         plain           rope.freq_base = theta
         linear (PI)     rope.scaling.type = "linear", rope.scaling.factor = s
@@ -45,11 +45,12 @@ import numpy as np
 import torch
 
 import rope
-from checkpoint import GGUF_NAMES, read_checkpoint
+from checkpoint import read_checkpoint
 from errors import UserError, run_cli
+from gguf_read import GGUF_NAMES, LLAMA3_SPLIT, open_gguf, permute_qk
 from model import ModelConfig
 from outputs import atomic_path, check_output
-from tokenizer import LLAMA3_SPLIT, HFTokenizer, load_tokenizer
+from tokenizer import HFTokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- constants
 
@@ -61,17 +62,11 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 # ----------------------------------------------------------------------------- pure functions
 
 
-def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Hugging Face rotate-half rows -> llama.cpp interleaved pairs. w (H*D, I); inverse of unpermute_qk."""
-    out_dim = w.shape[0]
-    return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
 def quantize_q8_0(w: torch.Tensor) -> np.ndarray:
     """Q8_0 blocks of a float tensor (..., n), n % 32 == 0 -> uint8 (..., n / 32 * 34).
 
     Per block of 32: d = max|x| / 127 stored as f16, q = round(x / d) as int8; x ~ d * q
-    (checkpoint.dequantize_gguf_block is the inverse). Done by the gguf package's bit-exact port of ggml.
+    (gguf_read.dequantize_gguf_block is the inverse). Done by the gguf package's bit-exact port of ggml.
     """
     import gguf
 
@@ -208,9 +203,7 @@ def _sentencepiece_keys(tok, vocab_size: int, writer) -> None:
 
 
 def _copy_gguf_tokenizer(path: Path, writer) -> None:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     keys = [k for k in reader.fields if k.startswith("tokenizer.")]
     if "tokenizer.ggml.model" not in keys:
         raise UserError(f"{path}: has no embedded tokenizer (tokenizer.ggml.*); pass --tokenizer")

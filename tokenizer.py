@@ -2,7 +2,7 @@
 
 Backends behind one `Tokenizer` interface: Hugging Face tokenizer.json (the `tokenizers` package),
 SentencePiece tokenizer.model, the byte-level BPE embedded in a GGUF file (rebuilt as llama.cpp builds
-it), and a file-free byte tokenizer for tests and the demo.
+it, gguf_read.read_gguf_tokenizer), and a file-free byte tokenizer for tests and the demo.
 
 Token ids of ByteTokenizer:
     0..255 the bytes of the UTF-8 text, 256 <s> (bos), 257 </s> (eos), 258 <pad>,
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from checkpoint import copy_tokenizer_files
 from errors import UserError
+from gguf_read import GPT2_SPLIT, LLAMA3_SPLIT, read_gguf_tokenizer
 from outputs import atomic_write_text
 
 # ----------------------------------------------------------------------------- constants
@@ -45,12 +46,6 @@ ROLES = ("system", "user", "assistant")
 
 # SmolLM2-Instruct's template adds this system turn when the conversation has none.
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
-# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by `tokenizer.ggml.pre`.
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
 
 PIECE_CHARS = 2**18  # texts longer than this are encoded piece by piece where that cannot change the ids
 WORD_END = re.compile(r"(?<=[^\W_])\s")  # a whitespace character after a letter or digit: a safe cut
@@ -362,60 +357,6 @@ def _load_tokenizer_json(path: Path) -> HFTokenizer:
                        config.get("add_bos_token"))
 
 
-def _gguf_field(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
-def _load_gguf_tokenizer(path: Path) -> HFTokenizer:
-    """Byte-level BPE from GGUF metadata (`tokenizer.ggml.model == "gpt2"`), as llama.cpp builds it.
-
-    The vocabulary is already spelled in GPT-2's byte-to-unicode alphabet; merges are "a b" strings;
-    token type 3 (CONTROL) marks special tokens, 4 (USER_DEFINED) added non-special ones. The
-    pre-tokenizer follows `tokenizer.ggml.pre` as in llama-vocab.cpp: "smollm" (also starcoder,
-    refact) = each digit alone, then the GPT-2 regex; "llama-bpe"/"llama3" = the Llama-3 regex;
-    anything else = the GPT-2 regex.
-    """
-    import gguf
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as RawTokenizer
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError, ... on bad files
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    model_kind = _gguf_field(reader, "tokenizer.ggml.model")
-    if model_kind != "gpt2":
-        raise UserError(f"{path}: tokenizer.ggml.model is {model_kind!r}; only byte-level BPE ('gpt2') GGUF "
-                         f"tokenizers are supported, use the model's tokenizer.json or tokenizer.model")
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = _gguf_field(reader, "tokenizer.ggml.merges") or []
-    types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    pre = _gguf_field(reader, "tokenizer.ggml.pre") or "default"
-    llama3 = pre in ("llama-bpe", "llama3", "llama-v3")
-    model = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                       merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=llama3)
-    tok = RawTokenizer(model)
-    if llama3:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in ("smollm", "starcoder", "refact"):
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == 3])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
-    return HFTokenizer(tok, str(path), "gguf", _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-                       _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-                       _gguf_field(reader, "tokenizer.chat_template"),
-                       bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token")))
-
-
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """"bytes" -> ByteTokenizer; *.gguf -> embedded BPE; tokenizer.json / tokenizer.model; or a folder
     holding one of those (tokenizer.json preferred)."""
@@ -434,7 +375,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise UserError(f"{p}: folder has no tokenizer.json, tokenizer.model or byte-level {TOKENIZER_CONFIG}; "
                         "pass --tokenizer")
     if p.suffix == ".gguf":
-        return _load_gguf_tokenizer(p)
+        tok, v = read_gguf_tokenizer(p)
+        return HFTokenizer(tok, str(p), "gguf", v["bos_id"], v["eos_id"], v["chat_template"], v["add_bos"])
     if p.suffix == ".json":
         return _load_tokenizer_json(p)
     if p.suffix == ".model":

@@ -47,6 +47,7 @@ import doc_attn
 import gguf_export
 import train_guards
 import lora
+import lora_peft
 import memory_peak
 import parallel
 import memory_plan
@@ -227,7 +228,7 @@ def save_checkpoint(out: Path, step: int, net, opt, sched, mixture, cfg: TrainCo
     if not d.main:
         return
     with atomic_path(out / f"{CKPT_PREFIX}{step:07d}", is_dir=True) as tmp:
-        lora.save_adapter(net, tmp / "adapter", base_model_path=cfg.model)
+        lora_peft.save_adapter(net, tmp / "adapter", base_model_path=cfg.model)
         save_file(train_state.optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
         save_file(train_state.rng_tensors(rngs), str(tmp / "rng.safetensors"))
         state = {"step": step, "scheduler": sched.state_dict(), "data_cursor": cursor, "config": cfg.to_dict()}
@@ -306,7 +307,7 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     check_same_run(saved, cfg, ckpt)
     optimizer, rngs = read_tensors(ckpt / "optimizer.safetensors", ckpt), read_tensors(ckpt / "rng.safetensors", ckpt)
     try:
-        lora.load_adapter(net, ckpt / "adapter")
+        lora_peft.load_adapter(net, ckpt / "adapter")
     except UserError as e:
         raise UserError(f"{e}{fallback_hint(ckpt)}") from None
     train_state.load_optimizer_tensors(opt, trained_names(net), optimizer)
@@ -333,13 +334,13 @@ def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
         return
     final = out / "adapter"
     with atomic_path(final, is_dir=True) as tmp:
-        lora.save_adapter(net, tmp, base_model_path=cfg.model)
+        lora_peft.save_adapter(net, tmp, base_model_path=cfg.model)
         save_tokenizer(tokenizer_source(cfg), tmp)
     msg = f"done: {step} steps; adapter in {final}"
     if cfg.merge:
         merged = out / "merged"
         with atomic_path(merged, is_dir=True) as tmp:
-            lora.export_merged(net, tmp, dtype=choose_dtype(cfg.dtype, d.device))
+            lora_peft.export_merged(net, tmp, dtype=choose_dtype(cfg.dtype, d.device))
             save_tokenizer(tokenizer_source(cfg), tmp)
         msg += f"; merged model in {merged}"
         if cfg.gguf:

@@ -56,6 +56,14 @@ def hf_llama(tmp_path, seed=0, **kw):
     return model, d
 
 
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """{tied: (hf_model, directory)} for an untied and a tied random Llama (hf_llama), built once per module
+    (tests/test_lora.py, tests/test_lora_peft.py)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {tied: hf_llama(root / str(tied), tie_word_embeddings=tied) for tied in (False, True)}
+
 class StandInBlock(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,9 +1,8 @@
-"""checkpoint.py: safetensors save/load (into transformers too), sharding; GGUF import; the
-strict name check of every loader; NF4 streaming load and the quantized file; the convert CLI.
+"""checkpoint.py: safetensors save/load (into transformers too), sharding; the strict name check of every
+loader; NF4 streaming load and the quantized file; the convert CLI (GGUF reading: tests/test_gguf_read.py).
 
 Tolerances: float32 logits of an identical computation differ only by summation order, so 1e-5 absolute
-on logits of magnitude ~1 (tiny random models). The SmolLM2 GGUF test allows 1e-3: 30 layers of
-float32 reordering on real weights with logits of magnitude ~20. Loads that copy tensors: exact.
+on logits of magnitude ~1 (tiny random models). Loads that copy tensors: exact.
 """
 import json
 import os
@@ -18,11 +17,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import quant4 as Q
-from checkpoint import (assign_quantized, dequantize_gguf_block, load_model, load_quantized_file, read_checkpoint,
-                        save_model, save_quantized, strict_items, unpermute_qk)
+from checkpoint import (assign_quantized, load_model, load_quantized_file, read_checkpoint, save_model,
+                        save_quantized, strict_items)
 from conftest import StandInModel, hf_llama
 from errors import UserError
-from generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -63,45 +61,6 @@ def test_sharded_save_and_load(tmp_path):
     x = tokens(vocab=512)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
-
-
-# ----------------------------------------------------------------------------- GGUF
-
-
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
-def test_gguf_block_dequant_matches_gguf_package(kind):
-    gguf = pytest.importorskip("gguf")
-    from gguf import quants
-
-    w = torch.randn(6, 96, generator=torch.Generator().manual_seed(0)).numpy()
-    q = quants.quantize(w, gguf.GGMLQuantizationType[kind])
-    ref = torch.from_numpy(quants.dequantize(q, gguf.GGMLQuantizationType[kind]).copy())
-    got = dequantize_gguf_block(torch.from_numpy(q.copy()), kind)
-    assert torch.equal(got, ref)  # the same float32 operations: exact
-
-
-def test_unpermute_inverts_llama_cpp_permute():
-    n_heads, hd, dim = 3, 8, 5
-    w = torch.randn(n_heads * hd, dim)
-    # llama.cpp's convert script: reshape(n_head, 2, hd // 2, ...).swapaxes(1, 2)
-    permuted = w.reshape(n_heads, 2, hd // 2, dim).transpose(1, 2).reshape(w.shape)
-    assert torch.equal(unpermute_qk(permuted, n_heads), w)
-
-
-@pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(smollm2_path):
-    transformers = pytest.importorskip("transformers")
-    p = Path(smollm2_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, torch_dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    ours = load_model(str(p), dtype=torch.float32).eval()
-    assert ours.config.n_heads == 9 and ours.config.n_kv_heads == 3 and ours.config.tie_embeddings
-    ids = tok("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        diff = (hf(ids).logits - ours(ids)).abs().max().item()
-    assert diff <= 1e-3, diff
-    ref = hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert generate(ours, ids[0], len(ref), prefill_chunk=4)[:len(ref)] == ref
 
 
 # ----------------------------------------------------------------------------- strict loading

@@ -14,7 +14,7 @@ import torch
 import data
 import demo
 import eval as ev
-import lora
+import lora_peft
 import model as llama
 import eval_tasks
 import tokenizer
@@ -200,7 +200,7 @@ def test_shortened_demo_extended_beats_base_at_ten_times(tmp_path):
 def test_short_demo_run_is_reproduced_by_eval_and_its_outputs_carry_the_tokenizer(tmp_path):
     """A 2-step demo run (in-process, 8 keys and one window per length): `eval.py passkey --format code`
     on its base and adapter (no --tokenizer; NF4 and the RoPE as trained) gives the demo table's passkey
-    column exactly, same keys (--seed EVAL_SEED); lora.py merges it into a folder generate.py reads
+    column exactly, same keys (--seed EVAL_SEED); lora_peft.py merges it into a folder generate.py reads
     without a tokenizer flag."""
     torch.set_num_threads(2)
     out = tmp_path / "demo"
@@ -219,5 +219,5 @@ def test_short_demo_run_is_reproduced_by_eval_and_its_outputs_carry_the_tokenize
         assert [got[str(L)]["accuracy"] for L in lengths] == pytest.approx(
             [rows[name][f"passkey@{L}"] for L in lengths], abs=1e-6)  # float32 mean vs exact fraction
     merged = tmp_path / "merged"
-    assert lora.main([str(demo.DEMO_DIR), str(adapter), str(merged)]) is None
+    assert lora_peft.main([str(demo.DEMO_DIR), str(adapter), str(merged)]) is None
     assert gen.main(["--model", str(merged), "--prompt", "def ", "--max-new-tokens", "4"]) is None

@@ -1,7 +1,7 @@
 """Every bad input is one clear line: a table of user mistakes across the entry points (train.py, eval.py,
-data.py, data_synth.py, checkpoint.py convert, generate.py, lora.py, gguf_export.py, demo.py, demo_compare.py), each
-asserting a non-zero exit, no traceback, the offending flag/file/field named in the message, and no file
-left behind or deleted (output paths that exist and are not what the command writes are refused).
+data.py, data_synth.py, checkpoint.py convert, generate.py, lora_peft.py, gguf_export.py, demo.py,
+demo_compare.py), each asserting a non-zero exit, no traceback, the offending flag/file/field named in the
+message, and no file left behind or deleted (output paths that exist and are not what the command writes are refused).
 
 Every case calls the entry point's `main(argv)` in-process (the fast path); the working directory is the
 case's own temporary folder, so a stray relative write would show up in the before/after listing too.
@@ -25,6 +25,7 @@ import generate
 import gguf_export
 import train_guards
 import lora
+import lora_peft
 import data_synth
 import tokenizer
 import train
@@ -56,8 +57,8 @@ def assets(tmp_path_factory):
                 "--out", str(run), "--lora-r", "2"])
     net = Transformer(cfg)
     lora.apply_lora(net, r=2, alpha=4.0, targets=("q_proj",), seed=0)
-    lora.save_adapter(net, a / "adapter", base_model_path=str(a / "hf"))
-    lora.save_adapter(net, a / "adapter_nan", base_model_path=str(a / "hf"))
+    lora_peft.save_adapter(net, a / "adapter", base_model_path=str(a / "hf"))
+    lora_peft.save_adapter(net, a / "adapter_nan", base_model_path=str(a / "hf"))
     f = a / "adapter_nan" / "adapter_model.safetensors"
     t = load_file(str(f))
     k = next(iter(t))
@@ -110,7 +111,7 @@ def corrupt_run(ws: Path, a: Path, what: str) -> None:
 T, E, D, S, C, G, L = "train", "eval", "data", "synth", "convert", "generate", "lora"
 GG, DM, CM = "gguf", "demo", "compare"
 MAINS = {T: train.main, E: evaluate_cli.main, D: data.main, S: data_synth.main, C: checkpoint.main, G: generate.main,
-         L: lora.main, GG: gguf_export.main, DM: demo.main, CM: demo_compare.main}
+         L: lora_peft.main, GG: gguf_export.main, DM: demo.main, CM: demo_compare.main}
 DATA = ["--data", "{ws}/a.txt", "--out", "{ws}/out", "--steps", "2"]
 RESUME = [*TINY, "--data", "{a}/text.txt", "--out", "{ws}/out", "--steps", "4", "--save-every", "1", "--keep", "2"]
 
@@ -276,7 +277,7 @@ CASES = [
     ("generate-model-missing", G, ["--model", "{ws}/nowhere", "--prompt", "hi"], "nowhere", None),
     ("generate-config-only", G, ["--model", "{ws}/cfg_only", "--prompt", "hi"], "weights", None),
     ("generate-config-type", G, ["--model", "{ws}/cfg_type", "--prompt", "hi"], "vocab_size", None),
-    # lora.py merge
+    # lora_peft.py merge
     ("lora-nan-adapter", L, ["{a}/hf", "{a}/adapter_nan", "{ws}/out"], "adapter_model.safetensors", None),
     ("lora-adapter-missing", L, ["{a}/hf", "{ws}/noadapter", "{ws}/out"], "noadapter", None),
     ("lora-wrong-base", L, ["tiny", "{a}/adapter", "{ws}/out"], "adapter", None),

@@ -17,6 +17,7 @@ import tokenizer
 import eval as ev
 from test_eval_tasks import HAY
 import lora
+import lora_peft
 import rope
 import eval_ruler
 from checkpoint import load_model, save_model
@@ -107,7 +108,7 @@ def test_adapter_equals_merged_model(tmp_path):
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    lora.save_adapter(m, tmp_path / "adapter")
+    lora_peft.save_adapter(m, tmp_path / "adapter")
     lora.merge_lora(m)
     save_model(m, tmp_path / "merged")
     docs = tmp_path / "doc.txt"
@@ -155,7 +156,7 @@ def test_ruler_scores_carry_standard_errors_and_the_average_names_its_tasks(tmp_
     assert len(row["items"]) == 4 and row["chat_template"] == "base"
     for it in row["items"]:
         assert it["prompt_tokens"] + eval_ruler.tokens_to_generate(it["task"]) <= 2048
-        assert it["correct"] == eval_ruler.score(it["task"], it["answer"], it["reference"])
+        assert it["correct"] == eval_ruler.score_ruler(it["task"], it["answer"], it["reference"])
     cell = row["by_task"]["fwe"]["2048"]
     assert cell["n"] == 2 and cell == eval_ruler.summarize([i["correct"] for i in row["items"] if i["task"] == "fwe"])
     assert row["average"]["name"] == "mean of 2 tasks (niah_single_1, fwe)"
@@ -166,7 +167,7 @@ def test_ruler_scores_carry_standard_errors_and_the_average_names_its_tasks(tmp_
 def test_ruler_prepare_only_writes_rulers_jsonl_without_a_model(tmp_path):
     assert run_main("ruler", "--prepare-only", "--tokenizer", "bytes", "--lengths", "2048", "--tasks", "vt,cwe",
                     "--samples", "2", "--template", "base", "--out", str(tmp_path)) == 0
-    data = eval_ruler.RulerData(tokenizer.load_tokenizer("bytes"), None, eval_ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tokenizer.load_tokenizer("bytes"), None, eval_ruler.ruler_haystack(None)[0])
     for task in ("vt", "cwe"):
         rows = [json.loads(x) for x in (tmp_path / "2048" / task / "validation.jsonl").read_text().splitlines()]
         assert rows == [{k: v for k, v in data.row(task, 2048, i).items() if k != "ids"} for i in range(2)]

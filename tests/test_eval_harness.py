@@ -2,7 +2,7 @@
 tests/harness_tasks (20 multiple-choice questions, 20 generation prompts; YAML + JSONL, offline).
 
 Reference: lm-eval's own `--model hf` (HFLM) on transformers' SmolLM2-135M-Instruct loaded from the same
-GGUF (AutoModelForCausalLM(gguf_file=...), as tests/test_checkpoint.py builds it). Per sample: log-likelihoods
+GGUF (AutoModelForCausalLM(gguf_file=...), as tests/test_gguf_read.py builds it). Per sample: log-likelihoods
 within 1e-3 (both float32 over the same dequantized weights; the logits differ by <= 1e-3 from summation
 order over 30 layers, and a continuation's few tokens sum such differences) and the same greedy generations.
 """
@@ -15,6 +15,7 @@ import torch
 import eval as ev
 import eval_harness
 import lora
+import lora_peft
 import tokenizer
 from checkpoint import load_model, save_model
 
@@ -62,7 +63,7 @@ def test_harness_runs_with_adapter_and_nf4(tmp_path, monkeypatch, capsys):
     m = load_model("tiny", vocab_size=tokenizer.BYTE_VOCAB_SIZE, seed=0)
     save_model(m, base)
     lora.apply_lora(m, r=4, alpha=8.0)
-    lora.save_adapter(m, tmp_path / "adapter")
+    lora_peft.save_adapter(m, tmp_path / "adapter")
     monkeypatch.chdir(ROOT)  # the task YAMLs name their JSONL relative to the repository root
     out = tmp_path / "h"
     assert ev.main(["harness", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--quant", "nf4",

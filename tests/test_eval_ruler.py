@@ -78,7 +78,7 @@ def smol(smollm2_path):
 
 @pytest.fixture(scope="module")
 def data4096(smol):
-    return eval_ruler.RulerData(smol, None, eval_ruler.read_haystack(None)[0])
+    return eval_ruler.RulerData(smol, None, eval_ruler.ruler_haystack(None)[0])
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def rulers_data(smollm2_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2_tokenizer")
     path = Path(smollm2_path)
     transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
-    return eval_ruler.RulerData(tokenizer.load_tokenizer(folder), None, eval_ruler.read_haystack(None)[0])
+    return eval_ruler.RulerData(tokenizer.load_tokenizer(folder), None, eval_ruler.ruler_haystack(None)[0])
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def tok():
 def qa_data(tok, template=None):
     qa = {"qa_1": eval_ruler_qa.read("qa_1", str(DATA / "squad_v2_mini.json")),
           "qa_2": eval_ruler_qa.read("qa_2", str(DATA / "hotpotqa_mini.json"))}
-    return eval_ruler.RulerData(tok, template, eval_ruler.read_haystack(None)[0], qa)
+    return eval_ruler.RulerData(tok, template, eval_ruler.ruler_haystack(None)[0], qa)
 
 
 # ----------------------------------------------------------------------------- RULER's own output at 4096
@@ -174,8 +174,8 @@ def test_line_slots_are_distinct_and_uniform():
 
 
 def test_rows_are_seeded_per_sample_and_fit_below_L(tok):
-    data = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0], seed=3)
-    again = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0], seed=3)
+    data = eval_ruler.RulerData(tok, None, eval_ruler.ruler_haystack(None)[0], seed=3)
+    again = eval_ruler.RulerData(tok, None, eval_ruler.ruler_haystack(None)[0], seed=3)
     for task in ("niah_single_2", "niah_multiquery", "vt", "fwe"):
         a, b, c = data.row(task, 4096, 0), again.row(task, 4096, 0), data.row(task, 4096, 1)
         assert a == b and a["input"] != c["input"]
@@ -183,14 +183,14 @@ def test_rows_are_seeded_per_sample_and_fit_below_L(tok):
 
 
 def test_too_short_length_is_a_user_error_naming_lengths(tok):
-    data = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tok, None, eval_ruler.ruler_haystack(None)[0])
     for task in ("niah_single_1", "vt", "cwe"):
         with pytest.raises(UserError, match=f"--lengths 300: too short for {task}"):
             data.row(task, 300, 0)
 
 
 def test_chat_template_wraps_the_task_and_puts_the_answer_prefix_after_the_generation_prompt(tok):
-    data = eval_ruler.RulerData(tok, "chatml", eval_ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tok, "chatml", eval_ruler.ruler_haystack(None)[0])
     r = data.row("niah_multiquery", 3000, 0)
     assert r["input"].startswith("<|im_start|>user\nSome special magic numbers are hidden")
     assert r["input"].endswith("mentioned in the provided text?<|im_end|>\n<|im_start|>assistant\n")
@@ -198,7 +198,7 @@ def test_chat_template_wraps_the_task_and_puts_the_answer_prefix_after_the_gener
 
 
 def test_template_singular_edit_and_cwe_fwe_texts_as_rulers(tok):
-    data = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tok, None, eval_ruler.ruler_haystack(None)[0])
     one, many = data.row("niah_single_2", 2048, 0), data.row("niah_multivalue", 2048, 0)
     assert one["input"].startswith("A special magic number is hidden within the following text. Make sure to "
                                    "memorize it. I will quiz you about the number afterwards.\n")
@@ -240,7 +240,7 @@ def test_qa_prompt_has_rulers_template_documents_and_answer_prefix(tok, task):
     assert r["input"].endswith("\n\nQuestion: " + question) and r["answer_prefix"] == " Answer:"
     gold = ("The Amazon river in South America" if task == "qa_1" else "Maurice Ravel\nJoseph Maurice Ravel")
     assert gold in r["input"] and len(r["ids"]) + 32 <= 2048
-    assert eval_ruler.score(task, "South America, I think", ["South America"]) == 1.0  # string_match_part
+    assert eval_ruler.score_ruler(task, "South America, I think", ["South America"]) == 1.0  # string_match_part
 
 
 def test_qa_files_missing_or_malformed_are_user_errors(tmp_path):
@@ -259,20 +259,20 @@ def test_qa_files_missing_or_malformed_are_user_errors(tmp_path):
 
 def test_haystack_file_is_rulers_essay_json_or_text(tmp_path):
     (tmp_path / "pg.json").write_text(json.dumps({"text": "One essay.\n\nTwo  words."}))
-    assert eval_ruler.read_haystack([str(tmp_path / "pg.json")]) == (["One", "essay.", "Two", "words."], True)
-    assert eval_ruler.read_haystack(None)[1] is False
+    assert eval_ruler.ruler_haystack([str(tmp_path / "pg.json")]) == (["One", "essay.", "Two", "words."], True)
+    assert eval_ruler.ruler_haystack(None)[1] is False
     (tmp_path / "bad.json").write_text(json.dumps({"essay": "x"}))
     with pytest.raises(UserError, match="not RULER's essay JSON"):
-        eval_ruler.read_haystack([str(tmp_path / "bad.json")])
+        eval_ruler.ruler_haystack([str(tmp_path / "bad.json")])
     with pytest.raises(UserError, match="--haystack .*no such file"):
-        eval_ruler.read_haystack([str(tmp_path / "missing.json")])
+        eval_ruler.ruler_haystack([str(tmp_path / "missing.json")])
 
 
 # ----------------------------------------------------------------------------- prepare-only files
 
 
 def test_write_validation_writes_rulers_jsonl_layout(tok, tmp_path):
-    data = eval_ruler.RulerData(tok, None, eval_ruler.read_haystack(None)[0])
+    data = eval_ruler.RulerData(tok, None, eval_ruler.ruler_haystack(None)[0])
     paths = eval_ruler.write_validation(data, [2048], ["niah_single_1", "fwe"], 3, tmp_path)
     assert paths == [tmp_path / "2048" / t / "validation.jsonl" for t in ("niah_single_1", "fwe")]
     rows = [json.loads(line) for line in paths[0].read_text().splitlines()]
@@ -293,7 +293,7 @@ def test_string_match_all_and_part_on_hand_made_cases():
     assert eval_ruler.string_match_part("nothing", refs) == 0.0
     assert eval_ruler.string_match_all("12345\x0067", ["1234567"]) == 0.0  # control characters become newlines
     for task in eval_ruler.TASKS:
-        assert eval_ruler.score(task, "1234567 and 3456789", refs) == (1.0 if task.startswith("qa") else 0.5)
+        assert eval_ruler.score_ruler(task, "1234567 and 3456789", refs) == (1.0 if task.startswith("qa") else 0.5)
     with pytest.raises(ValueError):
         eval_ruler.string_match_all("x", [])
 

@@ -5,7 +5,7 @@ References and tolerances:
   - f32: the same float32 weights in the same model code, so logits agree to 1e-6 (rounding-free path).
   - f16 / bf16 / q8_0: the file's weights are the source's rounded once, so the loaded model must equal
     the source with each weight rounded the same way (f16/bf16 casts; q8_0 through the gguf package's
-    own numpy dequantize, an implementation independent of checkpoint.dequantize_gguf_block) to 1e-5;
+    own numpy dequantize, an implementation independent of gguf_read.dequantize_gguf_block) to 1e-5;
     against the unrounded source the logits differ by at most 2% of their largest magnitude (f16 keeps
     11 bits, about 5e-4 relative per weight; Q8_0 keeps max|block| / 254, 0.4% of a block's largest
     weight; two random layers amplify that by well under 5x).
@@ -25,7 +25,8 @@ import gguf_export
 import rope
 from checkpoint import load_model, save_model
 from errors import UserError
-from lora import LoRALinear, apply_lora, export_merged
+from lora import LoRALinear, apply_lora
+from lora_peft import export_merged
 from test_tokenizer import make_bpe_dir
 from tokenizer import load_tokenizer
 

@@ -7,13 +7,15 @@ clear report here):
   - project modules are imported at the top of a file, never inside a function (lazy imports are kept
     for optional third-party packages only);
   - the layer table below is respected: a module imports only modules of a lower layer;
-  - no top-level module is longer than MAX_LINES.
+  - no top-level module is longer than MAX_LINES;
+  - module names group, so `ls` shows families side by side (CARD_NAMES, GROUPS, STANDALONE);
+  - no two top-level modules define a function or class under the same public name.
 """
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_LINES = 600
+MAX_LINES = 560
 
 # Lower number = lower layer (README, "How the code is layered"). Modules of one layer may import each
 # other only where listed in SAME_LAYER (one direction each).
@@ -21,7 +23,8 @@ LAYERS = {
     "errors": 0, "outputs": 0,
     "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
     "model": 2,
-    "checkpoint": 3, "lora": 3,
+    "gguf_read": 3,  # GGUF files: config, tensors, vocabulary; below checkpoint and tokenizer, which call it
+    "checkpoint": 3, "lora": 3, "lora_peft": 3,
     "tokenizer": 4, "data": 4, "data_resumable": 4, "data_synth": 4,
     "eval_tasks": 4, "eval_ruler": 4, "eval_ruler_qa": 4, "eval_protocols": 4,
     "generate": 4, "gguf_export": 4,
@@ -34,7 +37,8 @@ LAYERS = {
     "demo": 7, "demo_smollm2": 7,  # drivers: run train.train and eval
     "demo_compare": 8,  # trains each method through train.train beside the demo's base
 }
-SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("data_synth", "data"), ("data_synth", "tokenizer"),
+SAME_LAYER = {("lora", "checkpoint"), ("checkpoint", "gguf_read"), ("lora_peft", "lora"), ("lora_peft", "checkpoint"),
+              ("data", "tokenizer"), ("data_synth", "data"), ("data_synth", "tokenizer"),
               ("data_synth", "generate"), ("generate", "tokenizer"), ("eval_tasks", "data"), ("eval_tasks", "tokenizer"),
               ("eval_ruler", "eval_tasks"), ("eval_ruler", "tokenizer"), ("eval_ruler", "data"), ("eval_ruler", "eval_ruler_qa"),
               ("memory_plan", "train_config"),
@@ -42,6 +46,37 @@ SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("data_synth", "dat
               ("train_state", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
               ("eval_protocols", "eval_tasks"), ("eval_protocols", "data"), ("eval_protocols", "tokenizer"),
               ("data_synth", "data_resumable"), ("data_resumable", "data")}
+
+
+# The card's eight module names; every other top-level module starts with a group prefix or is standalone.
+CARD_NAMES = {"model", "rope", "lora", "quant4", "shift_attn", "train", "data", "eval"}
+GROUPS = {
+    "train_": "the trainer's configuration, guards and resumable state",
+    "memory_": "memory: the predicted plan, measured peaks, the CPU allocator",
+    "eval_": "evaluation tasks, protocols, RULER, reports and the lm-eval bridge",
+    "data_": "data beyond readers and packing: synthesis, resumable output",
+    "demo_": "drivers above the trainer beside the built-in demo",
+    "gguf_": "GGUF files, read and written",
+    "lora_": "LoRA adapter files",
+    "parallel_": "process groups and meshes beyond parallel.py",
+}
+STANDALONE = {
+    "errors": "the one user-error type and its command-line runner; everything imports it",
+    "outputs": "atomic writes and output-path checks shared by every command",
+    "devices": "device and dtype choice of every entry point",
+    "checkpoint": "safetensors files and load_model: the loader every side uses",
+    "tokenizer": "tokenizer backends and chat templates: the text side's base",
+    "generate": "prefill and sampling, used by evaluation, data synthesis and the demos alike",
+    "parallel": "torchrun process groups, meshes and context parallelism, used by training and memory_plan",
+    "loss": "chunked cross-entropy, a math module next to rope and quant4",
+    "pose": "PoSE position ids, a math module of its own paper",
+    "doc_attn": "attention within packed documents, a math module beside shift_attn",
+    "demo": "the built-in demo the demo_ drivers build on",
+}
+# Public names another branch renames now, and the module another branch shortens: emptied when it merges.
+PENDING = {"suggest_base", "context_parallel_attention", "evaluate", "finish", "format_table", "plot", "run",
+           "build_parser", "check_args"}
+PENDING_LONG = {"train.py"}
 
 
 def modules() -> dict[str, ast.Module]:
@@ -116,5 +151,29 @@ def test_no_import_cycle():
 
 
 def test_modules_are_short():
-    long = {p.name: n for p in ROOT.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {p.name: n for p in ROOT.glob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES and p.name not in PENDING_LONG}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_module_names_group():
+    names = set(modules())
+    loose = sorted(n for n in names - CARD_NAMES - set(STANDALONE) if not n.startswith(tuple(GROUPS)))
+    assert not loose, f"give these modules a group prefix ({', '.join(GROUPS)}) or list them in STANDALONE: {loose}"
+    stale = sorted(set(STANDALONE) - names) + sorted(n for n in set(STANDALONE) & names
+                                                     if n in CARD_NAMES or n.startswith(tuple(GROUPS)))
+    assert not stale, f"STANDALONE lists modules that are gone or already grouped: {stale}"
+
+
+def test_public_names_are_unique_across_modules():
+    """No two top-level modules define a function or class under the same public name, so a name found in
+    one file says which file holds it. `main` is exempt: it is the command convention (`python X.py` runs
+    X.main). PENDING holds names being renamed elsewhere right now."""
+    owners: dict[str, list[str]] = {}
+    for module, tree in modules().items():
+        for node in tree.body:
+            defines = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if defines and not node.name.startswith("_"):
+                owners.setdefault(node.name, []).append(module)
+    shared = {name: mods for name, mods in owners.items() if len(mods) > 1 and name != "main" and name not in PENDING}
+    assert not shared, f"public names defined in more than one module: {shared}"

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import gguf_read  # noqa: E402
 import tokenizer  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -54,7 +55,7 @@ NO_SYSTEM = CONVERSATION[1:]
 
 TEMPLATE_CASES = {  # name: (special tokens, bos, eos, jinja, pre-tokenizer regex or None for GPT-2 ByteLevel)
     "llama-3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                "<|begin_of_text|>", "<|eot_id|>", LLAMA3_JINJA, tokenizer.LLAMA3_SPLIT),
+                "<|begin_of_text|>", "<|eot_id|>", LLAMA3_JINJA, gguf_read.LLAMA3_SPLIT),
     "smollm2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>", SMOLLM2_JINJA, None),
     "llama-2": (["<unk>", "<s>", "</s>"], "<s>", "</s>", LLAMA2_JINJA, None),
 }
