@@ -318,7 +318,7 @@ def write_json(path: Path, obj) -> None:
 # ----------------------------------------------------------------------------- entry points
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_eval_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Perplexity by length and long-context recall probes.")
     ap.add_argument("task", choices=TASKS)
     ap.add_argument("--model", action="append", default=None, help="preset, HF directory or .gguf (repeatable)")
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_args(args) -> None:
+def check_eval_args(args) -> None:
     args.device, dtype = device_and_dtype(args.device, args.dtype)
     args.dtype = str(dtype).removeprefix("torch.")
     grid = eval_protocols.default_grid(args.task, args.protocol)  # a UserError for a protocol the task lacks
@@ -457,8 +457,8 @@ def run_harness(args) -> dict:
     model, tok = load(args.model[0], args.adapter[0], args)
     cfg = model.config
     set_rope(model, *rope_override(cfg.rope_theta, cfg.rope_scaling, args.rope[0], args.rope_theta, cfg.max_seq_len))
-    res = eval_harness.run(model, tok, args.model[0], args.tasks.split(","), args.out, args.include_path, args.limit,
-                      args.num_fewshot, args.log_samples, args.prefill_chunk, args.seed)
+    res = eval_harness.run_lm_eval(model, tok, args.model[0], args.tasks.split(","), args.out, args.include_path,
+                                   args.limit, args.num_fewshot, args.log_samples, args.prefill_chunk, args.seed)
     print(eval_harness.table(res), f"\nwrote lm-eval's results under {args.out}", sep="")
     return res
 
@@ -536,8 +536,8 @@ def evaluate(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: (check_args(args), run_harness(args) if args.task == "harness" else evaluate(args)))
+    args = build_eval_parser().parse_args(argv)
+    return run_cli(lambda: (check_eval_args(args), run_harness(args) if args.task == "harness" else evaluate(args)))
 
 
 if __name__ == "__main__":

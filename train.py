@@ -87,7 +87,7 @@ def attention_fn(cfg: TrainConfig):
     return shift_attn.make_attention(group_ratio=cfg.group_ratio) if cfg.attn == "s2" else None
 
 
-def context_parallel_attention(cfg: TrainConfig, mesh: parallel.Mesh, n_heads: int):
+def cp_attentions(cfg: TrainConfig, mesh: parallel.Mesh, n_heads: int):
     """With --cp: (training attention, full attention), each the Ulysses exchange around whole-sequence
     attention on this rank's H/cp heads; S²-Attn is told where those heads sit (its shifted half is the
     model's heads >= H // 2)."""
@@ -452,7 +452,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     mixture = build_data(cfg, d, tokenizer)
     attn_fn, full_fn = attention_fn(cfg), None
     if mesh.cp > 1:
-        attn_fn, full_fn = context_parallel_attention(cfg, mesh, net.config.n_heads)
+        attn_fn, full_fn = cp_attentions(cfg, mesh, net.config.n_heads)
         log0(d, f"mesh: dp {mesh.dp} x cp {mesh.cp}; {cfg.ctx // mesh.cp} tokens of each sequence per rank")
     if cfg.pose is not None:
         log0(d, f"PoSE: each {cfg.ctx}-token window takes positions in 2 chunks, the second skipped by a random "
@@ -513,7 +513,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
-def suggest_base(spec: str | None, target_len: int) -> float:
+def suggest_base_for_model(spec: str | None, target_len: int) -> float:
     """--suggest-base: the dynamic-NTK base for training --model at `target_len` (rope.suggest_base)."""
     if spec is None:
         raise UserError("--suggest-base needs --model (a HF directory or a preset) to read its RoPE base and length")
@@ -563,7 +563,7 @@ def plan_only(given: dict, opts: dict) -> None:
     """--suggest-base prints a base; --dry-run applies every check of a run that loads no weights, then
     prints the memory plan."""
     if opts["suggest_base"] is not None:
-        print(f"{suggest_base(given.get('model'), opts['suggest_base']):.4g}")
+        print(f"{suggest_base_for_model(given.get('model'), opts['suggest_base']):.4g}")
         return
     cfg = train_config.resolve(given, opts["recipe"], dry_run=True)
     preflight(cfg, load_tok(cfg))
