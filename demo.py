@@ -182,14 +182,14 @@ def pretrain(args) -> None:
     torch.manual_seed(args.seed)
     held_in, held_out = stdlib_split()
     code, filler = corpus_bytes(held_in), corpus_bytes(held_out)
-    cfg = llama.ModelConfig(**{**BASE_PRESET, **json.loads(args.overrides or "{}")})
-    net = llama.Transformer(cfg).init_weights(args.seed)
+    mc = llama.ModelConfig(**{**BASE_PRESET, **json.loads(args.overrides or "{}")})
+    net = llama.Transformer(mc).init_weights(args.seed)
     decay = [p for n, p in net.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in net.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     rng = random.Random(TRAIN_SEED + args.seed)
-    T = cfg.max_seq_len
+    T = mc.max_seq_len
     out = check_output(args.out, "new", "--out")  # before training: step-N folders are never replaced
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -239,7 +239,7 @@ def suggest_base(base: float, original_len: int, target_len: int, head_dim: int 
 # ----------------------------------------------------------------------------- config plumbing
 
 
-def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
+def rope_from_hf(hf_config: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from a Hugging Face config.json dict, in either spelling.
 
     transformers <= 4.x writes `rope_theta` and `rope_scaling` ({"type" or "rope_type", "factor", ...});
@@ -249,14 +249,14 @@ def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
     max_position_embeddings (transformers' fallback); for "dynamic" always max_position_embeddings,
     which is what transformers reads.
     """
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    theta = float(scaling.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA)))
+    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    theta = float(scaling.get("rope_theta", hf_config.get("rope_theta", DEFAULT_THETA)))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return theta, None
     out = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
     out["rope_type"] = rope_type
-    max_pos = cfg.get("max_position_embeddings")
+    max_pos = hf_config.get("max_position_embeddings")
     if rope_type == "dynamic" or "original_max_position_embeddings" not in out:
         if max_pos is None:
             raise ValueError(

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import train_config
-import data as D
+import data
 import doc_attn
 import gguf_export
 import train_guards
@@ -165,7 +165,7 @@ def preflight(cfg: TrainConfig, tokenizer) -> None:
     the tokenizer against the model's vocabulary. (--out is checked by train_guards.check_run_folder, and locked
     for a run by train_guards.own_run_folder.)"""
     if cfg.data is not None:
-        D.parse_data_spec(cfg.data)
+        data.parse_data_spec(cfg.data)
     if cfg.chat_template is not None and cfg.chat_template not in CHAT_TEMPLATES:
         raise UserError(f"--chat-template {cfg.chat_template!r}: unknown; choose one of {sorted(CHAT_TEMPLATES)}")
     if cfg.model in PRESETS or Path(cfg.model).is_dir():
@@ -188,7 +188,7 @@ def check_gguf(cfg: TrainConfig, mc) -> None:
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
     """The global deterministic sample stream of --data, this dp group's shard (sample i -> group i % dp);
     the cp ranks of a group (rank = dp_rank * cp + cp_rank) read the same samples."""
-    return D.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
+    return data.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
                            rank=d.rank // cfg.cp, world_size=d.world // cfg.cp, truncate=cfg.truncate,
                            doc_mask=cfg.doc_mask)
 
@@ -209,8 +209,8 @@ def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
     """--steps, or --epochs passes over the data: one tokenizing pass counts its sequences."""
     if cfg.steps:
         return cfg.steps
-    n = sum(sum(1 for _ in D.file_samples(p, tokenizer, cfg.ctx, cfg.chat_template, cfg.truncate))
-            for p, _ in D.parse_data_spec(cfg.data))
+    n = sum(sum(1 for _ in data.file_samples(p, tokenizer, cfg.ctx, cfg.chat_template, cfg.truncate))
+            for p, _ in data.parse_data_spec(cfg.data))
     if n == 0:
         raise UserError(f"--data {cfg.data}: no training sequence of ctx {cfg.ctx} tokens could be built")
     return max(1, math.ceil(cfg.epochs * n / (cfg.grad_accum * d.world // cfg.cp)))
