@@ -17,7 +17,8 @@ differs:
                 sequences of L tokens (same generator), packed to 10 L (ProLong, Gao et al. 2024).
 The long methods train with S²-Attn (group 10 L / 4) as the demo does; evaluation is always full attention.
 Beside them: the base, and each RoPE change frozen (training-free: the float32 base with its frequencies
-changed, nothing trained), the lecture's "frozen" rows (Lu et al. 2024, the controlled study).
+changed, nothing trained), as in the "frozen" rows of Lu et al. 2024 (A Controlled Study on Long Context
+Extension).
 
 Each row reports: perplexity of 8 held-out windows over their first L, 5 L and 10 L positions; passkey
 (demo.evaluate_demo: greedy exact match of a 4-digit fact, 40 prompts per length) at L, 5 L, 10 L; RULER tasks

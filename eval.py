@@ -2,7 +2,7 @@
 
 Perplexity alone does not show whether a model *uses* a long context: a model can predict the next token
 from the last few hundred tokens and still reach a low perplexity at 16K (Gao et al. 2024, "How to Train
-Long-Context Language Models (Effectively)"; the long-context lecture). So perplexity goes with synthetic
+Long-Context Language Models (Effectively)"). So perplexity goes with synthetic
 recall, where the answer is only in the distant context:
 
     ppl      PPL(L) = exp( (1 / N) sum_t -log p(x_t | x_<t) ) over N scored positions of windows of length L
@@ -17,9 +17,9 @@ recall, where the answer is only in the distant context:
              with a `K$NNNN` fact at a random depth, queried by `K$`; --trials prompts per length from the
              RNG stream --seed, as demo.py draws them (its table uses --seed 987654321, 40 trials).
 
-Depth d in [0, 1] is the fraction of the context tokens that come before the probe.
+Depth in [0, 1] is the fraction of the context tokens that come before the probe.
 
-Short-context retention (the lecture: "also evaluate on short-context task performance"): with several rows,
+Short-context retention (Gao et al. 2024: also evaluate short-context task performance): with several rows,
 every table ends with `retained@N`, each row's score at N (--base-length, the base's own context; default the
 shortest length) against the first row's, oriented so that 1 = kept and above 1 = better for every task:
 ppl_first / ppl_row for perplexity, accuracy_row / accuracy_first for the probes. Give the base first.

@@ -207,11 +207,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     q (B, H, T, D), k/v (B, Hkv, S, D). Query i sees keys in slots j <= start + i: the causal mask aligned to
     the lower right corner of the (T, S) scores, so a prefill chunk costs O(T * S), never O(S^2).
 
-    Note: on CUDA the mask is torch.nn.attention.bias.causal_lower_right, which SDPA serves with the flash
-    kernel (GQA included) or the memory-efficient one, never forming the mask or the scores: a boolean
-    mask would rule flash out (32 heads x 2K x 80K float32 scores: 21 GB per layer for a 2K chunk at 80K). Where
-    neither fused kernel applies (CPU, float32 with GQA) the bias materializes the same (T, S) boolean
-    mask and warns why, so off CUDA we pass that mask ourselves.
+    Note: on CUDA the mask is torch.nn.attention.bias.causal_lower_right, which the fused kernels apply
+    without forming the mask or the scores (a boolean mask would rule flash out). Off CUDA the bias would
+    materialize the same (T, S) boolean mask with a warning, so we pass that mask ourselves.
     """
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
@@ -229,11 +227,9 @@ def token_chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
     """fn(x) for a position-wise fn (the MLP), over chunks of `chunk` tokens of x (B, T, C), each chunk
     recomputed in backward, so only one chunk's intermediates exist at a time.
 
-    Note: why. With per-block checkpointing, the largest live tensors at long context are the recomputed
-    block's MLP activations and their gradients, ~6 F values per token (gate, up, silu, product; F = 14336
-    for Llama-3-8B: 13.8 GB at T = 80K in bf16). Chunking the MLP over tokens (the idea of the tiled MLP
-    in Arctic Long Sequence Training, Bekman et al. 2025) caps that at 6 F x chunk values, for one extra
-    MLP forward per step.
+    Note: why. With per-block checkpointing the largest live tensors at long context are the recomputed
+    block's MLP activations and gradients, ~6 F values per token; chunking over tokens (the tiled MLP of
+    Bekman et al. 2025, Arctic Long Sequence Training) caps them at 6 F x chunk for one extra MLP forward.
     """
     return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in x.split(chunk, dim=1)], dim=1)
 
@@ -251,9 +247,9 @@ def attention_saving_contexts():
     """Selective checkpointing contexts that keep SDPA's outputs (out and its log-sum-exp) and recompute
     everything else, so backward's recomputation of a block skips the O(T^2) attention forward.
 
-    Note: the trade. Per layer it keeps T x H x D values (+ T x H float32 statistics): 21 GB at T = 80K
-    for Llama-3-8B's 32 layers in bf16, hence opt-in (`MemoryOptions.save_attention`). What it saves: when attention dominates a step (long context), the recomputed
-    attention forward is about 1/4.5 of its FLOPs (forward 1, recompute 1, backward ~2.5).
+    Note: the trade. Per layer it keeps T x H x D values (+ T x H float32 statistics), hence opt-in
+    (`MemoryOptions.save_attention`); where attention dominates a step it saves the recomputed attention
+    forward, about 1/4.5 of the step's FLOPs (forward 1, recompute 1, backward ~2.5).
     """
     return create_selective_checkpoint_contexts(_keep_attention)
 
