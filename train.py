@@ -37,8 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import train_config
@@ -155,11 +154,6 @@ def tokenizer_source(cfg: TrainConfig) -> str:
     return "bytes" if spec in PRESETS else spec
 
 
-def load_tok(cfg: TrainConfig):
-    """--tokenizer, else the model's own (byte level for presets)."""
-    return load_tokenizer(tokenizer_source(cfg))
-
-
 def preflight(cfg: TrainConfig, tokenizer) -> None:
     """Checks that need files but load no weights, in a run and in the dry run: the --data spec (if given),
     the tokenizer against the model's vocabulary. (--out is checked by train_guards.check_run_folder, and locked
@@ -236,62 +230,20 @@ def save_checkpoint(out: Path, step: int, net, opt, sched, mixture, cfg: TrainCo
         shutil.rmtree(old)
 
 
-def newest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (temporary `.tmp-*` directories are never picked)."""
-    done = [p for p in sorted(out.glob(CKPT_PREFIX + "*")) if (p / "trainer_state.json").is_file()]
-    return done[-1] if done else None
-
-
-def check_same_run(saved: dict, cfg: TrainConfig, where: Path):
-    """The settings that must match on resume (train_config.IDENTITY); a key an older checkpoint lacks reads as
-    its default."""
-    for k in train_config.IDENTITY:
-        if saved.get(k, train_config.DEFAULTS.get(k)) != getattr(cfg, k):
-            raise UserError(f"{where}: checkpoint was trained with {k}={saved.get(k)!r}, this run has "
-                            f"{getattr(cfg, k)!r}; use a new --out or the same flags")
-
-
-def previous_checkpoint(ckpt: Path) -> Path | None:
-    """The newest complete checkpoint beside `ckpt` and older than it."""
-    older = [p for p in sorted(ckpt.parent.glob(CKPT_PREFIX + "*")) if p.name < ckpt.name
-             and (p / "trainer_state.json").is_file()]
-    return older[-1] if older else None
-
-
-def read_tensors(path: Path, ckpt: Path) -> dict:
-    """A checkpoint's safetensors file, or one UserError naming it and the older checkpoint to use."""
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: unreadable ({e}){fallback_hint(ckpt)}") from None
-
-
-def fallback_hint(ckpt: Path) -> str:
-    prev = previous_checkpoint(ckpt)
-    return f"; resume from the previous intact checkpoint with --resume-from {prev}" if prev else ""
-
-
-def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
-    """'key old -> new' for the settings (not train_config.IDENTITY) a resumed run changes."""
-    skip = set(train_config.IDENTITY) | {"resume", "resume_from", "recipe", "out"}
-    return [f"{train_config.flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-            if k not in skip and k in saved and saved[k] != v]
-
-
 def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> int:
     """The step to start from: with --resume the newest checkpoint's (adapter, optimizer, schedule, data
     cursor and RNG restored), with --resume-from that checkpoint's, else 0; an --out holding another run's
     checkpoints is refused. The settings that may change (lr, schedule, steps, ...) are this run's from the
     resumed step on: lr = --lr x schedule(step) with this run's schedule and total."""
-    ckpt = Path(cfg.resume_from) if cfg.resume_from else newest_checkpoint(out) if cfg.resume else None
+    ckpt = Path(cfg.resume_from) if cfg.resume_from else train_state.newest_checkpoint(out) if cfg.resume else None
     place = f"--resume-from {ckpt}" if cfg.resume_from else f"--out {out}"
-    train_guards.check_same_files(d, [ckpt or newest_checkpoint(out)], place)  # every rank finds the same (multi-node)
+    train_guards.check_same_files(d, [ckpt or train_state.newest_checkpoint(out)], place)  # every rank finds the same (multi-node)
     if cfg.resume_from is not None and not (ckpt / "trainer_state.json").is_file():
         raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
     if cfg.resume and ckpt is None:
         log0(d, f"--resume: no checkpoint in {out}; starting fresh")
     if ckpt is None:
-        if out.exists() and newest_checkpoint(out) is not None:
+        if out.exists() and train_state.newest_checkpoint(out) is not None:
             raise UserError(f"{out}: holds checkpoints of an earlier run; pass --resume or choose a new --out")
         return 0
     where = ckpt / "trainer_state.json"
@@ -302,13 +254,13 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
         cursor = json_field(state, "data_cursor", where, list, lambda v: len(v) > d.rank and all(
             isinstance(c, dict) for c in v), "a list of one data cursor (an object) per process")
     except UserError as e:
-        raise UserError(f"{e}{fallback_hint(ckpt)}") from None
-    check_same_run(saved, cfg, ckpt)
-    optimizer, rngs = read_tensors(ckpt / "optimizer.safetensors", ckpt), read_tensors(ckpt / "rng.safetensors", ckpt)
+        raise UserError(f"{e}{train_state.fallback_hint(ckpt)}") from None
+    train_state.check_same_run(saved, cfg, ckpt)
+    optimizer, rngs = train_state.read_tensors(ckpt / "optimizer.safetensors", ckpt), train_state.read_tensors(ckpt / "rng.safetensors", ckpt)
     try:
         lora.load_adapter(net, ckpt / "adapter")
     except UserError as e:
-        raise UserError(f"{e}{fallback_hint(ckpt)}") from None
+        raise UserError(f"{e}{train_state.fallback_hint(ckpt)}") from None
     train_state.load_optimizer_tensors(opt, trained_names(net), optimizer)
     sched.load_state_dict(scheduler)
     sched.base_lrs = [cfg.lr for _ in opt.param_groups]  # this run's --lr, not the saved one
@@ -317,11 +269,11 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
         g["lr"], g["initial_lr"] = lr, cfg.lr
     mixture.load_state_dict(cursor[d.rank], f"{where}: data_cursor[{d.rank}]")
     if f"rank{d.rank}" not in rngs:
-        raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{fallback_hint(ckpt)}")
+        raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{train_state.fallback_hint(ckpt)}")
     train_state.set_rng_state(rngs, d)
     if cfg.resume_from is not None:  # a rollback: its branch becomes the one a later --resume continues
         train_guards.set_aside_later(out, step, d)
-    changed = changed_settings(saved, cfg)
+    changed = train_state.changed_settings(saved, cfg)
     log0(d, f"resumed from {ckpt} at step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
     return step
 
@@ -442,7 +394,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     dtype = choose_dtype(cfg.dtype, d.device)
     cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))  # checkpoints record the dtype used
     out = Path(cfg.out)
-    tokenizer = load_tok(cfg)
+    tokenizer = load_tokenizer(tokenizer_source(cfg))
     preflight(cfg, tokenizer)
     mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
@@ -486,10 +438,10 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
             tokens_seen += sum(b["input_ids"].numel() for b in batch)
             loss = parallel.all_reduce_sum(loss_sum, d).item() / n_sup.item()
             if not math.isfinite(loss):
-                last = newest_checkpoint(out)
+                last = train_state.newest_checkpoint(out)
                 raise UserError(f"step {step + 1}: loss is {loss}; stopping. Last good checkpoint: {last or 'none'}")
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-            watch.check(step + 1, gnorm, lambda: newest_checkpoint(out))
+            watch.check(step + 1, gnorm, lambda: train_state.newest_checkpoint(out))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -566,7 +518,7 @@ def plan_only(given: dict, opts: dict) -> None:
         print(f"{suggest_base_for_model(given.get('model'), opts['suggest_base']):.4g}")
         return
     cfg = train_config.resolve(given, opts["recipe"], dry_run=True)
-    preflight(cfg, load_tok(cfg))
+    preflight(cfg, load_tokenizer(tokenizer_source(cfg)))
     train_guards.check_run_folder(Path(cfg.out))
     memory_plan.dry_run(cfg)
 
