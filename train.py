@@ -55,6 +55,7 @@ import shift_attn
 import train_state
 from checkpoint import load_model, read_json
 from train_config import TrainConfig
+from train_state import changed_settings, check_same_run, fallback_hint, newest_checkpoint, read_tensors
 from devices import choose_dtype
 from errors import UserError, json_field, run_cli
 from model import PRESETS, MemoryOptions
@@ -183,8 +184,8 @@ def build_data(cfg: TrainConfig, d: Dist, tokenizer):
     """The global deterministic sample stream of --data, this dp group's shard (sample i -> group i % dp);
     the cp ranks of a group (rank = dp_rank * cp + cp_rank) read the same samples."""
     return data.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
-                           rank=d.rank // cfg.cp, world_size=d.world // cfg.cp, truncate=cfg.truncate,
-                           doc_mask=cfg.doc_mask)
+                              rank=d.rank // cfg.cp, world_size=d.world // cfg.cp, truncate=cfg.truncate,
+                              doc_mask=cfg.doc_mask)
 
 
 def add_pose_positions(cfg: TrainConfig, batch: list[dict], step: int, d: Dist) -> list[dict]:
@@ -235,15 +236,15 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
     cursor and RNG restored), with --resume-from that checkpoint's, else 0; an --out holding another run's
     checkpoints is refused. The settings that may change (lr, schedule, steps, ...) are this run's from the
     resumed step on: lr = --lr x schedule(step) with this run's schedule and total."""
-    ckpt = Path(cfg.resume_from) if cfg.resume_from else train_state.newest_checkpoint(out) if cfg.resume else None
+    ckpt = Path(cfg.resume_from) if cfg.resume_from else newest_checkpoint(out) if cfg.resume else None
     place = f"--resume-from {ckpt}" if cfg.resume_from else f"--out {out}"
-    train_guards.check_same_files(d, [ckpt or train_state.newest_checkpoint(out)], place)  # every rank finds the same (multi-node)
+    train_guards.check_same_files(d, [ckpt or newest_checkpoint(out)], place)  # every rank finds the same (multi-node)
     if cfg.resume_from is not None and not (ckpt / "trainer_state.json").is_file():
         raise UserError(f"--resume-from {cfg.resume_from}: not a checkpoint folder (no trainer_state.json)")
     if cfg.resume and ckpt is None:
         log0(d, f"--resume: no checkpoint in {out}; starting fresh")
     if ckpt is None:
-        if out.exists() and train_state.newest_checkpoint(out) is not None:
+        if out.exists() and newest_checkpoint(out) is not None:
             raise UserError(f"{out}: holds checkpoints of an earlier run; pass --resume or choose a new --out")
         return 0
     where = ckpt / "trainer_state.json"
@@ -254,13 +255,13 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
         cursor = json_field(state, "data_cursor", where, list, lambda v: len(v) > d.rank and all(
             isinstance(c, dict) for c in v), "a list of one data cursor (an object) per process")
     except UserError as e:
-        raise UserError(f"{e}{train_state.fallback_hint(ckpt)}") from None
-    train_state.check_same_run(saved, cfg, ckpt)
-    optimizer, rngs = train_state.read_tensors(ckpt / "optimizer.safetensors", ckpt), train_state.read_tensors(ckpt / "rng.safetensors", ckpt)
+        raise UserError(f"{e}{fallback_hint(ckpt)}") from None
+    check_same_run(saved, cfg, ckpt)
+    optimizer, rngs = read_tensors(ckpt / "optimizer.safetensors", ckpt), read_tensors(ckpt / "rng.safetensors", ckpt)
     try:
         lora.load_adapter(net, ckpt / "adapter")
     except UserError as e:
-        raise UserError(f"{e}{train_state.fallback_hint(ckpt)}") from None
+        raise UserError(f"{e}{fallback_hint(ckpt)}") from None
     train_state.load_optimizer_tensors(opt, trained_names(net), optimizer)
     sched.load_state_dict(scheduler)
     sched.base_lrs = [cfg.lr for _ in opt.param_groups]  # this run's --lr, not the saved one
@@ -269,11 +270,11 @@ def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> in
         g["lr"], g["initial_lr"] = lr, cfg.lr
     mixture.load_state_dict(cursor[d.rank], f"{where}: data_cursor[{d.rank}]")
     if f"rank{d.rank}" not in rngs:
-        raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{train_state.fallback_hint(ckpt)}")
+        raise UserError(f"{ckpt / 'rng.safetensors'}: no RNG state for rank {d.rank}{fallback_hint(ckpt)}")
     train_state.set_rng_state(rngs, d)
     if cfg.resume_from is not None:  # a rollback: its branch becomes the one a later --resume continues
         train_guards.set_aside_later(out, step, d)
-    changed = train_state.changed_settings(saved, cfg)
+    changed = changed_settings(saved, cfg)
     log0(d, f"resumed from {ckpt} at step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
     return step
 
@@ -438,10 +439,10 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
             tokens_seen += sum(b["input_ids"].numel() for b in batch)
             loss = parallel.all_reduce_sum(loss_sum, d).item() / n_sup.item()
             if not math.isfinite(loss):
-                last = train_state.newest_checkpoint(out)
+                last = newest_checkpoint(out)
                 raise UserError(f"step {step + 1}: loss is {loss}; stopping. Last good checkpoint: {last or 'none'}")
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-            watch.check(step + 1, gnorm, lambda: train_state.newest_checkpoint(out))
+            watch.check(step + 1, gnorm, lambda: newest_checkpoint(out))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
