@@ -426,7 +426,7 @@ def synth(docs, tokenizer: Tokenizer, ctx: int, kinds: list[str], out, n: int, s
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_synth_parser() -> argparse.ArgumentParser:
     s = argparse.ArgumentParser(prog="data_synth.py", description="Write verifiable long chat samples from long documents.")
     s.add_argument("--docs", nargs="+", required=True, help="documents: files and/or folders")
     s.add_argument("--tokenizer", required=True, help="tokenizer.json, tokenizer.model, .gguf or 'bytes'")
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_synth_parser().parse_args(argv)
 
     def body():
         check_range("--n", args.n, 1, MAX_SAMPLES)

@@ -182,14 +182,14 @@ def pretrain(args) -> None:
     torch.manual_seed(args.seed)
     held_in, held_out = stdlib_split()
     code, filler = corpus_bytes(held_in), corpus_bytes(held_out)
-    cfg = llama.ModelConfig(**{**BASE_PRESET, **json.loads(args.overrides or "{}")})
-    net = llama.Transformer(cfg).init_weights(args.seed)
+    mc = llama.ModelConfig(**{**BASE_PRESET, **json.loads(args.overrides or "{}")})
+    net = llama.Transformer(mc).init_weights(args.seed)
     decay = [p for n, p in net.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in net.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     rng = random.Random(TRAIN_SEED + args.seed)
-    T = cfg.max_seq_len
+    T = mc.max_seq_len
     out = check_output(args.out, "new", "--out")  # before training: step-N folders are never replaced
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -254,7 +254,7 @@ def eval_windows(filler: np.ndarray, length: int, n: int, seed: int) -> torch.Te
     return torch.tensor(rows)
 
 
-def evaluate(net, filler: np.ndarray, L: int, factors: tuple[int, ...], n_windows: int, n_keys: int) -> dict:
+def evaluate_demo(net, filler: np.ndarray, L: int, factors: tuple[int, ...], n_windows: int, n_keys: int) -> dict:
     """{"ppl@N": ..., "ppl(L..N)": ..., "passkey@N": ...} for N = f * L: perplexity of held-out windows
     over their first N positions, over positions L..10L, and greedy passkey exact-match accuracy."""
     net.eval()
@@ -301,7 +301,7 @@ def format_retained(r: dict) -> str:
     return f"{r['ppl']:.3f}x, " + ("n/a" if r["passkey"] is None else f"{100 * r['passkey']:.0f}%")
 
 
-def format_table(rows: dict[str, dict], L: int, factors: tuple[int, ...]) -> str:
+def format_demo_table(rows: dict[str, dict], L: int, factors: tuple[int, ...]) -> str:
     """Markdown table of the rows; the last column is each row's retention at L against the first row."""
     span = f"ppl({L}..{max(factors) * L})"
     named = ([(f"ppl@{f * L}", f"ppl@{f * L} ({length_label(f)})") for f in factors] + [(span, span)]
@@ -315,7 +315,7 @@ def format_table(rows: dict[str, dict], L: int, factors: tuple[int, ...]) -> str
     return "\n".join(lines)
 
 
-def plot(rows: dict[str, dict], L: int, path: Path) -> str | None:
+def plot_demo(rows: dict[str, dict], L: int, path: Path) -> str | None:
     """Per-position NLL of each model (smoothed over L/4 positions); None when matplotlib is missing."""
     try:
         import matplotlib
@@ -376,18 +376,18 @@ def prepare(d: Dist, flags: dict) -> DemoRun:
         out.mkdir(parents=True, exist_ok=True)
         write_extension_data(out / "data.jsonl", corpus_bytes(stdlib_split()[0]), cfg.ctx,
                              cfg.steps * cfg.grad_accum * d.world, TRAIN_SEED + 7)
-        run.rows["base"] = evaluate(load_base(base_dir, device=d.device), run.filler, L, FACTORS, n_windows, n_keys)
-        if untrained:
-            run.rows["base, RoPE extended, untrained"] = evaluate(load_base(base_dir, cfg, device=d.device), run.filler,
-                                                                  L, FACTORS,
-                                                                  n_windows, n_keys)
+        run.rows["base"] = evaluate_demo(load_base(base_dir, device=d.device), run.filler, L, FACTORS,
+                                         n_windows, n_keys)
+        if untrained:  # the base with the extended RoPE, loaded afresh
+            run.rows["base, RoPE extended, untrained"] = evaluate_demo(
+                load_base(base_dir, cfg, device=d.device), run.filler, L, FACTORS, n_windows, n_keys)
         print(f"evaluated the base in {time.time() - t0:.0f}s", flush=True)
     barrier(d)
     check_same_files(d, [out / "data.jsonl"], f"--out {out}")  # rank 0 wrote it, every rank reads it
     return run
 
 
-def finish(d: Dist, run: DemoRun) -> dict | None:
+def finish_demo(d: Dist, run: DemoRun) -> dict | None:
     """On rank 0: evaluate the extended model (NF4 base + the trained adapter, RoPE as trained), print and
     write the table. Returns the rows on rank 0, else None."""
     if not d.main:
@@ -397,9 +397,9 @@ def finish(d: Dist, run: DemoRun) -> dict | None:
     load_adapter(net, Path(cfg.out) / "adapter")
     L = net.config.max_seq_len
     rows = run.rows
-    rows["extended (NF4 + LoRA)"] = evaluate(net, run.filler, L, FACTORS, run.n_windows, run.n_keys)
-    table = format_table(rows, L, FACTORS)
-    png = plot(rows, L, out / "nll_by_position.png")
+    rows["extended (NF4 + LoRA)"] = evaluate_demo(net, run.filler, L, FACTORS, run.n_windows, run.n_keys)
+    table = format_demo_table(rows, L, FACTORS)
+    png = plot_demo(rows, L, out / "nll_by_position.png")
     kept = {name: retained(r, rows["base"], L) for name, r in rows.items()}
     atomic_write_text(out / "results.json", json.dumps({"config": cfg.to_dict(), "rows": rows, "retained": kept},
                                                        indent=1))
@@ -419,17 +419,17 @@ def finish(d: Dist, run: DemoRun) -> dict | None:
     return rows
 
 
-def run(d: Dist, flags: dict) -> dict | None:
+def run_demo(d: Dist, flags: dict) -> dict | None:
     """The whole demo on every rank: `prepare`, train.train, `finish`. Returns the rows on rank 0, else None."""
     job = prepare(d, flags)
     train.train(job.cfg, d)
-    return finish(d, job)
+    return finish_demo(d, job)
 
 
 def run_command(argv: list[str]) -> int:
     """`python train.py [flags]` with no --model and --ctx up to the demo's, handed over to this module."""
     given, opts = train.parse_flags(argv)
-    return run_cli(lambda: check_flags(given, opts)) or train.run_ranks(lambda d: run(d, given), given)
+    return run_cli(lambda: check_flags(given, opts)) or train.run_ranks(lambda d: run_demo(d, given), given)
 
 
 def check_flags(given: dict, opts: dict) -> None:

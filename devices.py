@@ -1,14 +1,10 @@
 """The device and dtype every entry point runs in: CUDA when present, else the CPU; bfloat16 on GPUs that
 have its kernels, float32 elsewhere.
 
-Note: why bfloat16 needs compute capability 8.0 (Ampere). SDPA's fused kernels take bfloat16 only from
-sm_80 on (flash attention needs sm_80; the memory-efficient kernel's bfloat16 path too), and training
-allows only the fused kernels on CUDA (shift_attn.training_backends), so bfloat16 on a T4 (7.5) or a
-V100 (7.0) fails at the first step with "No available kernel". There the default is float32, whose
-memory-efficient kernel runs on any CUDA GPU (grouped-query attention beyond
-shift_attn.MATH_MAX_CTX is then refused in one line), and an explicit --dtype bfloat16 is refused in one
-line, before any weight loads. Float32 rather than float16 by default: float16's 5-bit exponent
-overflows Llama activations and flushes small gradients to zero without loss scaling.
+Note: bfloat16 needs compute capability 8.0. SDPA's fused kernels take bfloat16 only from sm_80 on and
+training allows only fused kernels on CUDA (shift_attn.training_backends), so below sm_80 the default is
+float32 and --dtype bfloat16 is refused before any weight loads. Not float16: its 5-bit exponent overflows
+Llama activations and flushes small gradients to zero without loss scaling.
 """
 from __future__ import annotations
 

@@ -18,18 +18,13 @@ gives alone (tests/test_doc_attn.py compares logits and gradients).
 
 Notation: B batch, T tokens, H query heads, Hkv kv heads, D head dim, N documents in a row.
 
-Note: per-document calls, not a mask.
-    A (T, T) block-diagonal boolean mask costs O(T^2) memory and sends SDPA to a kernel that scores
-    every pair. Instead q, k, v are cut at the document bounds with `split` (views; its backward is one
-    concatenation) and each piece goes to causal SDPA of its own length, so the work is sum_i L_i^2 / 2
-    and nothing of size (T, T) is ever formed. Rows with different bounds (B > 1, positions (B, T)) are
-    cut one row at a time. FlexAttention would take a block mask instead, but it has no backward on CPU
-    (shift_attn.py's note), and torch's varlen attention (`torch.nn.attention.varlen`) runs on CUDA only.
+Note: per-document calls, not a mask. A (T, T) block-diagonal mask costs O(T^2) memory and sends SDPA to a
+    kernel that scores every pair; cutting q, k, v at the bounds (`split`) and calling causal SDPA per
+    document costs sum_i L_i^2 / 2 and forms nothing of size (T, T). FlexAttention has no backward on
+    CPU and torch's varlen attention runs on CUDA only.
 
-Note: with compiled blocks (--compile) the bounds are part of the traced function, so a new number of
-    documents in a row compiles the block again (new lengths with the same count do not, after the
-    first recompile marks them dynamic); past dynamo's recompile limit the block runs eager. Results
-    are the same either way.
+Note: with --compile the bounds are part of the traced block, so a new number of documents in a row
+    recompiles it (past dynamo's limit it runs eager); results are the same either way.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Perplexity alone does not show whether a model *uses* a long context: a model can predict the next token
 from the last few hundred tokens and still reach a low perplexity at 16K (Gao et al. 2024, "How to Train
-Long-Context Language Models (Effectively)"; the long-context lecture). So perplexity goes with synthetic
+Long-Context Language Models (Effectively)"). So perplexity goes with synthetic
 recall, where the answer is only in the distant context:
 
     ppl      PPL(L) = exp( (1 / N) sum_t -log p(x_t | x_<t) ) over N scored positions of windows of length L
@@ -17,9 +17,9 @@ recall, where the answer is only in the distant context:
              with a `K$NNNN` fact at a random depth, queried by `K$`; --trials prompts per length from the
              RNG stream --seed, as demo.py draws them (its table uses --seed 987654321, 40 trials).
 
-Depth d in [0, 1] is the fraction of the context tokens that come before the probe.
+Depth in [0, 1] is the fraction of the context tokens that come before the probe.
 
-Short-context retention (the lecture: "also evaluate on short-context task performance"): with several rows,
+Short-context retention (Gao et al. 2024: also evaluate short-context task performance): with several rows,
 every table ends with `retained@N`, each row's score at N (--base-length, the base's own context; default the
 shortest length) against the first row's, oriented so that 1 = kept and above 1 = better for every task:
 ppl_first / ppl_row for perplexity, accuracy_row / accuracy_first for the probes. Give the base first.
@@ -107,7 +107,7 @@ def parse_depths(text: str) -> list[float]:
         out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--depths {text!r}: expected comma-separated fractions, e.g. 0,0.5,1") from None
-    if not out or not all(0.0 <= d <= 1.0 for d in out):
+    if not out or not all(0.0 <= depth <= 1.0 for depth in out):
         raise UserError(f"--depths {text!r}: every depth must lie in [0, 1]")
     return out
 
@@ -219,19 +219,20 @@ def run_probe(model, tokenizer, args, theta, scaling, make_prompt, memo: dict) -
     stop = stop_ids_for(tokenizer)
     items = []
     subtasks = args.ruler_tasks if args.task == "ruler" else [None]
-    grid = [(s, L, d, t) for s in subtasks for L in args.lengths for d in args.depths for t in range(args.trials)]
+    grid = [(s, L, depth, t) for s in subtasks for L in args.lengths for depth in args.depths
+            for t in range(args.trials)]
     for sub in subtasks:  # a length too short for a task is a UserError before any generation, not midway
         for L in args.lengths:
             make_prompt(L, args.depths[0], 0, sub)
-    for sub, L, d, t in tqdm(grid, desc=args.task, leave=False):
-        ids, ref, max_new, at = make_prompt(L, d, t, sub)
+    for sub, L, depth, t in tqdm(grid, desc=args.task, leave=False):
+        ids, ref, max_new, at = make_prompt(L, depth, t, sub)
         set_rope(model, theta, fixed_rope(theta, scaling, len(ids) + max_new))
-        key = memo_key(model, L, d, t) if sub is None else memo_key(model, sub, L, d, t)
+        key = memo_key(model, L, depth, t) if sub is None else memo_key(model, sub, L, depth, t)
         if key not in memo:
             new = generate(model, ids, max_new, stop_ids=stop, prefill_chunk=args.prefill_chunk)
             memo[key] = tokenizer.decode(new[:-1] if new and new[-1] in stop else new)  # the stop token unsaid
         answer = memo[key]
-        item = {"length": L, "depth": d, "trial": t, "prompt_tokens": len(ids), "probe_index": at,
+        item = {"length": L, "depth": depth, "trial": t, "prompt_tokens": len(ids), "probe_index": at,
                 "reference": ref, "answer": answer, "rope_used": model.config.rope_scaling}
         if args.task == "passkey":
             item["correct"] = passkey_correct(answer, ref)
@@ -262,7 +263,7 @@ def prompt_maker(task: str, tokenizer, args, hay):
     if task == "ruler":  # RULER's own templates and haystack sizes (eval_ruler.py); sample t of each task and length
         data, args.ruler_haystack = eval_ruler.setup(tokenizer, args.template, args.chat_template, args.haystack,
                                                 args.qa_files, args.ruler_tasks, args.seed)
-        return (lambda L, d, t, sub: data.prompt(sub, L, t)), data.template or "base"
+        return (lambda L, depth, t, sub: data.prompt(sub, L, t)), data.template or "base"
     if task == "kv" and args.protocol == "helmet":  # HELMET's recall runs without a chat template
         template = chat_template_for(tokenizer, args.chat_template) if args.chat_template not in (None, "none") else None
     elif task != "passkey" and not args.no_chat and args.chat_template != "none":
@@ -273,27 +274,27 @@ def prompt_maker(task: str, tokenizer, args, hay):
                 raise  # a named template that does not exist
             template = None  # no chat special tokens (a base model): plain prompt
 
-    def rng(L, d, t):
-        return random.Random(f"{args.seed}:{L}:{d}:{t}")
+    def rng(L, depth, t):
+        return random.Random(f"{args.seed}:{L}:{depth}:{t}")
 
     code_items = {}  # L -> (prompts, answers) of the code passkey
 
-    def make(L, d, t, sub=None):
-        if task == "passkey" and args.format == "code":  # depth d is None: drawn per prompt
+    def make(L, depth, t, sub=None):
+        if task == "passkey" and args.format == "code":  # depth is None: drawn per prompt
             if L not in code_items:
                 code_items[L] = code_passkey_items(hay, L, args.trials, args.seed)
             prompts, answers = code_items[L]
             return prompts[t], bytes(answers[t]).decode(), KEY_DIGITS, None
         if args.protocol != "ours":
-            return eval_protocols.make_prompt(task, args.protocol, tokenizer, L, d, rng(L, d, t), template, hay)
+            return eval_protocols.make_prompt(task, args.protocol, tokenizer, L, depth, rng(L, depth, t), template, hay)
         if task == "passkey":
-            key = str(rng(L, d, t).randint(10000, 99999))
-            ids, at = passkey_prompt(tokenizer, L, d, key)
+            key = str(rng(L, depth, t).randint(10000, 99999))
+            ids, at = passkey_prompt(tokenizer, L, depth, key)
             return ids, key, len(tokenizer.encode(" " + key)) + 2, at
         if task == "needle":
-            ids, at = needle_prompt(tokenizer, hay[0], hay[1], L, d, args.needle, args.question, template)
+            ids, at = needle_prompt(tokenizer, hay[0], hay[1], L, depth, args.needle, args.question, template)
             return ids, args.needle, len(tokenizer.encode(args.needle)) + 16, at
-        ids, _, value, at = kv_prompt(tokenizer, L, d, rng(L, d, t), template)
+        ids, _, value, at = kv_prompt(tokenizer, L, depth, rng(L, depth, t), template)
         return ids, value, len(tokenizer.encode(" " + value)) + 4, at
 
     return make, template
@@ -318,7 +319,7 @@ def write_json(path: Path, obj) -> None:
 # ----------------------------------------------------------------------------- entry points
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_eval_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Perplexity by length and long-context recall probes.")
     ap.add_argument("task", choices=TASKS)
     ap.add_argument("--model", action="append", default=None, help="preset, HF directory or .gguf (repeatable)")
@@ -375,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_args(args) -> None:
+def check_eval_args(args) -> None:
     args.device, dtype = device_and_dtype(args.device, args.dtype)
     args.dtype = str(dtype).removeprefix("torch.")
     grid = eval_protocols.default_grid(args.task, args.protocol)  # a UserError for a protocol the task lacks
@@ -455,10 +456,10 @@ def run_harness(args) -> dict:
     if len(args.model) != 1 or len(args.rope) != 1 or not args.tasks:
         raise UserError("harness: give one --model, at most one --rope, and --tasks T[,T...]")
     model, tok = load(args.model[0], args.adapter[0], args)
-    cfg = model.config
-    set_rope(model, *rope_override(cfg.rope_theta, cfg.rope_scaling, args.rope[0], args.rope_theta, cfg.max_seq_len))
-    res = eval_harness.run(model, tok, args.model[0], args.tasks.split(","), args.out, args.include_path, args.limit,
-                      args.num_fewshot, args.log_samples, args.prefill_chunk, args.seed)
+    mc = model.config
+    set_rope(model, *rope_override(mc.rope_theta, mc.rope_scaling, args.rope[0], args.rope_theta, mc.max_seq_len))
+    res = eval_harness.run_lm_eval(model, tok, args.model[0], args.tasks.split(","), args.out, args.include_path,
+                                   args.limit, args.num_fewshot, args.log_samples, args.prefill_chunk, args.seed)
     print(eval_harness.table(res), f"\nwrote lm-eval's results under {args.out}", sep="")
     return res
 
@@ -485,10 +486,10 @@ def evaluate(args) -> list[dict]:
     rows, t0 = [], time.time()
     for spec, adapter in zip(args.model, args.adapter):
         model, tok = load(spec, adapter, args)
-        cfg = model.config  # the longest length must fit before any prompt or cache exists (generate.py)
-        check_memory(cfg, max(args.lengths), 0 if args.task == "ppl" else PROBE_NEW_TOKENS, args.prefill_chunk,
+        mc = model.config  # the longest length must fit before any prompt or cache exists (generate.py)
+        check_memory(mc, max(args.lengths), 0 if args.task == "ppl" else PROBE_NEW_TOKENS, args.prefill_chunk,
                      torch.finfo(getattr(torch, args.dtype)).bits // 8, args.device, "--lengths", of_prompt=True)
-        base_theta, base_scaling = cfg.rope_theta, cfg.rope_scaling
+        base_theta, base_scaling = mc.rope_theta, mc.rope_scaling
         if args.task == "ppl":
             texts = document_texts(args.docs) if args.docs else stdlib_texts(stdlib_files())
             need = (args.windows - 1) * (args.stride or max(args.lengths)) + max(args.lengths)
@@ -508,7 +509,7 @@ def evaluate(args) -> list[dict]:
             make, template = prompt_maker(args.task, tok, args, hay)
         memo = {}  # (RoPE in effect, item) -> score: e.g. dynamic:s at L <= L0 is plain RoPE
         for spec_rope in args.rope:
-            theta, scaling = rope_override(base_theta, base_scaling, spec_rope, args.rope_theta, cfg.max_seq_len)
+            theta, scaling = rope_override(base_theta, base_scaling, spec_rope, args.rope_theta, mc.max_seq_len)
             if args.task == "ppl":
                 res = run_ppl(model, tok, args, theta, scaling, stream, memo)
             else:
@@ -536,8 +537,8 @@ def evaluate(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: (check_args(args), run_harness(args) if args.task == "harness" else evaluate(args)))
+    args = build_eval_parser().parse_args(argv)
+    return run_cli(lambda: (check_eval_args(args), run_harness(args) if args.task == "harness" else evaluate(args)))
 
 
 if __name__ == "__main__":

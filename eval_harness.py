@@ -170,7 +170,7 @@ def table(results: dict) -> str:
     return lm_eval_api()[2].make_table(results)
 
 
-def run(model, tokenizer, model_name: str, tasks: list[str], out: str, include_path: str | None = None,
+def run_lm_eval(model, tokenizer, model_name: str, tasks: list[str], out: str, include_path: str | None = None,
         limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = False,
         prefill_chunk: int | None = None, seed: int = 0) -> dict:
     """lm_eval.simple_evaluate over `tasks` with our model; results (and samples) written under `out` in

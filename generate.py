@@ -49,7 +49,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def inference_bytes(cfg: ModelConfig, prompt: int, new: int, chunk: int | None, dtype_bytes: int,
+def inference_bytes(mc: ModelConfig, prompt: int, new: int, chunk: int | None, dtype_bytes: int,
                     device: torch.device) -> dict[str, int]:
     """Bytes beyond the weights of a prompt of T tokens prefilled in chunks of c = min(chunk, T) and continued
     by `new` tokens, by part (an upper bound): the cache, 2 L S Hkv D values for S = T + new; one block's
@@ -58,10 +58,10 @@ def inference_bytes(cfg: ModelConfig, prompt: int, new: int, chunk: int | None, 
     neither is formed; measured on CPU: +180 MiB peak for the tiny preset at T = 16384, c = 2048, of which
     160 MiB is this term); the last position's float32 logits; and the ids on the host (HOST_BYTES_PER_TOKEN)."""
     S, c = prompt + new, min(chunk or prompt, prompt)
-    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    return {"KV cache": 2 * cfg.n_layers * S * Hkv * D * dtype_bytes,
-            "activations": c * (4 * cfg.dim + (H + 2 * Hkv) * D + 3 * cfg.ffn_dim) * dtype_bytes
-            + (5 * c * prompt if device.type != "cuda" and c < prompt else 0) + cfg.vocab_size * 4,
+    H, Hkv, D = mc.n_heads, mc.n_kv_heads, mc.head_dim
+    return {"KV cache": 2 * mc.n_layers * S * Hkv * D * dtype_bytes,
+            "activations": c * (4 * mc.dim + (H + 2 * Hkv) * D + 3 * mc.ffn_dim) * dtype_bytes
+            + (5 * c * prompt if device.type != "cuda" and c < prompt else 0) + mc.vocab_size * 4,
             "token ids": S * HOST_BYTES_PER_TOKEN}
 
 
@@ -76,13 +76,13 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(cfg: ModelConfig, prompt: int, new: int, chunk: int | None, dtype_bytes: int,
+def check_memory(mc: ModelConfig, prompt: int, new: int, chunk: int | None, dtype_bytes: int,
                  device: torch.device, what: str, of_prompt: bool = False) -> None:
     """A UserError naming `what` (the flag that asked for the new tokens, or with of_prompt for the prompt's
     length) when inference_bytes exceeds the free memory: the estimate by part, what is free, and how many
     tokens `what` could ask for instead."""
     def need(k):  # bytes when `what` asks for k tokens
-        return sum(inference_bytes(cfg, k if of_prompt else prompt, new if of_prompt else k, chunk, dtype_bytes,
+        return sum(inference_bytes(mc, k if of_prompt else prompt, new if of_prompt else k, chunk, dtype_bytes,
                                    device).values())
 
     free, asked = free_memory(device), prompt if of_prompt else new
@@ -92,7 +92,7 @@ def check_memory(cfg: ModelConfig, prompt: int, new: int, chunk: int | None, dty
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if need(mid) <= free else (lo, mid - 1)
-    parts = ", ".join(f"{k} {v / 2**30:.3g}" for k, v in inference_bytes(cfg, prompt, new, chunk, dtype_bytes,
+    parts = ", ".join(f"{k} {v / 2**30:.3g}" for k, v in inference_bytes(mc, prompt, new, chunk, dtype_bytes,
                                                                         device).items())
     raise UserError(f"{what} {asked}: needs about {need(asked) / 2**30:.3g} GiB ({parts}), {free / 2**30:.3g} GiB "
                     f"is free on {device}; at most about {lo} fit")

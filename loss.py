@@ -7,14 +7,12 @@ A frozen bias-free nn.Linear head (the usual LoRA case) takes `_FrozenHeadNLL`, 
 during the forward pass; any other head is checkpointed per chunk. Chunks without a supervised token are
 skipped, found with one device-to-host copy per call (`supervised_chunks`), not one sync per chunk.
 
-Note: a sequence with no supervised token (a context-parallel shard of a chat sample made only of prompt
-tokens) still returns a loss with a graph: 0, as the NLL of one row with no target, through the head and
-the hidden states. So backward runs on that rank as on the others (context parallelism's all-to-alls in
-the backward are collectives, every rank must join them) and DDP sees a (zero) gradient of every trained
-parameter, the head's included.
+Note: a sequence with no supervised token (a --cp shard of a chat prompt) still returns 0 with a graph
+through the head and hidden states, so its rank joins the backward's collectives (the all-to-alls, DDP's
+reduction of every trained parameter) like the others.
 
-Note: why chunked. At T = 80K and V = 128K the full float32 logits alone would take 41 GB; one
-1024-token chunk's float32 logits take 0.5 GB.
+Note: why chunked. At T = 80K and V = 128K the float32 logits alone take 80K x 128K x 4 B = 41 GB; one
+1024-token chunk's take 0.5 GB.
 
 Notation: B batch, T tokens, N = B * T rows, C model dim, V vocab.
 """

@@ -1,18 +1,11 @@
 """The CPU allocator every command starts with, chosen before torch is imported (standard library only).
 
-Note: why an allocator policy. glibc's malloc serves a request above its mmap threshold with its own mmap,
-which `free` unmaps at once; below it, blocks come from heaps that are trimmed only from the top. The
-threshold starts at 128 KiB but grows to the size of every mmapped block freed (up to 32 MiB), so after the
-first freed activations of a training step almost every tensor lands in the heaps, and memory freed in the
-middle of a heap stays in the process: the resident set follows the peak of all blocks ever freed, not the
-live tensors. Fixing the threshold at 64 KiB makes the resident set honest but turns every tensor of 64 KiB
-or more into an mmap/munmap pair with fresh page faults (twice the demo's wall time). An allocator that keeps
-freed pages for reuse and returns them after a delay (mimalloc, jemalloc, tcmalloc) gives both, which is why
-PyTorch's CPU performance guide and its launcher (torch.backends.xeon.run_cpu) preload one. So a command
-re-executes itself once, before its imports, with one in LD_PRELOAD: mimalloc from the `cmeel-mimalloc`
-wheel that requirements.txt installs (the same on every machine set up by the README), else the system's
-jemalloc or tcmalloc; with none, the glibc threshold and one line. The measurements behind the choice are in
-docs/design.md ("The CPU allocator").
+Note: why an allocator policy. glibc's mmap threshold grows to the size of every mmapped block freed, so
+tensors soon land in heaps trimmed only from the top and the resident set follows the peak of all blocks
+ever freed; a fixed small threshold is honest but pays an mmap/munmap and fresh page faults per tensor. An
+allocator that reuses freed pages and returns them later (mimalloc, jemalloc, tcmalloc) gives both, so a
+command re-executes itself once with one in LD_PRELOAD (mimalloc from requirements.txt's `cmeel-mimalloc`,
+else the system's jemalloc or tcmalloc; with none, glibc with a fixed threshold and one line).
 """
 from __future__ import annotations
 

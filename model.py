@@ -81,33 +81,33 @@ class ModelConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, hf_config: dict, where: str = "config.json") -> "ModelConfig":
         """The config of a Hugging Face config.json dict (either RoPE spelling); `where` names the file.
 
         A missing or invalid field, or a model other than Llama/Mistral, is a UserError naming `where`.
         """
-        arch = cfg.get("model_type", "llama")
-        if arch not in ("llama", "mistral") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        arch = hf_config.get("model_type", "llama")
+        if arch not in ("llama", "mistral") or hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
             raise UserError(f"{where}: model_type {arch!r} (or attention/MLP biases) is not a Llama model this project loads")
-        check_hf_fields(cfg, where)
+        check_hf_fields(hf_config, where)
         try:
-            theta, scaling = rope.rope_from_hf(cfg)
-            n_heads = cfg["num_attention_heads"]
+            theta, scaling = rope.rope_from_hf(hf_config)
+            n_heads = hf_config["num_attention_heads"]
             return cls(
-                vocab_size=cfg["vocab_size"],
-                dim=cfg["hidden_size"],
-                n_layers=cfg["num_hidden_layers"],
+                vocab_size=hf_config["vocab_size"],
+                dim=hf_config["hidden_size"],
+                n_layers=hf_config["num_hidden_layers"],
                 n_heads=n_heads,
-                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-                head_dim=cfg.get("head_dim") or 0,
-                ffn_dim=cfg["intermediate_size"],
-                norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
+                head_dim=hf_config.get("head_dim") or 0,
+                ffn_dim=hf_config["intermediate_size"],
+                norm_eps=hf_config.get("rms_norm_eps", 1e-5),
                 rope_theta=theta,
                 rope_scaling=scaling,
-                max_seq_len=_original_len(cfg, scaling),
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                bos_id=cfg.get("bos_token_id"),
-                eos_id=cfg.get("eos_token_id"),
+                max_seq_len=_original_len(hf_config, scaling),
+                tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+                bos_id=hf_config.get("bos_token_id"),
+                eos_id=hf_config.get("eos_token_id"),
             )
         except KeyError as e:
             raise UserError(f"{where}: missing field {e.args[0]!r}") from None
@@ -146,11 +146,11 @@ HF_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_head
 HF_FLOATS = ("rms_norm_eps", "rope_theta")
 
 
-def check_hf_fields(cfg: dict, where: str) -> None:
+def check_hf_fields(hf_config: dict, where: str) -> None:
     """Sizes are positive integers, rms_norm_eps and rope_theta positive finite numbers (a field that is
     absent or null is left to from_hf); a UserError names the file and the field."""
     for key in HF_INTS + HF_FLOATS:
-        v = cfg.get(key)
+        v = hf_config.get(key)
         if v is None or (key in ("head_dim", "num_key_value_heads") and v == 0):
             continue
         kind = int if key in HF_INTS else (int, float)
@@ -159,11 +159,11 @@ def check_hf_fields(cfg: dict, where: str) -> None:
             raise UserError(f"{where}: field {key!r} must be {want}, got {v!r}")
 
 
-def _original_len(cfg: dict, scaling: dict | None) -> int:
+def _original_len(hf_config: dict, scaling: dict | None) -> int:
     """The pre-extension context: a scaling's original length if it names one, else max_position_embeddings."""
     if scaling and scaling.get("original_max_position_embeddings"):
         return int(scaling["original_max_position_embeddings"])
-    return int(cfg.get("max_position_embeddings", 4096))
+    return int(hf_config.get("max_position_embeddings", 4096))
 
 
 PRESETS: dict[str, dict] = {
@@ -207,11 +207,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     q (B, H, T, D), k/v (B, Hkv, S, D). Query i sees keys in slots j <= start + i: the causal mask aligned to
     the lower right corner of the (T, S) scores, so a prefill chunk costs O(T * S), never O(S^2).
 
-    Note: on CUDA the mask is torch.nn.attention.bias.causal_lower_right, which SDPA serves with the flash
-    kernel (GQA included) or the memory-efficient one, never forming the mask or the scores: a boolean
-    mask would rule flash out (32 heads x 2K x 80K float32 scores: 21 GB per layer for a 2K chunk at 80K). Where
-    neither fused kernel applies (CPU, float32 with GQA) the bias materializes the same (T, S) boolean
-    mask and warns why, so off CUDA we pass that mask ourselves.
+    Note: on CUDA the mask is torch.nn.attention.bias.causal_lower_right, which the fused kernels apply
+    without forming the mask or the scores (a boolean mask would rule flash out). Off CUDA the bias would
+    materialize the same (T, S) boolean mask with a warning, so we pass that mask ourselves.
     """
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
@@ -229,11 +227,9 @@ def token_chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
     """fn(x) for a position-wise fn (the MLP), over chunks of `chunk` tokens of x (B, T, C), each chunk
     recomputed in backward, so only one chunk's intermediates exist at a time.
 
-    Note: why. With per-block checkpointing, the largest live tensors at long context are the recomputed
-    block's MLP activations and their gradients, ~6 F values per token (gate, up, silu, product; F = 14336
-    for Llama-3-8B: 13.8 GB at T = 80K in bf16). Chunking the MLP over tokens (the idea of the tiled MLP
-    in Arctic Long Sequence Training, Bekman et al. 2025) caps that at 6 F x chunk values, for one extra
-    MLP forward per step.
+    Note: why. With per-block checkpointing the largest live tensors at long context are the recomputed
+    block's MLP activations and gradients, ~6 F values per token; chunking over tokens (the tiled MLP of
+    Bekman et al. 2025, Arctic Long Sequence Training) caps them at 6 F x chunk for one extra MLP forward.
     """
     return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in x.split(chunk, dim=1)], dim=1)
 
@@ -251,9 +247,9 @@ def attention_saving_contexts():
     """Selective checkpointing contexts that keep SDPA's outputs (out and its log-sum-exp) and recompute
     everything else, so backward's recomputation of a block skips the O(T^2) attention forward.
 
-    Note: the trade. Per layer it keeps T x H x D values (+ T x H float32 statistics): 21 GB at T = 80K
-    for Llama-3-8B's 32 layers in bf16, hence opt-in (`MemoryOptions.save_attention`). What it saves: when attention dominates a step (long context), the recomputed
-    attention forward is about 1/4.5 of its FLOPs (forward 1, recompute 1, backward ~2.5).
+    Note: the trade. Per layer it keeps T x H x D values (+ T x H float32 statistics), hence opt-in
+    (`MemoryOptions.save_attention`); where attention dominates a step it saves the recomputed attention
+    forward, about 1/4.5 of the step's FLOPs (forward 1, recompute 1, backward ~2.5).
     """
     return create_selective_checkpoint_contexts(_keep_attention)
 
@@ -324,13 +320,13 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, mc: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = mc.n_heads, mc.n_kv_heads, mc.head_dim
+        self.q_proj = nn.Linear(mc.dim, mc.n_heads * mc.head_dim, bias=False)
+        self.k_proj = nn.Linear(mc.dim, mc.n_kv_heads * mc.head_dim, bias=False)
+        self.v_proj = nn.Linear(mc.dim, mc.n_kv_heads * mc.head_dim, bias=False)
+        self.o_proj = nn.Linear(mc.n_heads * mc.head_dim, mc.dim, bias=False)
 
     def forward(self, x, cos, sin, attn_fn: AttnFn, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape
@@ -347,23 +343,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, mc: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(mc.dim, mc.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(mc.dim, mc.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(mc.ffn_dim, mc.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, mc: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(mc.dim, mc.norm_eps)
+        self.self_attn = Attention(mc)
+        self.post_attention_layernorm = RMSNorm(mc.dim, mc.norm_eps)
+        self.mlp = MLP(mc)
 
     def forward(self, x, cos, sin, attn_fn: AttnFn, cache: KVCache | None = None, start: int = 0,
                 mlp_chunk: int = 0):
@@ -376,11 +372,11 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """The `model.` prefix of Hugging Face names: embeddings, blocks, final norm."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, mc: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.embed_tokens = nn.Embedding(mc.vocab_size, mc.dim)
+        self.layers = nn.ModuleList(Block(mc) for _ in range(mc.n_layers))
+        self.norm = RMSNorm(mc.dim, mc.norm_eps)
 
 
 class Transformer(nn.Module):
@@ -391,13 +387,13 @@ class Transformer(nn.Module):
     caches: the per-layer KV caches while generating (setup_caches / clear_caches), else None.
     """
 
-    def __init__(self, cfg: ModelConfig, memory: MemoryOptions | None = None):
+    def __init__(self, mc: ModelConfig, memory: MemoryOptions | None = None):
         super().__init__()
-        self.config = cfg
+        self.config = mc
         self.memory = memory if memory is not None else MemoryOptions()
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.model = Backbone(mc)
+        self.lm_head = nn.Linear(mc.dim, mc.vocab_size, bias=False)
+        if mc.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.caches: list[KVCache] | None = None
 
@@ -415,8 +411,8 @@ class Transformer(nn.Module):
         return self._rope_tables(positions, int(positions.max()) + 1)
 
     def _rope_tables(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        inv_freq, scale = rope.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len=seq_len)
+        mc = self.config
+        inv_freq, scale = rope.rope_frequencies(mc.head_dim, mc.rope_theta, mc.rope_scaling, seq_len=seq_len)
         cos, sin = rope.rope_cos_sin(inv_freq.to(positions.device), positions.reshape(-1))  # (B*T, D)
         if positions.dim() == 2:
             B, T = positions.shape
@@ -471,8 +467,8 @@ class Transformer(nn.Module):
 
     def setup_caches(self, batch: int, max_len: int):
         p = self.model.norm.weight
-        cfg = self.config
-        self.caches = [KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layers)]
+        mc = self.config
+        self.caches = [KVCache(batch, mc.n_kv_heads, max_len, mc.head_dim, p.dtype, p.device) for _ in range(mc.n_layers)]
 
     def clear_caches(self):
         self.caches = None

@@ -7,9 +7,9 @@ depends only on m - n.
 Context extension changes theta_i (and, for YaRN, a temperature on the attention scores):
     linear   Position Interpolation (Chen et al., 2023, arXiv:2306.15595, sec. 2): m' = m / s, which is
              theta'_i = theta_i / s.
-    ntk      fixed NTK-aware scaling (bloc97, 2023; Gao's long-context lecture, "change the frequency
-             base"): base' = base * s^(D/(D-2)). The exponent keeps theta_0 = 1 and divides the slowest
-             frequency theta_{D/2-1} by exactly s.
+    ntk      fixed NTK-aware scaling (bloc97, 2023; compared with PI and YaRN by Lu et al. 2024, "A
+             Controlled Study on Long Context Extension"): base' = base * s^(D/(D-2)). The exponent
+             keeps theta_0 = 1 and divides the slowest frequency theta_{D/2-1} by exactly s.
     dynamic  dynamic NTK (emozilla, 2023; transformers' "dynamic"): the same base change, with s replaced
              by (s * L / L0) - (s - 1) for the current length L > L0, and plain RoPE for L <= L0.
     yarn     YaRN (Peng et al., 2023, arXiv:2309.00071, sec. 3.2-3.4): "NTK-by-parts" interpolation,
@@ -21,8 +21,8 @@ Context extension changes theta_i (and, for YaRN, a temperature on the attention
     llama3   Llama 3.1 (Meta, 2024; `apply_scaling` in the llama-models reference code): keep
              wavelengths lambda < L0 / high_freq_factor, divide theta by s for lambda > L0 /
              low_freq_factor, and blend linearly in L0 / lambda between the two.
-A plain base change ("rope theta" 1e4 -> 5e5 -> 8e6 as in the lecture's Table 18) needs no scaling dict:
-it is just `base`.
+A plain base change ("rope theta" 1e4 -> 5e5 -> 8e6, Gao et al. 2024, "How to Train Long-Context LMs
+Effectively", Table 18) needs no scaling dict: it is just `base`.
 
 Notation: B batch, H heads, T tokens, D head dim, s scaling factor, L0 original (pre-extension) context
 length, L current sequence length.
@@ -222,8 +222,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def suggest_base(base: float, original_len: int, target_len: int, head_dim: int = 128) -> float:
     """RoPE base for training at `target_len`, by the dynamic-NTK rule base * s^(D/(D-2)), s = target / original.
 
-    Gao et al. (2024, "How to Train Long-Context Language Models (Effectively)", Table 18; the long-context
-    lecture) note that dynamic NTK roughly suggests 4M for Llama-3-8B (base 5e5, 8K) trained at 64K:
+    Gao et al. (2024, "How to Train Long-Context Language Models (Effectively)", Table 18) note that
+    dynamic NTK roughly suggests 4M for Llama-3-8B (base 5e5, 8K) trained at 64K:
     500000 * 8^(128/126) = 4.1M. They found 8M slightly better, so treat this as a starting point.
     (For 512K the rule gives 34M where their Table 19 quotes "roughly 64M".)
     A target at or below the original length returns `base` unchanged.
@@ -239,7 +239,7 @@ def suggest_base(base: float, original_len: int, target_len: int, head_dim: int 
 # ----------------------------------------------------------------------------- config plumbing
 
 
-def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
+def rope_from_hf(hf_config: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from a Hugging Face config.json dict, in either spelling.
 
     transformers <= 4.x writes `rope_theta` and `rope_scaling` ({"type" or "rope_type", "factor", ...});
@@ -249,14 +249,14 @@ def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
     max_position_embeddings (transformers' fallback); for "dynamic" always max_position_embeddings,
     which is what transformers reads.
     """
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    theta = float(scaling.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA)))
+    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    theta = float(scaling.get("rope_theta", hf_config.get("rope_theta", DEFAULT_THETA)))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return theta, None
     out = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
     out["rope_type"] = rope_type
-    max_pos = cfg.get("max_position_embeddings")
+    max_pos = hf_config.get("max_position_embeddings")
     if rope_type == "dynamic" or "original_max_position_embeddings" not in out:
         if max_pos is None:
             raise ValueError(

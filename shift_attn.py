@@ -27,36 +27,22 @@ sequence and S2-Attn equals full causal attention.
 Notation: B batch, T tokens, H query heads, Hkv kv heads, D head dim, G group (window) size,
 N number of full windows in a piece of the sequence.
 
-Note: why the windows are cut, not masked.
-    A boolean (T, T) mask would cost O(T^2) memory and make SDPA fall back to its math kernel. Instead
-    each run of full windows is reshaped into the batch dimension, (B, H, N G, D) -> (B N, H, G, D),
-    and handed to `scaled_dot_product_attention(is_causal=True)`, whose CPU/GPU flash kernels skip
-    the masked half and never build a score matrix. The ragged pieces (the shifted heads' first
-    half-window, any last window shorter than G) are separate causal calls of their own length rather
-    than zero padding, which would spend work on padded queries (about 20% more at G = T/4). The
-    reshape is a strided view for B = 1 (one copy of q, k, v otherwise), and inputs are cut with
-    `split`, whose backward is one concatenation rather than a zero-filled full-size gradient per
-    slice (that cost 8% of the step at T = 8192).
+Note: why the windows are cut, not masked. A (T, T) mask costs O(T^2) memory and sends SDPA to its math
+    kernel. Runs of full windows are reshaped into the batch, (B, H, N G, D) -> (B N, H, G, D), for causal
+    SDPA; the ragged pieces (the shifted heads' first half-window, a short last window) are causal calls of
+    their own length, since zero padding would add work (about 20% at G = T/4). Inputs are cut with
+    `split`, whose backward is one concatenation, not a zero-filled full-size gradient per slice.
 
-Note: why heads are cut into up to four pieces.
-    SDPA's `enable_gqa` needs every query head of a call to map to kv heads uniformly. When the
-    border H // 2 falls inside a kv group (SmolLM2: H = 9, Hkv = 3, border at 4), that group's query
-    heads are split into a plain and a shifted piece, each using the one kv head. kv heads are never
-    copied per query head.
+Note: why heads are cut into up to four pieces. SDPA's `enable_gqa` needs a uniform query-to-kv map, so
+    when the border H // 2 falls inside a kv group (SmolLM2: H = 9, Hkv = 3) that group is split into a
+    plain and a shifted piece over the one kv head; kv heads are never copied per query head.
 
-Note: one kv head is expanded, not passed with `enable_gqa`.
-    On CPU (torch 2.13, 2 threads) the SDPA backward with `enable_gqa` and a single kv head runs
-    ~17x slower than with the kv head broadcast by a stride-0 `expand` (1.37 s vs 0.08 s CPU time
-    at B = 1, H = 4, L = 1024, D = 64; equal at 1 thread). Such calls are common here: each half of
-    the heads when Hkv = 2 (the benchmark's H = 8, Hkv = 2), every piece of an MQA model, SmolLM2's
-    border pieces. The expand costs one (B, H, L, D) gradient
-    buffer for k and v inside SDPA's backward, the size of q's gradient.
+Note: a single kv head is broadcast by a stride-0 `expand`, not passed with `enable_gqa`: SDPA's CPU
+    backward is much slower on the latter (docs/design.md). The cost is one (B, H, L, D) gradient buffer
+    for k and v inside SDPA's backward, the size of q's gradient.
 
-Note: no compiled path, no FlexAttention (measured on CPU, torch 2.13, T = 4096, G = 1024, H = 8,
-    Hkv = 2, D = 64, one thread, forward + backward).
-    `torch.compile(shifted_sparse_attention)` runs in 0.29 s like eager (SDPA stays the same ATen
-    kernel; only reshapes are left to fuse), full causal takes 0.88 s. FlexAttention has no backward
-    on CPU ("FlexAttention does not support backward on CPU"), so it cannot serve training here.
+Note: no compiled path, no FlexAttention. Compiling leaves SDPA the same ATen kernel (only reshapes are
+    left to fuse), and FlexAttention has no backward on CPU, so it cannot serve training here.
 
 Precision: the flash kernels keep the softmax statistics in float32 for bf16/fp16 inputs and work
 in float64 for float64 inputs; the output is in q's dtype.

@@ -37,12 +37,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import train_config
-import data as D
+import data
 import doc_attn
 import gguf_export
 import train_guards
@@ -57,6 +56,7 @@ import shift_attn
 import train_state
 from checkpoint import load_model, read_json
 from train_config import TrainConfig
+from train_state import changed_settings, check_same_run, fallback_hint, newest_checkpoint, read_tensors
 from devices import choose_dtype
 from errors import UserError, json_field, run_cli
 from model import PRESETS, MemoryOptions
@@ -88,7 +88,7 @@ def attention_fn(cfg: TrainConfig):
     return shift_attn.make_attention(group_ratio=cfg.group_ratio) if cfg.attn == "s2" else None
 
 
-def context_parallel_attention(cfg: TrainConfig, mesh: parallel.Mesh, n_heads: int):
+def cp_attentions(cfg: TrainConfig, mesh: parallel.Mesh, n_heads: int):
     """With --cp: (training attention, full attention), each the Ulysses exchange around whole-sequence
     attention on this rank's H/cp heads; S²-Attn is told where those heads sit (its shifted half is the
     model's heads >= H // 2)."""
@@ -156,17 +156,12 @@ def tokenizer_source(cfg: TrainConfig) -> str:
     return "bytes" if spec in PRESETS else spec
 
 
-def load_tok(cfg: TrainConfig):
-    """--tokenizer, else the model's own (byte level for presets)."""
-    return load_tokenizer(tokenizer_source(cfg))
-
-
 def preflight(cfg: TrainConfig, tokenizer) -> None:
     """Checks that need files but load no weights, in a run and in the dry run: the --data spec (if given),
     the tokenizer against the model's vocabulary. (--out is checked by train_guards.check_run_folder, and locked
     for a run by train_guards.own_run_folder.)"""
     if cfg.data is not None:
-        D.parse_data_spec(cfg.data)
+        data.parse_data_spec(cfg.data)
     if cfg.chat_template is not None and cfg.chat_template not in CHAT_TEMPLATES:
         raise UserError(f"--chat-template {cfg.chat_template!r}: unknown; choose one of {sorted(CHAT_TEMPLATES)}")
     if cfg.model in PRESETS or Path(cfg.model).is_dir():
@@ -189,9 +184,9 @@ def check_gguf(cfg: TrainConfig, mc) -> None:
 def build_data(cfg: TrainConfig, d: Dist, tokenizer):
     """The global deterministic sample stream of --data, this dp group's shard (sample i -> group i % dp);
     the cp ranks of a group (rank = dp_rank * cp + cp_rank) read the same samples."""
-    return D.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
-                           rank=d.rank // cfg.cp, world_size=d.world // cfg.cp, truncate=cfg.truncate,
-                           doc_mask=cfg.doc_mask)
+    return data.build_mixture(cfg.data, tokenizer, cfg.ctx, template=cfg.chat_template, seed=cfg.seed,
+                              rank=d.rank // cfg.cp, world_size=d.world // cfg.cp, truncate=cfg.truncate,
+                              doc_mask=cfg.doc_mask)
 
 
 def add_pose_positions(cfg: TrainConfig, batch: list[dict], step: int, d: Dist) -> list[dict]:
@@ -210,8 +205,8 @@ def total_steps(cfg: TrainConfig, tokenizer, d: Dist) -> int:
     """--steps, or --epochs passes over the data: one tokenizing pass counts its sequences."""
     if cfg.steps:
         return cfg.steps
-    n = sum(sum(1 for _ in D.file_samples(p, tokenizer, cfg.ctx, cfg.chat_template, cfg.truncate))
-            for p, _ in D.parse_data_spec(cfg.data))
+    n = sum(sum(1 for _ in data.file_samples(p, tokenizer, cfg.ctx, cfg.chat_template, cfg.truncate))
+            for p, _ in data.parse_data_spec(cfg.data))
     if n == 0:
         raise UserError(f"--data {cfg.data}: no training sequence of ctx {cfg.ctx} tokens could be built")
     return max(1, math.ceil(cfg.epochs * n / (cfg.grad_accum * d.world // cfg.cp)))
@@ -235,48 +230,6 @@ def save_checkpoint(out: Path, step: int, net, opt, sched, mixture, cfg: TrainCo
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     for old in sorted(out.glob(CKPT_PREFIX + "*"))[:-cfg.keep]:
         shutil.rmtree(old)
-
-
-def newest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (temporary `.tmp-*` directories are never picked)."""
-    done = [p for p in sorted(out.glob(CKPT_PREFIX + "*")) if (p / "trainer_state.json").is_file()]
-    return done[-1] if done else None
-
-
-def check_same_run(saved: dict, cfg: TrainConfig, where: Path):
-    """The settings that must match on resume (train_config.IDENTITY); a key an older checkpoint lacks reads as
-    its default."""
-    for k in train_config.IDENTITY:
-        if saved.get(k, train_config.DEFAULTS.get(k)) != getattr(cfg, k):
-            raise UserError(f"{where}: checkpoint was trained with {k}={saved.get(k)!r}, this run has "
-                            f"{getattr(cfg, k)!r}; use a new --out or the same flags")
-
-
-def previous_checkpoint(ckpt: Path) -> Path | None:
-    """The newest complete checkpoint beside `ckpt` and older than it."""
-    older = [p for p in sorted(ckpt.parent.glob(CKPT_PREFIX + "*")) if p.name < ckpt.name
-             and (p / "trainer_state.json").is_file()]
-    return older[-1] if older else None
-
-
-def read_tensors(path: Path, ckpt: Path) -> dict:
-    """A checkpoint's safetensors file, or one UserError naming it and the older checkpoint to use."""
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: unreadable ({e}){fallback_hint(ckpt)}") from None
-
-
-def fallback_hint(ckpt: Path) -> str:
-    prev = previous_checkpoint(ckpt)
-    return f"; resume from the previous intact checkpoint with --resume-from {prev}" if prev else ""
-
-
-def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
-    """'key old -> new' for the settings (not train_config.IDENTITY) a resumed run changes."""
-    skip = set(train_config.IDENTITY) | {"resume", "resume_from", "recipe", "out"}
-    return [f"{train_config.flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-            if k not in skip and k in saved and saved[k] != v]
 
 
 def resume(cfg: TrainConfig, out: Path, net, opt, sched, mixture, d: Dist) -> int:
@@ -443,7 +396,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     dtype = choose_dtype(cfg.dtype, d.device)
     cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))  # checkpoints record the dtype used
     out = Path(cfg.out)
-    tokenizer = load_tok(cfg)
+    tokenizer = load_tokenizer(tokenizer_source(cfg))
     preflight(cfg, tokenizer)
     mesh = parallel.init_mesh(d, cfg.cp)
     net, summary = build_model(cfg, d, dtype)
@@ -453,7 +406,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     mixture = build_data(cfg, d, tokenizer)
     attn_fn, full_fn = attention_fn(cfg), None
     if mesh.cp > 1:
-        attn_fn, full_fn = context_parallel_attention(cfg, mesh, net.config.n_heads)
+        attn_fn, full_fn = cp_attentions(cfg, mesh, net.config.n_heads)
         log0(d, f"mesh: dp {mesh.dp} x cp {mesh.cp}; {cfg.ctx // mesh.cp} tokens of each sequence per rank")
     if cfg.pose is not None:
         log0(d, f"PoSE: each {cfg.ctx}-token window takes positions in 2 chunks, the second skipped by a random "
@@ -514,7 +467,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
-def suggest_base(spec: str | None, target_len: int) -> float:
+def suggest_base_for_model(spec: str | None, target_len: int) -> float:
     """--suggest-base: the dynamic-NTK base for training --model at `target_len` (rope.suggest_base)."""
     if spec is None:
         raise UserError("--suggest-base needs --model (a HF directory or a preset) to read its RoPE base and length")
@@ -564,10 +517,10 @@ def plan_only(given: dict, opts: dict) -> None:
     """--suggest-base prints a base; --dry-run applies every check of a run that loads no weights, then
     prints the memory plan."""
     if opts["suggest_base"] is not None:
-        print(f"{suggest_base(given.get('model'), opts['suggest_base']):.4g}")
+        print(f"{suggest_base_for_model(given.get('model'), opts['suggest_base']):.4g}")
         return
     cfg = train_config.resolve(given, opts["recipe"], dry_run=True)
-    preflight(cfg, load_tok(cfg))
+    preflight(cfg, load_tokenizer(tokenizer_source(cfg)))
     train_guards.check_run_folder(Path(cfg.out))
     memory_plan.dry_run(cfg)
 

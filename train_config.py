@@ -243,29 +243,29 @@ NON_NEGATIVE = ("clip", "weight_decay", "warmup")  # finite and >= 0
 TRAINABLE = ("embed", "norm", "lm_head")  # --train's names (lora.apply_lora's `trainable`)
 
 
-def check_numbers(cfg: dict) -> None:
+def check_numbers(values: dict) -> None:
     """The numbers that must be finite and positive (or >= 0), --lora-dropout in [0, 1), --epochs finite,
     integers that torch holds as int64, positions (--ctx, --pose) below MAX_POSITION, --train's names: one
     UserError naming the flag, before anything loads."""
     for key in ("ctx", "pose"):
-        if cfg[key] is not None and cfg[key] > MAX_POSITION:
-            raise UserError(f"{flag(key)} {cfg[key]}: beyond 2^53, the largest position RoPE's float64 angles "
+        if values[key] is not None and values[key] > MAX_POSITION:
+            raise UserError(f"{flag(key)} {values[key]}: beyond 2^53, the largest position RoPE's float64 angles "
                             "hold exactly")
     for key in SETTINGS:
-        if value_type(key) is int and cfg[key] is not None and not INT64[0] <= cfg[key] <= INT64[1]:
-            raise UserError(f"{flag(key)} {cfg[key]}: beyond a 64-bit integer (torch's int64), the range of this "
+        if value_type(key) is int and values[key] is not None and not INT64[0] <= values[key] <= INT64[1]:
+            raise UserError(f"{flag(key)} {values[key]}: beyond a 64-bit integer (torch's int64), the range of this "
                             "setting")
     for key in POSITIVE + NON_NEGATIVE:
-        v = cfg[key]
+        v = values[key]
         if not (math.isfinite(v) and (v > 0 if key in POSITIVE else v >= 0)):
             raise UserError(f"{flag(key)} must be finite and {'> 0' if key in POSITIVE else '>= 0'}, got {v}")
-    if not 0.0 <= cfg["lora_dropout"] < 1.0:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg['lora_dropout']}")
-    if cfg["epochs"] is not None and not math.isfinite(cfg["epochs"]):
-        raise UserError(f"--epochs must be finite, got {cfg['epochs']}")
-    unknown = [t for t in cfg["train"].split(",") if t and t not in TRAINABLE]
+    if not 0.0 <= values["lora_dropout"] < 1.0:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {values['lora_dropout']}")
+    if values["epochs"] is not None and not math.isfinite(values["epochs"]):
+        raise UserError(f"--epochs must be finite, got {values['epochs']}")
+    unknown = [t for t in values["train"].split(",") if t and t not in TRAINABLE]
     if unknown:
-        raise UserError(f"--train {cfg['train']!r}: unknown {unknown}; choose from {', '.join(TRAINABLE)}")
+        raise UserError(f"--train {values['train']!r}: unknown {unknown}; choose from {', '.join(TRAINABLE)}")
 
 
 def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run: bool = False) -> TrainConfig:
@@ -279,73 +279,74 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
         raise ValueError(f"train_config.resolve: unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     if recipe is not None and recipe not in RECIPES:
         raise UserError(f"--recipe {recipe!r}: unknown; choose one of {', '.join(sorted(RECIPES))}")
-    cfg = {**DEFAULTS, **(RECIPES[recipe] if recipe else {}), **{k: v for k, v in given.items() if v is not None}}
-    cfg["recipe"] = recipe
-    cfg["world_size"] = world_size if not dry_run else (cfg["nproc"] or 1)
-    if cfg["model"] is None:
+    values = {**DEFAULTS, **(RECIPES[recipe] if recipe else {}), **{k: v for k, v in given.items() if v is not None}}
+    values["recipe"] = recipe
+    values["world_size"] = world_size if not dry_run else (values["nproc"] or 1)
+    if values["model"] is None:
         raise UserError("--model is required (a HF directory, a .gguf file or a preset such as tiny)")
-    if cfg["ctx"] is None or cfg["ctx"] < 2:
-        raise UserError(f"--ctx must be an integer >= 2, got {cfg['ctx']}")
+    if values["ctx"] is None or values["ctx"] < 2:
+        raise UserError(f"--ctx must be an integer >= 2, got {values['ctx']}")
     if "steps" in given and "epochs" in given:
         raise UserError("--steps and --epochs conflict: give one")
     if "steps" in given:
-        cfg["epochs"] = None
+        values["epochs"] = None
     if "epochs" in given:
-        cfg["steps"] = None
-    if cfg["steps"] is None and cfg["epochs"] is None:
-        cfg["steps"] = 100
+        values["steps"] = None
+    if values["steps"] is None and values["epochs"] is None:
+        values["steps"] = 100
     for key in ("lora_r", "grad_accum", "cp", "loss_chunk", "keep", "log_every"):
-        if cfg[key] < 1:
-            raise UserError(f"{flag(key)} must be >= 1, got {cfg[key]}")
+        if values[key] < 1:
+            raise UserError(f"{flag(key)} must be >= 1, got {values[key]}")
     for key in ("mlp_chunk", "save_every"):
-        if cfg[key] < 0:
-            raise UserError(f"{flag(key)} must be >= 0 (0: off), got {cfg[key]}")
-    if cfg["epochs"] is not None and cfg["epochs"] <= 0:
-        raise UserError(f"--epochs must be > 0, got {cfg['epochs']}")
-    if cfg["nproc"] is not None and cfg["nproc"] < 1:
-        raise UserError(f"--nproc must be >= 1, got {cfg['nproc']}")
-    if cfg["steps"] is not None and cfg["steps"] < 1:
-        raise UserError(f"--steps must be >= 1, got {cfg['steps']}")
-    if not 0.0 <= cfg["full_attn_tail"] < 1.0:
-        raise UserError(f"--full-attn-tail must be in [0, 1), got {cfg['full_attn_tail']}")
-    if cfg["full_attn_tail"] and cfg["attn"] != "s2":
+        if values[key] < 0:
+            raise UserError(f"{flag(key)} must be >= 0 (0: off), got {values[key]}")
+    if values["epochs"] is not None and values["epochs"] <= 0:
+        raise UserError(f"--epochs must be > 0, got {values['epochs']}")
+    if values["nproc"] is not None and values["nproc"] < 1:
+        raise UserError(f"--nproc must be >= 1, got {values['nproc']}")
+    if values["steps"] is not None and values["steps"] < 1:
+        raise UserError(f"--steps must be >= 1, got {values['steps']}")
+    if not 0.0 <= values["full_attn_tail"] < 1.0:
+        raise UserError(f"--full-attn-tail must be in [0, 1), got {values['full_attn_tail']}")
+    if values["full_attn_tail"] and values["attn"] != "s2":
         raise UserError("--full-attn-tail only applies with --attn s2")
-    if cfg["compile"] and cfg["save_attention"]:  # model.attention_saving_contexts acts on eager ATen ops only
+    if values["compile"] and values["save_attention"]:  # model.attention_saving_contexts acts on eager ATen ops only
         raise UserError("--save-attention does not combine with --compile (its selective checkpointing policy sees "
                         "ATen ops one by one; a compiled block runs as one graph): drop one of them")
-    if cfg["pose"] is not None and cfg["pose"] <= cfg["ctx"]:
-        raise UserError(f"--pose must be a target length > --ctx {cfg['ctx']}, got {cfg['pose']}")
-    if cfg["pose"] is not None and cfg["doc_mask"]:
+    if values["pose"] is not None and values["pose"] <= values["ctx"]:
+        raise UserError(f"--pose must be a target length > --ctx {values['ctx']}, got {values['pose']}")
+    if values["pose"] is not None and values["doc_mask"]:
         raise UserError("--pose and --doc-mask conflict: PoSE spreads one window's positions over the target, "
                         "document masking restarts them at each document; give one")
-    if not 0.0 < cfg["group_ratio"] <= 1.0:
-        raise UserError(f"--group-ratio must be in (0, 1], got {cfg['group_ratio']}")
-    if cfg["gguf"] is not None and not cfg["merge"]:
+    if not 0.0 < values["group_ratio"] <= 1.0:
+        raise UserError(f"--group-ratio must be in (0, 1], got {values['group_ratio']}")
+    if values["gguf"] is not None and not values["merge"]:
         raise UserError("--gguf writes OUT/merged.gguf from the merged model and needs --merge")
-    if cfg["gguf"] is not None and cfg["tokenizer"] == "bytes":
+    if values["gguf"] is not None and values["tokenizer"] == "bytes":
         raise UserError("--gguf: the byte tokenizer has no llama.cpp equivalent; pass --tokenizer with a "
                         "tokenizer.json or tokenizer.model")
-    if cfg["world_size"] % cfg["cp"]:
-        raise UserError(f"--cp {cfg['cp']} does not divide the world size {cfg['world_size']}"
+    if values["world_size"] % values["cp"]:
+        raise UserError(f"--cp {values['cp']} does not divide the world size {values['world_size']}"
                         + (" (--nproc)" if dry_run else " (torchrun's processes)"))
-    if cfg["ctx"] % cfg["cp"]:
-        raise UserError(f"--ctx {cfg['ctx']} is not divisible by --cp {cfg['cp']}; use a multiple of {cfg['cp']}")
-    if cfg["doc_mask"] and cfg["cp"] > 1:
-        raise UserError(f"--doc-mask does not combine with --cp {cfg['cp']} (each shard's attention would need the "
+    if values["ctx"] % values["cp"]:
+        raise UserError(f"--ctx {values['ctx']} is not divisible by --cp {values['cp']}; "
+                        f"use a multiple of {values['cp']}")
+    if values["doc_mask"] and values["cp"] > 1:
+        raise UserError(f"--doc-mask does not combine with --cp {values['cp']} (each shard's attention would need the "
                         f"whole sequence's document borders); use --cp 1")
-    if cfg["dtype"] == "float16":  # the loss gradient starts at world / N_sup (~1e-5 at 80K): fp16 flushes it to 0
+    if values["dtype"] == "float16":  # the loss gradient starts at world / N_sup (~1e-5 at 80K): fp16 flushes it to 0
         raise UserError("--dtype float16 trains without loss scaling, so small gradients underflow to zero; "
                         "use --dtype bfloat16 (float32's range, the same memory)")
-    if cfg["data"] is None and not dry_run:
+    if values["data"] is None and not dry_run:
         raise UserError("--data is required (e.g. --data long.jsonl:0.6,short.jsonl:0.4)")
-    check_numbers(cfg)
-    theta = cfg["rope_theta"]
+    check_numbers(values)
+    theta = values["rope_theta"]
     if theta is not None and not (math.isfinite(theta) and theta > 0):
         raise UserError(f"--rope-theta must be positive and finite, got {theta}")
-    if cfg["rope"] is not None:
+    if values["rope"] is not None:
         try:  # the spelling only; the factor of TYPE:auto and L0 come from the checkpoint when it loads
-            rope.override(rope.DEFAULT_THETA, None, cfg["rope"], None, original_len=1, ctx=1)
+            rope.override(rope.DEFAULT_THETA, None, values["rope"], None, original_len=1, ctx=1)
         except ValueError as e:
             msg = str(e)  # parse_rope_spec's own messages name --rope; the scaling checks' do not
-            raise UserError(msg if msg.startswith("--rope") else f"--rope {cfg['rope']!r}: {msg}") from None
-    return TrainConfig(**cfg)
+            raise UserError(msg if msg.startswith("--rope") else f"--rope {values['rope']!r}: {msg}") from None
+    return TrainConfig(**values)

@@ -10,21 +10,16 @@ numerical checks on the gradient.
     watch = GradWatch(); watch.check(step, grad_norm, out)
     check_same_files(d, [ckpt], "--out")  # files rank 0 wrote and every rank reads: the same on every node
 
-Note: the interrupt is a flag the loop reads once per step, after the step's optimizer update, so the
-saved checkpoint is exactly what `--save-every` would have written at that step and `--resume` continues
-bit-identically. Ranks agree on the flag through one all-reduce per step (a signal may reach them at
-different steps); a single process reads it directly.
+Note: the interrupt is a flag read once per step, after the optimizer update, so the checkpoint it
+saves is the one `--save-every` would write and `--resume` continues bit-identically; ranks agree on it
+through one all-reduce per step (a signal may reach them at different steps).
 
-Note: the lock is an flock on OUT/.lock held by rank 0 for the whole run. The kernel drops it when the
-process ends, however it ends (kill -9 included), so a lock file left behind never blocks the next run;
-the file holds the holder's pid for the message.
+Note: the lock is an flock on OUT/.lock held by rank 0; the kernel drops it however the process ends
+(kill -9 included), so a lock file left behind never blocks the next run.
 
-Note: files one rank writes and all read. Rank 0 alone writes checkpoints (and the demo's data), every
-rank reads them (`--resume`). On several nodes without a shared filesystem for --out, the other nodes
-would find no checkpoint (or an old one) and start elsewhere than rank 0: replicas drift apart silently
-until the collectives stop matching. So before reading, each rank describes what it finds (names,
-sizes, and the bytes of files up to DIGEST_MAX_BYTES: trainer_state.json with its step and data
-cursors) and every rank stops with the same one-line UserError when the descriptions differ.
+Note: rank 0 alone writes checkpoints and every rank reads them. Nodes without a shared --out would
+resume elsewhere than rank 0 and drift apart silently, so each rank first describes what it finds (names,
+sizes, small files' bytes) and all stop with one UserError when the descriptions differ.
 """
 from __future__ import annotations
 

@@ -1,14 +1,23 @@
-"""A trainer's resumable state as named tensors (safetensors holds tensors only; nothing is pickled).
+"""A trainer's resumable state: named tensors (safetensors holds tensors only; nothing is pickled) in
+checkpoint folders OUT/ckpt-STEP, which a resumed run finds, checks against its settings and reads.
 
     rng.safetensors        rank{i}: rank i's CPU generator state, rank{i}.cuda its CUDA one (uint8)
     optimizer.safetensors  "{parameter name}::{field}": AdamW's exp_avg, exp_avg_sq and step per parameter
+    trainer_state.json     step, scheduler, data cursors, settings; present only in a complete checkpoint
 """
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+import train_config
 from errors import UserError
 from parallel import Dist
+from train_config import TrainConfig
+from train_guards import CKPT_PREFIX
 
 
 def rng_state(d: Dist) -> dict[str, torch.Tensor]:
@@ -54,3 +63,49 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, names: dict, tensors: dic
         p = by_name[name]
         opt.state[p][field] = v.to(p.device) if field != "step" else v
     return opt
+
+
+# ----------------------------------------------------------------------------- checkpoint folders
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (temporary `.tmp-*` directories are never picked)."""
+    done = [p for p in sorted(out.glob(CKPT_PREFIX + "*")) if (p / "trainer_state.json").is_file()]
+    return done[-1] if done else None
+
+
+def check_same_run(saved: dict, cfg: TrainConfig, where: Path):
+    """The settings that must match on resume (train_config.IDENTITY); a key an older checkpoint lacks reads
+    as its default."""
+    for k in train_config.IDENTITY:
+        if saved.get(k, train_config.DEFAULTS.get(k)) != getattr(cfg, k):
+            raise UserError(f"{where}: checkpoint was trained with {k}={saved.get(k)!r}, this run has "
+                            f"{getattr(cfg, k)!r}; use a new --out or the same flags")
+
+
+def previous_checkpoint(ckpt: Path) -> Path | None:
+    """The newest complete checkpoint beside `ckpt` and older than it."""
+    older = [p for p in sorted(ckpt.parent.glob(CKPT_PREFIX + "*")) if p.name < ckpt.name
+             and (p / "trainer_state.json").is_file()]
+    return older[-1] if older else None
+
+
+def read_tensors(path: Path, ckpt: Path) -> dict:
+    """A checkpoint's safetensors file, or one UserError naming it and the older checkpoint to use."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: unreadable ({e}){fallback_hint(ckpt)}") from None
+
+
+def fallback_hint(ckpt: Path) -> str:
+    """The tail of an error about a damaged checkpoint: the older intact one to resume from, if any."""
+    prev = previous_checkpoint(ckpt)
+    return f"; resume from the previous intact checkpoint with --resume-from {prev}" if prev else ""
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'key old -> new' for the settings (not train_config.IDENTITY) a resumed run changes."""
+    skip = set(train_config.IDENTITY) | {"resume", "resume_from", "recipe", "out"}
+    return [f"{train_config.flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
+            if k not in skip and k in saved and saved[k] != v]

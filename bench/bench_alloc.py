@@ -60,16 +60,16 @@ def run_round(variants: dict[str, dict[str, str]], args: list[str], side_by_side
                                      stdout=f, stderr=e)
             running.append((label, p, out, time.perf_counter()))
             if not side_by_side:
-                results.update(finish(running.pop(), *os.wait4(p.pid, 0)[1:]))
+                results.update(child_record(running.pop(), *os.wait4(p.pid, 0)[1:]))
         while running:  # side by side: each as it ends
             pid, status, ru = os.wait4(-1, 0)
             done = next(r for r in running if r[1].pid == pid)
             running.remove(done)
-            results.update(finish(done, status, ru))
+            results.update(child_record(done, status, ru))
     return {label: results[label] for label in variants}
 
 
-def finish(run: tuple, status: int, ru) -> dict[str, dict]:
+def child_record(run: tuple, status: int, ru) -> dict[str, dict]:
     """A run's record from its wait status and its own rusage (os.wait4; RUSAGE_CHILDREN would sum all)."""
     label, p, out, t0 = run
     p.returncode = os.waitstatus_to_exitcode(status)

@@ -492,7 +492,7 @@ def section_demo(args, device, small: bool, out: Path, deadline: float) -> dict:
     elif device.type == "cuda":
         flags.update(eval_windows=16, eval_keys=80)  # twice the CPU demo's evaluation, its 400 steps
     t = time.time()
-    rows = demo.run(parallel.Dist(0, 0, 1, device), flags)
+    rows = demo.run_demo(parallel.Dist(0, 0, 1, device), flags)
     return {"ok": rows is not None, "seconds": time.time() - t, "flags": flags,
             "rows": {k: {c: v for c, v in r.items() if c != "nll_by_position"} for k, r in (rows or {}).items()}}
 

@@ -160,7 +160,7 @@ def test_run_without_base_is_one_clear_error(tmp_path):
     """`python train.py` with no model and no shipped base: one line naming the file and the fix."""
     d = Dist(0, 0, 1, torch.device("cpu"))
     with pytest.raises(UserError, match=r"model.safetensors: missing; make it with `python demo.py pretrain"):
-        demo.run(d, {"base": str(tmp_path), "out": str(tmp_path / "o")})
+        demo.run_demo(d, {"base": str(tmp_path), "out": str(tmp_path / "o")})
     assert not (tmp_path / "o").exists()
 
 
@@ -170,7 +170,7 @@ def test_table_labels_the_base_length_and_reports_retention():
     keys = ["ppl@256", "ppl@1280", "ppl@2560", "ppl(256..2560)", "passkey@256", "passkey@1280", "passkey@2560"]
     rows = {"base": dict(zip(keys, [3.596, 18.92, 26.339, 32.832, 0.95, 0.0, 0.0])),
             "extended": dict(zip(keys, [3.533, 3.332, 3.391, 3.376, 0.95, 0.93, 0.82]))}
-    table = demo.format_table(rows, 256, demo.FACTORS).splitlines()
+    table = demo.format_demo_table(rows, 256, demo.FACTORS).splitlines()
     assert "ppl@256 (L)" in table[0] and "passkey@2560 (10L)" in table[0] and "retained@256" in table[0]
     assert table[2].endswith("| 1.000x, 100% |") and table[3].endswith("| 1.018x, 100% |")
     kept = demo.retained(rows["extended"], rows["base"], 256)
@@ -204,7 +204,7 @@ def test_short_demo_run_is_reproduced_by_eval_and_its_outputs_carry_the_tokenize
     without a tokenizer flag."""
     torch.set_num_threads(2)
     out = tmp_path / "demo"
-    rows = demo.run(Dist(0, 0, 1, torch.device("cpu")), {"steps": 2, "out": str(out), "eval_keys": 8,
+    rows = demo.run_demo(Dist(0, 0, 1, torch.device("cpu")), {"steps": 2, "out": str(out), "eval_keys": 8,
                                                          "eval_windows": 1})
     adapter = out / "train" / "adapter"
     assert isinstance(tokenizer.load_tokenizer(adapter), tokenizer.ByteTokenizer)

@@ -43,7 +43,7 @@ def test_mixture_takes_the_short_share_of_tokens(tmp_path):
 
 def test_table_prints_a_missing_row_across():
     rows = {"YaRN + PoSE, 3 steps": {"missing": "not available"}}
-    table = demo_compare.format_table(rows, 256, demo.FACTORS, ("vt",)).splitlines()
+    table = demo_compare.format_compare_table(rows, 256, demo.FACTORS, ("vt",)).splitlines()
     assert table[2].startswith("| YaRN + PoSE, 3 steps | not available |")
     assert table[0].count("|") == table[2].count("|")
 

@@ -39,7 +39,7 @@ def test_estimate_scales_the_probe_by_flops_and_the_mixture():
 
 
 def test_table_marks_what_was_not_measured():
-    t = demo_smollm2.format_table({"a": {"ppl@8": 2.0, "ppl@16": 3.0, "passkey@8": 1.0, "passkey@16": 0.5},
+    t = demo_smollm2.format_smollm2_table({"a": {"ppl@8": 2.0, "ppl@16": 3.0, "passkey@8": 1.0, "passkey@16": 0.5},
                              "b": {"ppl@8": 2.5, "ppl@16": 4.0}}, [8, 16])
     assert "| a | 2.000 | 3.000 | 100% | 50% |" in t and "| b | 2.500 | 4.000 | — | — |" in t
 
@@ -72,7 +72,7 @@ def test_forced_tiny_extension_runs_end_to_end_on_smollm2(smollm2_path, tmp_path
     job writes data, the adapter and the before/after table with both RoPE candidates."""
     torch.set_num_threads(2)
     out = tmp_path / "ext"
-    rows = demo_smollm2.run(Dist(0, 0, 1, torch.device("cpu")),
+    rows = demo_smollm2.run_smollm2(Dist(0, 0, 1, torch.device("cpu")),
                       {"ctx": 1024, "steps": 1, "out": str(out), "eval_lengths": [512, 1024], "eval_windows": 1,
                        "eval_keys": 1}, force=True)
     names = list(rows)

@@ -43,7 +43,8 @@ SAME_LAYER = {("lora", "checkpoint"), ("checkpoint", "gguf_read"), ("lora_peft",
               ("eval_ruler", "eval_tasks"), ("eval_ruler", "tokenizer"), ("eval_ruler", "data"), ("eval_ruler", "eval_ruler_qa"),
               ("memory_plan", "train_config"),
               ("memory_plan", "parallel"), ("train_config", "parallel"), ("train_guards", "parallel"), ("outputs", "errors"),
-              ("train_state", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
+              ("train_state", "parallel"), ("train_state", "train_config"), ("train_state", "train_guards"),
+              ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
               ("eval_protocols", "eval_tasks"), ("eval_protocols", "data"), ("eval_protocols", "tokenizer"),
               ("data_synth", "data_resumable"), ("data_resumable", "data")}
 

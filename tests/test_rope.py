@@ -311,7 +311,7 @@ def test_parse_rope_spec_bad_spellings(spec):
         rope.parse_rope_spec(spec, 4096)
 
 
-def test_suggest_base_lecture_case():
+def test_suggest_base_gao_2024_table_18():
     # Gao et al. 2024 Table 18: dynamic NTK suggests ~4M for Llama-3 (5e5, 8K) at 64K.
     assert rope.suggest_base(500000, 8192, 65536, head_dim=128) == pytest.approx(500000 * 8 ** (128 / 126))
     assert 4.0e6 < rope.suggest_base(500000, 8192, 65536) < 4.2e6

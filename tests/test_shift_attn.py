@@ -1,8 +1,9 @@
 """Tests for shift_attn.py: S2-Attn against a float64 naive reference, causality, window isolation,
 argument errors and the O(T G) memory claim.
 
-The reference is written from the brief's window lists (plain heads [0, G), [G, 2G), ...; shifted heads
-[0, G/2), [G/2, 3G/2), ...), not from shift_attn's own helpers, and applied as an explicit (T, T) mask.
+The reference is written from LongLoRA's window lists (Chen et al. 2023; plain heads [0, G), [G, 2G), ...;
+shifted heads [0, G/2), [G/2, 3G/2), ...), not from shift_attn's own helpers, and applied as an explicit
+(T, T) mask.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ CASES = [
 
 
 def reference_mask(n_heads: int, seq_len: int, group_size: int) -> torch.Tensor:
-    """(H, T, T) bool from the window lists in the brief."""
+    """(H, T, T) bool from LongLoRA's window lists (module docstring)."""
     half = group_size // 2
     plain = [(s, min(s + group_size, seq_len)) for s in range(0, seq_len, group_size)]
     shifted = [(0, min(half, seq_len))]
