@@ -74,10 +74,6 @@ STANDALONE = {
     "doc_attn": "attention within packed documents, a math module beside shift_attn",
     "demo": "the built-in demo the demo_ drivers build on",
 }
-# Public names another branch renames now, and the module another branch shortens: emptied when it merges.
-PENDING = {"suggest_base", "context_parallel_attention", "evaluate", "finish", "format_table", "plot", "run",
-           "build_parser", "check_args"}
-PENDING_LONG = {"train.py"}
 
 
 def modules() -> dict[str, ast.Module]:
@@ -153,7 +149,7 @@ def test_no_import_cycle():
 
 def test_modules_are_short():
     long = {p.name: n for p in ROOT.glob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES and p.name not in PENDING_LONG}
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
@@ -169,12 +165,12 @@ def test_module_names_group():
 def test_public_names_are_unique_across_modules():
     """No two top-level modules define a function or class under the same public name, so a name found in
     one file says which file holds it. `main` is exempt: it is the command convention (`python X.py` runs
-    X.main). PENDING holds names being renamed elsewhere right now."""
+    X.main)."""
     owners: dict[str, list[str]] = {}
     for module, tree in modules().items():
         for node in tree.body:
             defines = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
             if defines and not node.name.startswith("_"):
                 owners.setdefault(node.name, []).append(module)
-    shared = {name: mods for name, mods in owners.items() if len(mods) > 1 and name != "main" and name not in PENDING}
+    shared = {name: mods for name, mods in owners.items() if len(mods) > 1 and name != "main"}
     assert not shared, f"public names defined in more than one module: {shared}"
