@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import quant4 as Q
 from checkpoint import (assign_quantized, dequantize_gguf_block, load_model, load_quantized_file, read_checkpoint,
                         save_model, save_quantized, strict_items, unpermute_qk)
-from conftest import StandInModel, hf_llama
+from helpers import StandInModel, hf_llama
 from errors import UserError
 from generate import generate
 
@@ -330,7 +330,6 @@ def test_load_model_nf4_streams_below_the_float32_size(tmp_path, loader):
     del model
     script = textwrap.dedent(f"""
         import argparse, sys, threading, torch
-        sys.path.insert(0, {str(ROOT)!r})
         import eval as ev
         import quant4
         from checkpoint import load_model
@@ -362,7 +361,7 @@ def test_load_model_nf4_streams_below_the_float32_size(tmp_path, loader):
         print(streamed, whole)
     """)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True, cwd=ROOT)
     streamed, whole = map(int, out.stdout.split())
     mib = f"{loader}: streamed {streamed / 2**20:.1f} MiB, whole then quantized {whole / 2**20:.1f} MiB, " \
           f"float32 model {fp32_bytes / 2**20:.1f} MiB"

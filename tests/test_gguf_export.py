@@ -25,8 +25,8 @@ import gguf_export
 import rope
 from checkpoint import load_model, save_model
 from errors import UserError
+from helpers import make_bpe_dir
 from lora import LoRALinear, apply_lora, export_merged
-from test_tokenizer import make_bpe_dir
 from tokenizer import load_tokenizer
 
 gguf = pytest.importorskip("gguf")

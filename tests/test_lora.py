@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import hf_llama
+from helpers import hf_llama
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LLAMA_LINEARS, LoRALinear, apply_lora, export_merged,
                   load_adapter, lora_modules, lora_scaling, lora_state_dict, main, merge_lora, save_adapter)
 from checkpoint import load_model

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import StandInModel
+from helpers import StandInModel
 import torch.nn as nn
 
 import quant4 as Q

@@ -369,7 +369,7 @@ def test_model_logits_with_scaling_match_transformers(tmp_path, name):
     most ulp(100 * theta_0) ~ 4e-6 rad at these positions.
     """
     from checkpoint import load_model
-    from conftest import hf_llama
+    from helpers import hf_llama
 
     params = {"rope_theta": 10000.0, **MODEL_SCALINGS[name]}
     hf, d = hf_llama(tmp_path, rope_parameters=params, max_position_embeddings=64)
