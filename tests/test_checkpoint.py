@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import quant4 as Q
 from checkpoint import (assign_quantized, load_model, load_quantized_file, read_checkpoint, save_model,
                         save_quantized, strict_items)
-from conftest import StandInModel, hf_llama
+from helpers import StandInModel, hf_llama
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-from errors import UserError  # noqa: E402
-import tokenizer  # noqa: E402
-from test_tokenizer import make_bpe_dir  # noqa: E402
+import data
+import tokenizer
+from errors import UserError
+from helpers import ROOT, make_bpe_dir, write
 
 
 def test_add_bos_follows_tokenizer_and_packing_uses_it(tmp_path):
@@ -34,9 +32,7 @@ def test_add_bos_follows_tokenizer_and_packing_uses_it(tmp_path):
 
 
 
-def write(path: Path, content) -> Path:
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    return path
+
 
 
 def test_reader_formats(tmp_path):
@@ -285,8 +281,7 @@ def test_smollm2_gguf_tokenizer_long_text_piecewise_equals_whole(smollm2_path):
 
 
 LONG_LINE_PEAK = """
-import json, sys
-sys.path.insert(0, {root!r})
+import json
 import memory_alloc, memory_peak
 memory_alloc.return_freed_memory()
 import data, tokenizer
@@ -305,8 +300,8 @@ def test_a_22_mb_line_peaks_at_a_small_multiple_of_itself(tmp_path, smollm2_path
     line = json.dumps({"text": mixed_text(22_000_000, 3)}) + "\n"
     path = write(tmp_path / "long.jsonl", line)
     for tok, bound in (("bytes", 8), (smollm2_path, 4)):
-        out = subprocess.run([sys.executable, "-c", LONG_LINE_PEAK.format(root=str(ROOT), tok=tok, path=str(path))],
-                             capture_output=True, text=True, timeout=900)
+        out = subprocess.run([sys.executable, "-c", LONG_LINE_PEAK.format(tok=tok, path=str(path))],
+                             capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-2000:]
         got = json.loads(out.stdout.strip().splitlines()[-1])
         assert got["samples"] > 0 and got["peak_bytes"] < bound * len(line), (tok, got, len(line))

@@ -10,21 +10,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data_synth  # noqa: E402
-import tokenizer  # noqa: E402
-from errors import UserError  # noqa: E402
-from test_data import write  # noqa: E402
+import data_synth
+import tokenizer
+from errors import UserError
+from helpers import ROOT, STDLIB_DOCS, fake_generate_text, write
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "data_synth.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=60)
-
-
-STDLIB = Path(os.path.dirname(os.__file__))
-STDLIB_DOCS = [STDLIB / "os.py", STDLIB / "json" / "decoder.py", STDLIB / "textwrap.py", STDLIB / "argparse.py"]
 
 
 def test_synth_templated_facts_verifiable(tmp_path):
@@ -59,14 +53,6 @@ def test_synth_templated_facts_verifiable(tmp_path):
         else:
             asked = [f for f in meta["facts"] if f["key"] in user["content"][meta["document_chars"]:]]
             assert len(asked) >= 2 and assistant["content"].splitlines() == [f["text"] for f in asked]
-
-
-def fake_generate_text(prompt: str) -> str:
-    """FAKE generator (deterministic, no model): asks for the passage's first word, in markdown."""
-    passage = prompt.split("Passage:\n", 1)[1]
-    if prompt.startswith("Summarize"):
-        return f"Summary: the passage starts with {passage.split()[0]!r}."
-    return f"Sure!\n**Question:** What is the first word of the passage?\n**Answer:** {passage.split()[0]}\n"
 
 
 def test_synth_with_fake_generator_records_chunks(tmp_path):

@@ -2,7 +2,7 @@
 S2 windows), a packed model against each document alone (logits and gradients), and the claim that a
 32K packed step forms no (T, T) tensor.
 
-References: `naive_attention` (explicit (T, T) mask, float64) from test_shift_attn; for the model, the
+References: `naive_attention` (explicit (T, T) mask, float64) from helpers.py; for the model, the
 same model run on each document alone.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import naive_attention, random_qkv, reference_mask
 from doc_attn import document_attention, document_bounds, document_mask
 from model import ModelConfig, Transformer
 from shift_attn import make_attention
-from test_shift_attn import naive_attention, random_qkv, reference_mask
 
 
 def restarting(lengths: list[int]) -> torch.Tensor:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import tokenizer
 import eval as ev
-from test_eval_tasks import HAY
+import tokenizer
+from helpers import HAY
 import lora
 import lora_peft
 import rope

@@ -16,7 +16,7 @@ import pytest
 import eval as ev
 import eval_protocols as pr
 import tokenizer
-from conftest import smollm2_gguf
+from helpers import smollm2_gguf
 
 HAY_TEXT = ("Startups are odd. Most fail. The ones that win grow fast, and they grow because users want them! "
             "Why do founders keep going? Because the work is the reward. ") * 3

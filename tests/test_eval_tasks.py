@@ -8,6 +8,7 @@ import pytest
 
 import eval_tasks
 import tokenizer
+from helpers import HAY
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_lcs_matches_brute_force_on_random_strings():
 # ----------------------------------------------------------------------------- prompts
 
 
-HAY = " ".join(f"Sentence number {i} talks about topic {i % 7}." for i in range(400))
+
 
 
 @pytest.mark.parametrize("template", [None, "chatml"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import load_model
-from conftest import hf_llama
+from helpers import hf_llama
 from generate import generate, main, prefill
 from tokenizer import load_tokenizer
 

@@ -27,7 +27,7 @@ from checkpoint import load_model, save_model
 from errors import UserError
 from lora import LoRALinear, apply_lora
 from lora_peft import export_merged
-from test_tokenizer import make_bpe_dir
+from helpers import make_bpe_dir
 from tokenizer import load_tokenizer
 
 gguf = pytest.importorskip("gguf")

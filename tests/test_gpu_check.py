@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import bench_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("smoke", "multi_rank", "train", "hf", "demo")
 SMOKE = ("nf4", "linear4bit", "bf16_forward", "sdpa_kernels", "compile_offload", "process_group", "sample")
@@ -39,9 +41,8 @@ def test_small_cpu_run_writes_every_section(tmp_path):
 def test_train_section_resets_the_peak_after_building_the_model(monkeypatch):
     """The train row's peak starts from the built model: reset_peak runs after random_nf4_model and LoRA
     (the build's transient copies are not the step's), before the step, and again once the row is done."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import gpu_check
     import torch
+    gpu_check = bench_script("gpu_check")
     events = []
     build, apply_lora = gpu_check.random_nf4_model, gpu_check.lora.apply_lora
     monkeypatch.setattr(gpu_check, "random_nf4_model", lambda *a, **k: (events.append("build"), build(*a, **k))[1])

@@ -1,5 +1,6 @@
 """lora.py against transformers + PEFT 0.21 (forward), merge, gradients, QLoRA, errors (adapter files and
-export: tests/test_lora_peft.py, which shares this file's helpers).
+export: tests/test_lora_peft.py; the models both build are helpers.py's). Only the comparisons with
+transformers and PEFT skip where those packages are missing.
 
 Tolerance: 1e-5 absolute on float32 logits of a 2-layer tiny model wherever two implementations compute
 the same function (ours vs transformers+PEFT, merged vs unmerged): they differ only in float32 summation
@@ -11,68 +12,12 @@ import copy
 import pytest
 import torch
 
+import quant4
+from helpers import (ALL_EXTRAS, ALPHA, R, TOL, copy_into_peft, hf_logits, max_diff, ours,
+                     peft_model, randomize_trainables, tokens)
 from lora import LoRALinear, apply_lora, lora_modules, lora_scaling, lora_state_dict, merge_lora
 from checkpoint import load_model
 from errors import UserError
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-R, ALPHA = 4, 8  # alpha/r = 2 and alpha/sqrt(r) = 4 differ, so a wrong rsLoRA scaling shows
-TOL = 1e-5  # see module docstring
-ALL_EXTRAS = ("embed", "norm", "lm_head")
-PEFT_EXTRAS = {"embed": "embed_tokens", "norm": "norm", "lm_head": "lm_head"}  # PEFT matches name endings
-
-
-def tokens(vocab=128, T=12, seed=0):
-    return torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def randomize_trainables(model, seed=1):
-    """B ~ N(0, 0.1) (nonzero, so the adapter matters) and extras perturbed by N(0, 0.1)."""
-    g = torch.Generator().manual_seed(seed)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(noise) if ".lora_B" in n else p.add_(noise)
-    return model
-
-
-def ours(d, targets, trainable=(), rslora=False):
-    m = load_model(str(d))
-    apply_lora(m, R, ALPHA, targets=targets, trainable=trainable, rslora=rslora)
-    return randomize_trainables(m).eval()
-
-
-def peft_model(hf, targets, trainable=(), rslora=False, tied=False):
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets if isinstance(targets, str) else list(targets),
-                          modules_to_save=[PEFT_EXTRAS[k] for k in trainable] or None, use_rslora=rslora,
-                          ensure_weight_tying=tied, task_type="CAUSAL_LM")
-    return peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
-
-
-@torch.no_grad()
-def copy_into_peft(m, pm):
-    """Our trainable tensors -> PEFT's lora_A/B.default and modules_to_save.default copies."""
-    theirs = dict(pm.base_model.model.named_parameters())
-    for n, p in lora_state_dict(m).items():
-        mod, _, leaf = n.rpartition(".")
-        key = f"{mod}.{leaf}".replace(".weight", ".default.weight") if ".lora_" in n else f"{mod}.modules_to_save.default.{leaf}"
-        theirs[key].copy_(p)
-
-
-def hf_logits(hf_model, ids):
-    with torch.no_grad():
-        return hf_model(input_ids=ids).logits
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
-
-
-# ----------------------------------------------------------------------------- invariants
-
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
 def test_zero_B_leaves_model_unchanged(targets):
@@ -154,10 +99,12 @@ def test_logits_match_peft(hf_base, targets, trainable, rslora):
 # ----------------------------------------------------------------------------- merge and export
 
 
-def test_merge_equals_unmerged_and_is_idempotent(hf_base):
-    hf, d = hf_base[False]
-    m = ours(d, "all-linear", ("norm",))
-    ids = tokens()
+def test_merge_equals_unmerged_and_is_idempotent():
+    m = load_model("tiny")
+    names = set(m.state_dict())
+    apply_lora(m, R, ALPHA, targets="all-linear", trainable=("norm",))
+    randomize_trainables(m).eval()
+    ids = tokens(512)
     with torch.no_grad():
         before = m(ids)
         merge_lora(m)
@@ -165,7 +112,7 @@ def test_merge_equals_unmerged_and_is_idempotent(hf_base):
     assert not any(True for _ in lora_modules(m))
     assert max_diff(before, after) < TOL
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    assert set(state) == set(hf.state_dict())  # plain HF names again: no base./lora_ leftovers
+    assert set(state) == names  # the base model's names again: no base./lora_ leftovers
     merge_lora(m)
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())  # no double add
 
@@ -198,14 +145,7 @@ def test_only_lora_and_extras_train():
 # ----------------------------------------------------------------------------- QLoRA
 
 
-def quant4_or_skip():
-    q = pytest.importorskip("quant4")
-    if not all(hasattr(q, n) for n in ("Linear4bit", "quantize_model")):
-        pytest.skip("quant4 does not provide Linear4bit/quantize_model yet")
-    return q
-
-
-def dequantized_copy(qmodel, quant4):
+def dequantized_copy(qmodel):
     """The same model with every Linear4bit replaced by an nn.Linear holding its dequantized weight."""
     ref = copy.deepcopy(qmodel)
     for name, mod in list(ref.named_modules()):
@@ -218,9 +158,8 @@ def dequantized_copy(qmodel, quant4):
 
 
 def test_qlora_matches_dequantized_base_and_merges():
-    quant4 = quant4_or_skip()
     q = quant4.quantize_model(load_model("tiny"))
-    ref = dequantized_copy(q, quant4)
+    ref = dequantized_copy(q)
     for m in (q, ref):
         apply_lora(m, R, ALPHA, targets="all-linear", trainable=("norm",), seed=7)
         randomize_trainables(m)  # same seeds: identical A, B and norms in both

@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import quant4
 from checkpoint import load_model
 from errors import UserError
 from lora import LLAMA_LINEARS, apply_lora, lora_state_dict
 from lora_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_merged, load_adapter, main, save_adapter
-from test_lora import (ALL_EXTRAS, ALPHA, R, TOL, hf_logits, max_diff, ours, peft_model, quant4_or_skip,
-                       randomize_trainables, tokens)
+from helpers import (ALL_EXTRAS, ALPHA, R, TOL, hf_logits, max_diff, ours, peft_model, randomize_trainables,
+                     tokens)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -74,7 +75,6 @@ def test_export_merged_loads_in_transformers_with_rope_scaling(tmp_path):
 
 
 def test_qlora_export_dequantizes_untargeted_layers(tmp_path):
-    quant4 = quant4_or_skip()
     q = quant4.quantize_model(load_model("tiny"))
     apply_lora(q, R, ALPHA)  # attention only: the MLP stays 4-bit until export
     randomize_trainables(q)

@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Free one 16 MiB tensor (glibc then raises its mmap threshold to 16 MiB), allocate 256 tensors of 1 MiB
 # with small tensors between them, free the large ones, keep the small ones: the RSS growth left behind.
 CHILD = r"""
-import json, sys
-sys.path.insert(0, {root!r})
+import json
 import torch
 if {apply!r}:
     import memory_alloc
@@ -42,7 +41,7 @@ print(json.dumps(dict(how=how, kept_mib=rss_mib() - before)))
 
 
 def kept_after_free(apply: bool) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), apply=apply)], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", CHILD.format(apply=apply)], capture_output=True, cwd=ROOT,
                        text=True, env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -60,7 +59,6 @@ def test_setting_returns_freed_tensors_that_glibc_defaults_keep():
 # caller (as_command=False). Prints a line per process start.
 ENTRY = r"""
 import os, sys
-sys.path.insert(0, {root!r})
 print("start", os.getpid(), os.environ.get("LD_PRELOAD"), flush=True)
 import memory_alloc
 assert "torch" not in sys.modules  # the allocator is chosen before torch loads
@@ -73,8 +71,8 @@ def run_entry(as_command: bool = True, **env_vars) -> tuple[list[list[str]], str
     (its stdout lines split, its stderr)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("LD_PRELOAD", memory_alloc.ALLOCATOR_VAR) and not k.startswith("MALLOC_")}
-    code = ENTRY.format(root=str(ROOT), as_command=as_command)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    code = ENTRY.format(as_command=as_command)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env={**env, **env_vars}, check=True)
     return [line.split() for line in r.stdout.splitlines()], r.stderr
 
@@ -140,9 +138,10 @@ def test_child_peak_is_its_own_not_its_large_parents():
         pytest.skip("no /proc/self/status here")
     big = bytearray(600 * 2**20)
     big[::4096] = b"x" * len(big[::4096])
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch, memory_peak; "
+    code = ("import torch, memory_peak; "
             "print(memory_peak.peak_memory(torch.device('cpu'))['peak_rss_gb'] * 1024)")
-    mib = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    mib = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=ROOT).stdout)
     assert mib < 500, mib
     del big
 

@@ -1,7 +1,6 @@
 """memory_plan.py: the memory plan of `train.py --dry-run`, built from the config and the model shape alone."""
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,9 @@ import train_config
 import lora
 import model
 import memory_plan
+from helpers import bench_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_memory  # bench/ is not a package: found through sys.path above
+bench_memory = bench_script("bench_memory")
 
 
 def dry_run_output(capsys, recipe, **given):

@@ -9,7 +9,7 @@ import torch
 import model as model_module
 import rope
 from checkpoint import load_model
-from conftest import hf_llama
+from helpers import hf_llama
 from errors import UserError
 from model import MemoryOptions, ModelConfig, Transformer
 

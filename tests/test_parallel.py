@@ -2,7 +2,6 @@
 attention against one process: forward and backward in float64 for odd head counts per rank, GQA,
 T not a power of two, S²-Attn, and inside the trainer's checkpointing policies."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 import parallel
 import shift_attn
 from errors import UserError
+from helpers import free_port
 from model import MemoryOptions, ModelConfig, Transformer
 
 
@@ -60,12 +60,6 @@ def test_process_group_gets_the_nccl_timeout(monkeypatch):
         with pytest.raises(UserError, match=r"^--nccl-timeout must be"):
             parallel.init_distributed(bad)
     assert len(seen) == 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inner(H: int, ratio, rank: int, n: int):
@@ -150,7 +144,7 @@ def test_ulysses_attention_equals_one_process():
     the NLL, which loss.py sums in float32, is held to a relative 1e-6 (float32 rounding of a sum)."""
     n, ctx = 2, mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, n, port, queue)) for r in range(n)]
     for p in procs:
         p.start()

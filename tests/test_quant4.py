@@ -1,8 +1,10 @@
-"""Tests for quant4.py: NF4 + double quantization against bitsandbytes 0.50.2 on CPU (bit-exact).
+"""Tests for quant4.py: NF4 + double quantization against bitsandbytes 0.50.2 on CPU (bit-exact), and the
+NF4 equations of Dettmers et al. (2023, QLoRA, section 3) as properties that need no bitsandbytes.
 
 Reference: bitsandbytes.functional.quantize_4bit / dequantize_4bit / quantize_blockwise and
 bitsandbytes.nn.Linear4bit. Tolerance 0 (torch.equal) unless stated: our code performs the same fp32
-operations in the same order, so any difference is a bug, not rounding noise.
+operations in the same order, so any difference is a bug, not rounding noise. Only the tests that take
+the `bnb` or `BF` fixture need bitsandbytes; they skip where it is not installed.
 """
 import os
 import subprocess
@@ -11,17 +13,26 @@ import textwrap
 
 import pytest
 import torch
-from conftest import StandInModel
 import torch.nn as nn
 
 import quant4 as Q
-
-bnb = pytest.importorskip("bitsandbytes")
-BF = pytest.importorskip("bitsandbytes.functional")
+from helpers import StandInModel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 1-D and 2-D; sizes not divisible by 64 or 256; one more than 256 blocks (two nested blocks).
 SHAPES = ((64,), (65,), (100,), (256 * 64 + 1,), (1000, 33), (3, 5), (40, 128), (300, 100), (257, 192))
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    """bitsandbytes, the reference of the bit-exactness tests."""
+    return pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def BF(bnb):
+    """bitsandbytes.functional (quantize_4bit, dequantize_4bit, quantize_blockwise, the code tables)."""
+    return pytest.importorskip("bitsandbytes.functional")
 
 
 def _weight(shape, dtype, seed=0):
@@ -31,7 +42,7 @@ def _weight(shape, dtype, seed=0):
     return (w * row_scale).to(dtype)
 
 
-def _bnb_dequantize(packed, state):
+def _bnb_dequantize(BF, packed, state):
     """bnb's CPU dequantization of the flattened weight, reshaped.
 
     bnb 0.50.2's AVX-512 kernel indexes absmax per row (row * (I // b) + col // b), which is wrong when
@@ -50,13 +61,25 @@ def _bnb_dequantize(packed, state):
 # ----------------------------------------------------------------------------- tables
 
 
-def test_nf4_code_matches_bitsandbytes():
+def test_nf4_code_matches_bitsandbytes(BF):
     # Reference: bnb's hard-coded table; exact.
     assert torch.equal(Q.NF4_CODE, BF.get_4bit_type("nf4", device="cpu"))
+
+
+def test_nf4_code_is_the_normal_quantile_construction():
+    """NF4 = sort(Phi^-1(linspace(delta, 1/2, 9)[:-1]), 0, -Phi^-1(linspace(delta, 1/2, 8)[:-1])) / max, with
+    delta = 0.9677083 (NF4_CODE's docstring). Reference: that formula computed as bitsandbytes'
+    create_normal_map does (float32 linspace, float64 quantiles, normalised in float32), here with
+    torch.special.ndtri for scipy's norm.ppf; exact. Index 0 is -1, 7 is 0, 15 is 1."""
+    delta = 0.9677083
+    positives = torch.special.ndtri(torch.linspace(delta, 0.5, 9)[:-1].double())
+    negatives = -torch.special.ndtri(torch.linspace(delta, 0.5, 8)[:-1].double())
+    values = torch.cat((positives, torch.zeros(1, dtype=torch.float64), negatives)).sort().values.float()
+    assert torch.equal(Q.NF4_CODE, values / values.max())
     assert Q.NF4_CODE[0] == -1 and Q.NF4_CODE[7] == 0 and Q.NF4_CODE[15] == 1
 
 
-def test_nf4_code_is_normal_quantiles():
+def test_nf4_code_is_normal_quantiles(BF):
     # Reference: create_normal_map (scipy quantiles), float32 rounding -> tolerance 1e-7.
     pytest.importorskip("scipy")
     full = BF.create_normal_map()
@@ -65,7 +88,7 @@ def test_nf4_code_is_normal_quantiles():
 
 
 @pytest.mark.parametrize("signed", (True, False))
-def test_dynamic_map_matches_bitsandbytes(signed):
+def test_dynamic_map_matches_bitsandbytes(BF, signed):
     # Reference: bnb's create_dynamic_map; exact (same fp32 construction).
     assert torch.equal(Q.dynamic_map_8bit(signed), BF.create_dynamic_map(signed))
 
@@ -85,7 +108,7 @@ def test_pack_unpack_round_trip():
 @pytest.mark.parametrize("double_quant", (True, False))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_quantize_dequantize_bit_exact(shape, dtype, double_quant):
+def test_quantize_dequantize_bit_exact(BF, shape, dtype, double_quant):
     w = _weight(shape, dtype)
     packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     q = Q.quantize_nf4(w, blocksize=64, double_quant=double_quant)
@@ -96,12 +119,12 @@ def test_quantize_dequantize_bit_exact(shape, dtype, double_quant):
         assert torch.equal(q.absmax_offset, state.offset)
     out = Q.dequantize_nf4(q)
     assert out.dtype == dtype and out.shape == w.shape
-    assert torch.equal(out, _bnb_dequantize(packed, state))
+    assert torch.equal(out, _bnb_dequantize(BF, packed, state))
     if len(shape) == 2 and (shape[1] % 64 == 0 or shape[1] % 16):  # where bnb's 2-D kernel is right
         assert torch.equal(out, BF.dequantize_4bit(packed, state))
 
 
-def test_absmax_8bit_grid_bit_exact():
+def test_absmax_8bit_grid_bit_exact(BF):
     # Reference: bnb.functional.quantize_blockwise (C kernel, 65536-point grid); exact, dense sweep
     # of [-1, 1] plus small values near 0 where the grid is coarser than the code.
     x = torch.cat((torch.linspace(-1, 1, 200_001), torch.linspace(-1e-4, 1e-4, 20_001), torch.zeros(256)))
@@ -110,12 +133,54 @@ def test_absmax_8bit_grid_bit_exact():
     assert torch.equal(ours, codes) and torch.equal(absmax, state.absmax)
 
 
-def test_zero_weight_bit_exact():
+def test_zero_weight_bit_exact(BF):
     w = torch.zeros(4, 128)
     packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     q = Q.quantize_nf4(w)
     assert torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
+
+
+@pytest.mark.parametrize("double_quant", (True, False))
+def test_zero_weight_round_trips_to_zero(double_quant):
+    # Property: 0 is an NF4 value (index 7), so an all-zero weight dequantizes to exact zeros.
+    w = torch.zeros(4, 128)
+    q = Q.quantize_nf4(w, double_quant=double_quant)
+    assert torch.equal(Q.unpack_nibbles(q.packed), torch.full((512,), Q.NF4_PAD_CODE))
     assert torch.equal(Q.dequantize_nf4(q), w)
+
+
+@pytest.mark.parametrize("shape", ((1000, 33), (40, 128), (65,)))
+def test_codes_are_the_nearest_nf4_values_of_the_block_scaled_weight(shape):
+    """The QLoRA equations without bitsandbytes: scale_k = max |W_i| over block k (exact), q_i the NF4
+    value nearest to W_i / scale_k, W_i ~= NF4[q_i] * scale_k (the fp32 product, exact). Nearest is
+    checked against float64 W_i / scale_k with tolerance 1e-6: quant4 scales in float32 (a reciprocal
+    product, a few ulp of 1.2e-7 away) and a value that close to a midpoint may go either way."""
+    w = _weight(shape, torch.float32)
+    q = Q.quantize_nf4(w, double_quant=False)
+    n, b = w.numel(), q.blocksize
+    blocks = nn.functional.pad(w.reshape(-1).abs(), (0, -n % b)).view(-1, b)  # (nb, b), zero pad
+    assert torch.equal(q.absmax, blocks.amax(dim=1))
+    scale = q.absmax.repeat_interleave(b)[:n]  # (n,) each weight's block scale
+    codes = Q.unpack_nibbles(q.packed)[:n]
+    distance = ((w.reshape(-1).double() / scale.double())[:, None] - Q.NF4_CODE.double()).abs()  # (n, 16)
+    assert (distance.gather(1, codes[:, None])[:, 0] <= distance.min(dim=1).values + 1e-6).all()
+    assert torch.equal(Q.dequantize_nf4(q), (Q.NF4_CODE[codes] * scale).view(shape))
+
+
+def test_double_quantization_keeps_codes_and_scales_within_half_a_step():
+    """Double quantization (QLoRA section 3) changes only the stored scales: the 4-bit codes are those of
+    the fp32 scales, and each dequantized scale lies within s_m * (half the widest dynamic-map gap + one
+    step of its 65536-point grid) of the true one, plus 1e-6 relative for the float32 sum c + DYN[a] s_m.
+    Weights of 300 x 100 make 469 blocks: two nested blocks, the second short."""
+    w = _weight((300, 100), torch.float32)
+    plain, q = Q.quantize_nf4(w, double_quant=False), Q.quantize_nf4(w)
+    assert torch.equal(q.packed, plain.packed) and q.absmax.dtype == torch.uint8
+    d, dyn = q.dq_blocksize, Q.dynamic_map_8bit()
+    s_m = q.absmax_scale.repeat_interleave(d)[:plain.absmax.numel()]  # (nb,) each scale's nested absmax
+    nested = nn.functional.pad(plain.absmax - q.absmax_offset, (0, -plain.absmax.numel() % d)).view(-1, d)
+    assert torch.equal(q.absmax_scale, nested.abs().amax(dim=1))
+    bound = s_m * (dyn.diff().max() / 2 + 2 / 65535) + 1e-6 * plain.absmax
+    assert ((Q.absmax_fp32(q) - plain.absmax).abs() <= bound).all()
 
 
 def test_chunked_quantization_equals_unchunked(monkeypatch):
@@ -177,7 +242,7 @@ def test_linear4bit_equals_linear_with_dequantized_weight(bias):
 
 
 @pytest.mark.parametrize("train", (True, False))
-def test_linear4bit_equals_bitsandbytes_linear4bit(train):
+def test_linear4bit_equals_bitsandbytes_linear4bit(bnb, train):
     # Reference: bnb.nn.Linear4bit (nf4, double quant, compute fp32); tolerance 0. I = 128 keeps bnb's
     # AVX-512 dequantization on its correct path (see _bnb_dequantize).
     lin = _linear(40, 128)

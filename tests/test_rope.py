@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig, LlamaConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import rope
+from checkpoint import load_model, save_model
+from helpers import hf_llama
 
 HEAD_DIMS = (32, 64, 128)
 BASES = (1e4, 5e5)
@@ -29,18 +28,26 @@ YARN_OPTIONS = (
 )
 
 
-def hf_config(head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int) -> LlamaConfig:
-    """A LlamaConfig whose only relevant fields are the RoPE ones."""
+def hf_config(head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int):
+    """A transformers LlamaConfig whose only relevant fields are the RoPE ones (the test skips without
+    transformers)."""
+    transformers = pytest.importorskip("transformers")
     params = {"rope_type": "default", "rope_theta": theta}
     if scaling is not None:
         params = {"rope_theta": theta, **{k: v for k, v in scaling.items()}}
         if params["rope_type"] == "dynamic":  # transformers' dynamic reads L0 here, not from the dict
             params.pop("original_max_position_embeddings")
-    return LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=4, head_dim=head_dim,
-                       max_position_embeddings=max_position_embeddings, rope_parameters=params)
+    return transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=4,
+                                    head_dim=head_dim, max_position_embeddings=max_position_embeddings,
+                                    rope_parameters=params)
 
 
-def hf_frequencies(config: LlamaConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def hf_frequencies(config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """transformers' (inv_freq, attention scaling) for a LlamaConfig: the reference of the frequency tests."""
+    pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     rope_type = config.rope_parameters["rope_type"]
     if rope_type == "default":
         return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
@@ -243,17 +250,28 @@ SCALINGS = [
 ]
 
 
-@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s["rope_type"] if s else "default")
-def test_rope_to_hf_round_trips_in_both_spellings(scaling, tmp_path):
-    theta, head_dim = 5e5, 64
-    fields = rope.rope_to_hf(theta, scaling)
-    cfg = {"max_position_embeddings": 32768, **fields}  # rope fields written last, as rope_to_hf asks
+def hf_spellings(theta: float, scaling: dict | None) -> list[dict]:
+    """rope_to_hf's fields as written, and in the older (rope_theta, rope_scaling) and newer (rope_parameters)
+    spellings alone, each beside a max_position_embeddings."""
+    cfg = {"max_position_embeddings": 32768, **rope.rope_to_hf(theta, scaling)}  # rope fields last, as rope_to_hf asks
     old = {k: v for k, v in cfg.items() if k != "rope_parameters"}
     new = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")}
+    return [cfg, old, new]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s["rope_type"] if s else "default")
+def test_rope_to_hf_round_trips_in_both_spellings(scaling):
+    for spelling in hf_spellings(5e5, scaling):
+        assert rope.rope_from_hf(spelling) == (5e5, scaling)
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s["rope_type"] if s else "default")
+def test_rope_to_hf_spellings_give_transformers_the_same_frequencies(scaling, tmp_path):
+    """transformers reads the settings rope_to_hf writes, in each spelling, from a config.json."""
+    AutoConfig = pytest.importorskip("transformers").AutoConfig
+    theta, head_dim = 5e5, 64
     ours = rope.rope_frequencies(head_dim, theta, scaling, seq_len=20000)
-    for spelling in (cfg, old, new):
-        assert rope.rope_from_hf(spelling) == (theta, scaling)
-        # transformers reads the same settings from a config.json in that spelling.
+    for spelling in hf_spellings(theta, scaling):
         path = tmp_path / "config.json"
         path.write_text(json.dumps({"model_type": "llama", "hidden_size": 4 * head_dim, "num_attention_heads": 4,
                                     "num_key_value_heads": 4, "head_dim": head_dim, **spelling}))
@@ -368,9 +386,6 @@ def test_model_logits_with_scaling_match_transformers(tmp_path, name):
     Tolerance 1e-5: float32 on both sides; our angles are formed in float64, which moves cos/sin by at
     most ulp(100 * theta_0) ~ 4e-6 rad at these positions.
     """
-    from checkpoint import load_model
-    from conftest import hf_llama
-
     params = {"rope_theta": 10000.0, **MODEL_SCALINGS[name]}
     hf, d = hf_llama(tmp_path, rope_parameters=params, max_position_embeddings=64)
     ours = load_model(d).eval()
@@ -384,8 +399,6 @@ def test_model_logits_with_scaling_match_transformers(tmp_path, name):
 def test_saved_scaling_loads_into_transformers_with_same_logits(tmp_path, spec):
     """A model extended with --rope SPEC and saved by us loads in transformers with the same positions."""
     transformers = pytest.importorskip("transformers")
-    from checkpoint import load_model, save_model
-
     model = load_model("tiny", vocab_size=128, max_seq_len=64).eval()
     model.config.rope_scaling = rope.parse_rope_spec(spec, 64)
     save_model(model, tmp_path / "ext")

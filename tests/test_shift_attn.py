@@ -1,13 +1,12 @@
 """Tests for shift_attn.py: S2-Attn against a float64 naive reference, causality, window isolation,
 argument errors and the O(T G) memory claim.
 
-The reference is written from LongLoRA's window lists (Chen et al. 2023; plain heads [0, G), [G, 2G), ...;
-shifted heads [0, G/2), [G/2, 3G/2), ...), not from shift_attn's own helpers, and applied as an explicit
-(T, T) mask.
+The reference (helpers.reference_mask) is written from S²-Attn's window lists (Chen et al., 2024, LongLoRA:
+plain heads [0, G), [G, 2G), ...; shifted heads [0, G/2), [G/2, 3G/2), ...), not from shift_attn's own
+helpers, and applied as an explicit (T, T) mask.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
+from helpers import naive_attention, random_qkv, reference_mask
 from shift_attn import (causal_attention, group_size_for, head_pieces, make_attention, s2_mask,
                         shifted_sparse_attention)
 
@@ -30,35 +30,6 @@ CASES = [
     (1, 1, 1, 17, 4),  # one head: it is a shifted head (0 >= 1 // 2)
     (1, 5, 5, 24, 12),  # odd MHA
 ]
-
-
-def reference_mask(n_heads: int, seq_len: int, group_size: int) -> torch.Tensor:
-    """(H, T, T) bool from LongLoRA's window lists (module docstring)."""
-    half = group_size // 2
-    plain = [(s, min(s + group_size, seq_len)) for s in range(0, seq_len, group_size)]
-    shifted = [(0, min(half, seq_len))]
-    shifted += [(s, min(s + group_size, seq_len)) for s in range(half, seq_len, group_size)]
-    mask = torch.zeros(n_heads, seq_len, seq_len, dtype=torch.bool)
-    for h in range(n_heads):
-        for a, b in plain if h < n_heads // 2 else shifted:
-            mask[h, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
-    return mask
-
-
-def naive_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(D) masked) v over the full (T, T) score matrix; GQA by repeating kv heads."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, D)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
-
-
-def random_qkv(B, H, Hkv, T, D=8, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, D, generator=gen, dtype=dtype)
-    k = torch.randn(B, Hkv, T, D, generator=gen, dtype=dtype)
-    v = torch.randn(B, Hkv, T, D, generator=gen, dtype=dtype)
-    return [x.requires_grad_() for x in (q, k, v)]
 
 
 def out_and_grads(fn, q, k, v, weight):

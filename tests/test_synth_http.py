@@ -14,7 +14,7 @@ import pytest
 import data_synth
 import tokenizer
 from errors import UserError
-from test_data_synth import ROOT, STDLIB_DOCS, fake_generate_text
+from helpers import ROOT, STDLIB_DOCS, fake_generate_text
 
 KINDS = ["single", "multi", "summary"]
 
@@ -181,7 +181,6 @@ def test_a_progress_file_of_other_settings_is_refused_not_mixed(tmp_path):
 
 SIGNAL_SCRIPT = """
 import sys
-sys.path.insert(0, {root!r})
 import data_synth
 sys.exit(data_synth.main({argv!r}))
 """
@@ -197,9 +196,9 @@ def test_a_signal_with_requests_in_flight_keeps_finished_rows_and_resumes(tmp_pa
     with Server(delay=0.5) as srv:
         argv = ["--docs", *map(str, STDLIB_DOCS), "--tokenizer", "bytes", "--ctx", "8192", "--n", "12", "--seed", "4",
                 "--concurrency", "4", "--generator-url", srv.url, "--generator-model", "m", "--out", str(out)]
-        script = SIGNAL_SCRIPT.format(root=str(ROOT), argv=argv)
+        script = SIGNAL_SCRIPT.format(argv=argv)
         p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         partial = tmp_path / "s.jsonl.partial"
         t = time.time()
         while (not partial.exists() or partial.read_text().count("\n") < 3) and time.time() - t < 120:

@@ -4,45 +4,13 @@ References: transformers' `apply_chat_template` / `AutoTokenizer(gguf_file=...)`
 tolerance: tokenization is discrete). Everything else states its property.
 """
 import importlib.util
-import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import gguf_read  # noqa: E402
-import tokenizer  # noqa: E402
-from errors import UserError  # noqa: E402
-
-# ----------------------------------------------------------------------------- reference data
-# The public chat templates of Meta-Llama-3-8B-Instruct, Llama-2-7b-chat-hf and SmolLM2-135M-Instruct
-# (the latter also ships in the GGUF metadata as `tokenizer.chat_template`).
-
-LLAMA3_JINJA = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-LLAMA2_JINJA = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
-    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
-    "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\n' + system_message + "
-    "'\n<</SYS>>\n\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
-SMOLLM2_JINJA = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-CORPUS = ["Hello world, how are you today? I am fine, thank you.", "def f(x):\n    return x ** 2  # square",
-          "The secret word is mango. Ünïcödé ✓ 日本語", "What is 2+2? 4, of course.", "It returns x."] * 20
+import tokenizer
+from errors import UserError
+from helpers import CORPUS, TEMPLATE_CASES, make_bpe_dir
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -53,40 +21,11 @@ CONVERSATION = [
 ]
 NO_SYSTEM = CONVERSATION[1:]
 
-TEMPLATE_CASES = {  # name: (special tokens, bos, eos, jinja, pre-tokenizer regex or None for GPT-2 ByteLevel)
-    "llama-3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                "<|begin_of_text|>", "<|eot_id|>", LLAMA3_JINJA, gguf_read.LLAMA3_SPLIT),
-    "smollm2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>", SMOLLM2_JINJA, None),
-    "llama-2": (["<unk>", "<s>", "</s>"], "<s>", "</s>", LLAMA2_JINJA, None),
-}
 END_OF_TURN = {"llama-3": "<|eot_id|>", "smollm2": "<|im_end|>", "llama-2": " </s>"}
 # Llama-2 writes "[/INST] " + answer: byte-level BPE makes " 4" one token that overlaps the answer, so
 # it is supervised when it exists (a token is supervised when it overlaps assistant text: the model
 # must emit it); whether it exists depends on the trained merges.
 ANSWER_PREFIX = {"llama-3": "", "smollm2": "", "llama-2": " "}
-
-
-def make_bpe_dir(tmp_path: Path, name: str) -> Path:
-    """A tiny byte-level BPE tokenizer.json (trained here) + tokenizer_config.json with the real template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    specials, bos, eos, jinja, split = TEMPLATE_CASES[name]
-    tok = Tokenizer(models.BPE())
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    d = tmp_path / name
-    d.mkdir()
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "chat_template": jinja}))
-    return d
 
 
 def reference_ids(hf_tok, messages, add_generation_prompt=False) -> list[int]:

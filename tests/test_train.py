@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tokenizer
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--tokenizer", "bytes"]
@@ -296,8 +297,7 @@ def test_80k_context_two_processes_end_to_end(tmp_path):
 
 def _peak_rss_mb(ctx: int, tmp_path) -> float:
     code = f"""
-import resource, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
+import resource, torch
 import lora
 from checkpoint import load_model
 from model import MemoryOptions
@@ -308,7 +308,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 net(x, labels=x, loss_chunk=1024).backward()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     return float(r.stdout.strip())
 
@@ -518,8 +518,7 @@ def test_cp_chat_shards_without_a_target_equal_one_process(tmp_path):
 def two_nodes(args: list[str], outs: tuple[Path, Path], timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """train.py as 2 "nodes" of one process each on this machine (torchrun --nnodes 2 --node_rank R, static
     rendezvous at 127.0.0.1 on a free port), node R writing to outs[R]."""
-    from test_parallel import _free_port
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                                str(ROOT / "train.py"), *args, "--out", str(outs[r])], cwd=ROOT, text=True,
