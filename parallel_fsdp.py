@@ -33,12 +33,13 @@ Note: files. A checkpoint gathers the trained tensors and their Adam moments who
     and rank 0 writes the files an unsharded run writes: adapters are small (LoRA r=8 on Llama-3-70B:
     0.2 GB float32), one file format serves both, and a run resumes with or without --fsdp, on any world
     size, bit-identically. torch.distributed.checkpoint would write per-rank shards of its own format
-    and need a conversion for PEFT. --merge gathers the whole base on every rank at the end (`frozen`).
+    and need a conversion for PEFT. --merge loads the base afresh on rank 0 at the end and merges the
+    gathered trained tensors into it (`plain`): the merge and cast of an unsharded run, on a plain model.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+import lora
 import parallel
 from parallel import Dist
 
@@ -81,12 +83,12 @@ def wrap(net: nn.Module, mesh: parallel.Mesh, d: Dist, fsdp: bool) -> nn.Module:
     return shard_model(net, mesh, d) if fsdp else parallel.wrap_ddp(net, d)
 
 
-def no_sync(net: nn.Module):
-    """Accumulate this micro-step's gradients without reducing them: DDP's no_sync, or FSDP2's switch
-    (unsharded gradients accumulate until the last micro-step reduces them)."""
-    if not isinstance(net, FSDPModule):
-        return net.no_sync()
-    return _fsdp_no_sync(net)
+def accumulate(net: nn.Module, last: bool):
+    """A micro-step's context: on all but the step's last one, gradients accumulate unreduced (DDP's
+    no_sync, FSDP2's gradient-sync switch); nothing to do for one process."""
+    if last or not isinstance(net, (FSDPModule, nn.parallel.DistributedDataParallel)):
+        return contextlib.nullcontext()
+    return net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) else _fsdp_no_sync(net)
 
 
 @contextlib.contextmanager
@@ -98,6 +100,17 @@ def _fsdp_no_sync(net: FSDPModule) -> Iterator[None]:
         net.set_requires_gradient_sync(True)
 
 
+def plain(net: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """`net` itself, or for a sharded net a plain model from build() (the same base, freshly loaded) holding
+    net's trained tensors, which must be whole (inside `whole`): what --merge merges and casts, which
+    FSDP2's Parameter bookkeeping would not let it do to a sharded model."""
+    if not isinstance(net, FSDPModule):
+        return net
+    out = build()
+    lora.load_lora_state_dict(out, lora.lora_state_dict(net).items(), "the sharded model's trained tensors")
+    return out
+
+
 def clip_grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     """The gradients' global 2-norm, the gradients scaled to at most `clip` (0: norm only), as a plain
     tensor: over sharded gradients torch's clip_grad_norm_ sums the chunks' squares over the mesh and
@@ -106,23 +119,23 @@ def clip_grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def _sharded(net: nn.Module, frozen: bool) -> Iterator[tuple[nn.Module, str, DTensor]]:
-    """(owner, attribute, sharded Parameter) of the trained (and with frozen=True every) sharded
-    Parameter, in module order: the same order on every rank."""
+def _trained(net: nn.Module) -> Iterator[tuple[nn.Module, str, DTensor]]:
+    """(owner, attribute, Parameter) of each trained sharded Parameter, in module order: the same order on
+    every rank."""
     for m in net.modules():
         for name, p in m.named_parameters(recurse=False):
-            if isinstance(p, DTensor) and (frozen or p.requires_grad):
+            if isinstance(p, DTensor) and p.requires_grad:
                 yield m, name, p
 
 
 @contextlib.contextmanager
-def whole(net: nn.Module, opt: torch.optim.Optimizer | None = None, frozen: bool = False) -> Iterator[None]:
-    """Inside the block, net's trained Parameters (with frozen=True every Parameter) are whole tensors
-    and `opt` is keyed by them with whole Adam moments, as in an unsharded run, so the ordinary adapter,
-    optimizer and merge code reads and loads them; on exit the trained values and moments are cut back
-    into this rank's chunks (what a resume loaded stays). A no-op for a model without sharded Parameters.
-    Collective: every rank enters it, at the same point."""
-    owners = list(_sharded(net, frozen))
+def whole(net: nn.Module, opt: torch.optim.Optimizer | None = None) -> Iterator[None]:
+    """Inside the block, net's trained Parameters are whole tensors and `opt` is keyed by them with whole
+    Adam moments, as in an unsharded run, so the ordinary adapter and optimizer code reads and loads them;
+    on exit the trained values and moments are cut back into this rank's chunks (what a resume loaded
+    stays). A no-op for a model without sharded Parameters. Collective: every rank enters it, at the same
+    point."""
+    owners = list(_trained(net))
     full: dict[int, nn.Parameter] = {}
     for m, name, p in owners:
         if id(p) not in full:  # tied Parameters stay tied
@@ -139,8 +152,7 @@ def whole(net: nn.Module, opt: torch.optim.Optimizer | None = None, frozen: bool
         with torch.no_grad():
             for m, name, p in owners:
                 f = full[id(p)]
-                if p.requires_grad:
-                    p.copy_(_cut_like(f.detach(), p, f))
+                p.copy_(_cut_like(f.detach(), p, f))
                 setattr(m, name, p)
 
 

@@ -340,8 +340,9 @@ def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
     msg = f"done: {step} steps; adapter in {final}"
     if cfg.merge:
         merged = out / "merged"
-        with atomic_path(merged, is_dir=True) as tmp:
-            lora.export_merged(net, tmp, dtype=choose_dtype(cfg.dtype, d.device))
+        with atomic_path(merged, is_dir=True) as tmp:  # --fsdp: a plain model holding the trained tensors
+            plain = parallel_fsdp.plain(net, lambda: build_model(cfg, d, choose_dtype(cfg.dtype, d.device))[0])
+            lora.export_merged(plain, tmp, dtype=choose_dtype(cfg.dtype, d.device))
             save_tokenizer(tokenizer_source(cfg), tmp)
         msg += f"; merged model in {merged}"
         if cfg.gguf:
@@ -420,8 +421,7 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, b in enumerate(batch):
         x, y, pos, fn = micro_inputs(cfg, b, attn_fn, d)  # positions: --doc-mask, --pose, a --cp shard's
-        sync = i == len(batch) - 1 or d.world == 1
-        with (contextlib.nullcontext() if sync else parallel_fsdp.no_sync(ddp)), offload(cfg, d), \
+        with parallel_fsdp.accumulate(ddp, last=i == len(batch) - 1), offload(cfg, d), \
                 attention_backends(cfg, d, getattr(ddp, "module", ddp)):  # backward too: it recomputes blocks
             nll = ddp(x, pos, attn_fn=fn, labels=y, loss_chunk=cfg.loss_chunk)
             (nll * (d.world / n_sup)).backward()  # DDP averages over ranks; undo it: sum / global count
@@ -505,7 +505,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
                 raise UserError(stop.message(out / f"{CKPT_PREFIX}{step:07d}", step))
         # save: the last checkpoint, then the adapter (and merged model); a signal now stops at once
         save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
-        with stop.at_once(out / f"{CKPT_PREFIX}{step:07d}"), parallel_fsdp.whole(net, frozen=cfg.merge):
+        with stop.at_once(out / f"{CKPT_PREFIX}{step:07d}"), parallel_fsdp.whole(net):
             finish(cfg, net, out, d, step)
     return step
 
