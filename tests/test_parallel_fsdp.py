@@ -2,27 +2,25 @@
 state in one process, and (slow) torchrun runs against one process on the same data and seed: 2 ranks,
 dp 2 x cp 2, and kill -9 + --resume."""
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 import lora
 import parallel_fsdp
 import quant4 as Q
 import train
+import train_config
 import train_state
 from checkpoint import load_model
-from test_train import CP_COMMON, ROOT, TINY, adapter_tensors, corpus, losses, run  # noqa: F401 (corpus: fixture)
+from errors import UserError
+from test_train import (CP_COMMON, TINY, adapter_tensors, corpus, losses, run,  # noqa: F401 (corpus: fixture)
+                        torchrun_sigkill_and_resume)
 
 
 # ----------------------------------------------------------------------------- Linear4bit storage
@@ -124,6 +122,21 @@ def test_fsdp_needs_two_data_parallel_ranks(tmp_path, corpus, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("world,cp,dry_run,needle", [
+    (2, 2, False, "world / --cp = 1 here; run at least 4 processes (torchrun --nproc_per_node) or drop --fsdp"),
+    (1, 1, True, "world / --cp = 1 here; run at least 2 processes (--nproc) or drop --fsdp"),
+    (6, 2, False, None),  # dp 3: uneven chunks are padded, allowed
+])
+def test_fsdp_world_checks(world, cp, dry_run, needle):
+    given = dict(model="tiny", ctx=64, data="x", fsdp=True, cp=cp, nproc=world if dry_run else None)
+    if needle is None:
+        assert train_config.resolve(given, world_size=world).fsdp
+        return
+    with pytest.raises(UserError) as e:
+        train_config.resolve(given, world_size=world, dry_run=dry_run)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- slow: torchrun
 
 
@@ -180,25 +193,4 @@ def test_fsdp_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, corp
     gathered checkpoint re-cut into the same chunks)."""
     common = [*TINY, "--ctx", "64", "--data", str(corpus), "--steps", "5", "--lr", "1e-2", "--save-every", "1",
               "--lora-dropout", "0.1", "--keep", "3", "--quant", "nf4", "--fsdp"]
-    ref = run([*common, "--out", str(tmp_path / "ref")], torchrun=2)
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *common, "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    target, deadline = random.Random(0).randint(2, 4), time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        m = out / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= target:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
-    assert len(losses(out)) < 5
-    r = run([*common, "--out", str(out), "--resume"], torchrun=2)
-    assert r.returncode == 0, r.stderr
-    a, b = adapter_tensors(tmp_path / "ref"), adapter_tensors(out)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert losses(tmp_path / "ref") == losses(out)
+    torchrun_sigkill_and_resume(tmp_path, common, steps=5)
