@@ -82,7 +82,8 @@ def main(argv=None):
     print(f"{args.model}, NF4 + LoRA r=8 all-linear, float32; MiB per rank")
     print(f"{'':24s}" + "".join(f"{f:>12s}" for f in (*FIELDS, "total")))
     for name, row in [("1 process", one)] + [(f"--fsdp rank {r['rank']} of {args.nproc}", r) for r in shards]:
-        print(f"{name:24s}" + "".join(f"{row[f] / mib:12.2f}" for f in FIELDS) + f"{sum(row[f] for f in FIELDS) / mib:12.2f}")
+        cells = [row[f] for f in FIELDS] + [sum(row[f] for f in FIELDS)]
+        print(f"{name:24s}" + "".join(f"{c / mib:12.2f}" for c in cells))
     worst = max(sum(r[f] for f in FIELDS) for r in shards)
     print(f"ratio (largest --fsdp rank / one process): {worst / sum(one[f] for f in FIELDS):.3f}")
 
