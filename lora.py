@@ -257,7 +257,7 @@ def lora_summary(model: nn.Module) -> dict:
         kind = ("lora" if ".lora_" in name else "embed" if name.startswith(EMBED) else
                 "lm_head" if name.startswith(LM_HEAD) else "norm")
         counts[kind] += p.numel()
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.rpartition(".")[2].startswith("weight_"))
     total += sum(m.in_features * m.out_features for m in model.modules()
                  if is_linear(m) and not isinstance(getattr(m, "weight", None), torch.Tensor))
     trainable = sum(counts.values())

@@ -357,16 +357,18 @@ def compiled_dequant_matmul(backend="inductor") -> Callable[[torch.Tensor, NF4Te
 
 
 class Linear4bit(nn.Module):
-    """A frozen nn.Linear whose weight is stored in NF4 (buffers, so .to() and state_dict carry them).
+    """A frozen nn.Linear whose weight is stored in NF4 (frozen Parameters but the 0-d offset, a buffer).
 
     y = x W^T + bias with W = dequantize(weight) in `compute_dtype` (default: the original weight dtype);
-    x is cast to compute_dtype and y cast back to x's dtype. Buffers:
+    x is cast to compute_dtype and y cast back to x's dtype. Stored (all requires_grad=False):
         weight_packed        uint8 ((O*I+1)//2,)
         weight_absmax        fp32 (nb,)                   [double_quant=False]
         weight_absmax_codes  uint8 (nb,)                  [double_quant=True]
         weight_absmax_scale  fp32 (ceil(nb/d),)           [double_quant=True]
-        weight_absmax_offset fp32 ()                      [double_quant=True]
-    The bias (if any) is a frozen Parameter in weight_dtype.
+        weight_absmax_offset fp32 () buffer               [double_quant=True]
+        bias                 weight_dtype (O,)            [bias=True]
+    Note: Parameters, not buffers, because FSDP2 (parallel_fsdp.py) shards Parameters along dim 0 and keeps
+    buffers whole: each rank holds 1/dp of the codes and gathers them as bytes. The state_dict is unchanged.
     """
 
     def __init__(
@@ -395,14 +397,14 @@ class Linear4bit(nn.Module):
         self.compile = compile
         n = in_features * out_features
         nblocks = -(-n // blocksize)
-        self.register_buffer("weight_packed", torch.empty((n + 1) // 2, dtype=torch.uint8, device=device))
+        frozen = functools.partial(nn.Parameter, requires_grad=False)
+        self.weight_packed = frozen(torch.empty((n + 1) // 2, dtype=torch.uint8, device=device))
         if double_quant:
-            self.register_buffer("weight_absmax_codes", torch.empty(nblocks, dtype=torch.uint8, device=device))
-            nested = -(-nblocks // dq_blocksize)
-            self.register_buffer("weight_absmax_scale", torch.empty(nested, dtype=torch.float32, device=device))
+            self.weight_absmax_codes = frozen(torch.empty(nblocks, dtype=torch.uint8, device=device))
+            self.weight_absmax_scale = frozen(torch.empty(-(-nblocks // dq_blocksize), dtype=torch.float32, device=device))
             self.register_buffer("weight_absmax_offset", torch.empty((), dtype=torch.float32, device=device))
         else:
-            self.register_buffer("weight_absmax", torch.empty(nblocks, dtype=torch.float32, device=device))
+            self.weight_absmax = frozen(torch.empty(nblocks, dtype=torch.float32, device=device))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=weight_dtype, device=device), requires_grad=False)
         else:
@@ -429,7 +431,7 @@ class Linear4bit(nn.Module):
         return layer
 
     def set_weight(self, q: NF4Tensor) -> None:
-        """Assign a quantized weight (replacing the buffers, so this also fills a meta-device layer)."""
+        """Assign a quantized weight (replacing the tensors, so this also fills a meta-device layer)."""
         want = (self.out_features, self.in_features, self.blocksize, self.double_quant, self.dq_blocksize)
         got = (*q.shape, q.blocksize, q.double_quant, q.dq_blocksize) if len(q.shape) == 2 else None
         if got != want:
@@ -439,16 +441,16 @@ class Linear4bit(nn.Module):
                 f"(out, in, blocksize, double_quant, dq_blocksize) = {want}"
             )
         self.weight_dtype = q.dtype
-        self._buffers["weight_packed"] = q.packed
+        self.weight_packed = nn.Parameter(q.packed, requires_grad=False)
         if self.double_quant:
-            self._buffers["weight_absmax_codes"] = q.absmax
-            self._buffers["weight_absmax_scale"] = q.absmax_scale
-            self._buffers["weight_absmax_offset"] = q.absmax_offset
+            self.weight_absmax_codes = nn.Parameter(q.absmax, requires_grad=False)
+            self.weight_absmax_scale = nn.Parameter(q.absmax_scale, requires_grad=False)
+            self.weight_absmax_offset = q.absmax_offset
         else:
-            self._buffers["weight_absmax"] = q.absmax
+            self.weight_absmax = nn.Parameter(q.absmax, requires_grad=False)
 
     def nf4(self) -> NF4Tensor:
-        """The weight as an NF4Tensor view of the buffers (no copy)."""
+        """The weight as an NF4Tensor view of the stored tensors (no copy)."""
         shape = torch.Size((self.out_features, self.in_features))
         if self.double_quant:
             return NF4Tensor(

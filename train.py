@@ -49,6 +49,7 @@ import lora
 import lora_peft
 import memory_peak
 import parallel
+import parallel_fsdp
 import memory_plan
 import pose
 import rope
@@ -220,14 +221,15 @@ def save_checkpoint(out: Path, step: int, net, opt, sched, mixture, cfg: TrainCo
     stream). Rank 0: write adapter + trainer state as `ckpt-STEP` (atomically), keep the newest --keep."""
     cursor = parallel.gather_objects(mixture.state_dict(), d)
     rngs = {kind: parallel.gather_tensors(s, d) for kind, s in train_state.rng_state(d).items()}
-    if not d.main:
-        return
-    with atomic_path(out / f"{CKPT_PREFIX}{step:07d}", is_dir=True) as tmp:
-        lora_peft.save_adapter(net, tmp / "adapter", base_model_path=cfg.model)
-        save_file(train_state.optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
-        save_file(train_state.rng_tensors(rngs), str(tmp / "rng.safetensors"))
-        state = {"step": step, "scheduler": sched.state_dict(), "data_cursor": cursor, "config": cfg.to_dict()}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    with parallel_fsdp.whole(net, opt):  # --fsdp: the trained tensors whole on every rank
+        if not d.main:
+            return
+        with atomic_path(out / f"{CKPT_PREFIX}{step:07d}", is_dir=True) as tmp:
+            lora_peft.save_adapter(net, tmp / "adapter", base_model_path=cfg.model)
+            save_file(train_state.optimizer_tensors(opt, trained_names(net)), str(tmp / "optimizer.safetensors"))
+            save_file(train_state.rng_tensors(rngs), str(tmp / "rng.safetensors"))
+            state = {"step": step, "scheduler": sched.state_dict(), "data_cursor": cursor, "config": cfg.to_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     for old in sorted(out.glob(CKPT_PREFIX + "*"))[:-cfg.keep]:
         shutil.rmtree(old)
 
@@ -292,8 +294,9 @@ def finish(cfg: TrainConfig, net, out: Path, d: Dist, step: int):
     msg = f"done: {step} steps; adapter in {final}"
     if cfg.merge:
         merged = out / "merged"
-        with atomic_path(merged, is_dir=True) as tmp:
-            lora_peft.export_merged(net, tmp, dtype=choose_dtype(cfg.dtype, d.device))
+        with atomic_path(merged, is_dir=True) as tmp:  # --fsdp: a plain model holding the trained tensors
+            plain = parallel_fsdp.plain(net, lambda: build_model(cfg, d, choose_dtype(cfg.dtype, d.device))[0])
+            lora_peft.export_merged(plain, tmp, dtype=choose_dtype(cfg.dtype, d.device))
             save_tokenizer(tokenizer_source(cfg), tmp)
         msg += f"; merged model in {merged}"
         if cfg.gguf:
@@ -372,8 +375,7 @@ def forward_backward(cfg: TrainConfig, d: Dist, ddp, batch: list[dict], n_sup: t
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, b in enumerate(batch):
         x, y, pos, fn = micro_inputs(cfg, b, attn_fn, d)  # positions: --doc-mask, --pose, a --cp shard's
-        sync = i == len(batch) - 1 or d.world == 1
-        with (contextlib.nullcontext() if sync else ddp.no_sync()), offload(cfg, d), \
+        with parallel_fsdp.accumulate(ddp, last=i == len(batch) - 1), offload(cfg, d), \
                 attention_backends(cfg, d, getattr(ddp, "module", ddp)):  # backward too: it recomputes blocks
             nll = ddp(x, pos, attn_fn=fn, labels=y, loss_chunk=cfg.loss_chunk)
             (nll * (d.world / n_sup)).backward()  # DDP averages over ranks; undo it: sum / global count
@@ -411,17 +413,15 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     if cfg.pose is not None:
         log0(d, f"PoSE: each {cfg.ctx}-token window takes positions in 2 chunks, the second skipped by a random "
                 f"offset, covering [0, {cfg.pose}); drawn from --seed and the sample's index")
+    ddp = parallel_fsdp.wrap(net, mesh, d, cfg.fsdp)  # DDP, or --fsdp's shards (new Parameters: before the optimizer)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     total = total_steps(cfg, tokenizer, d)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, make_schedule(cfg, total))
-    # resume: the newest checkpoint's state with --resume
-    step = resume(cfg, out, net, opt, sched, mixture, d)
-    # wrap: DDP over ranks (the model itself stays `net`), blocks compiled on request
-    ddp = parallel.wrap_ddp(net, d)
-    if cfg.compile:
-        for layer in net.model.layers:
-            layer.compile()
+    with parallel_fsdp.whole(net, opt):  # resume: the newest checkpoint's state with --resume (--fsdp: whole)
+        step = resume(cfg, out, net, opt, sched, mixture, d)
+    for layer in net.model.layers if cfg.compile else ():  # blocks compiled on request
+        layer.compile()
     metrics = MetricsLog(out / "metrics.jsonl", d.main, step)
     net.train()
     stream = iter(mixture)
@@ -442,7 +442,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
             if not math.isfinite(loss):
                 last = newest_checkpoint(out)
                 raise UserError(f"step {step + 1}: loss is {loss}; stopping. Last good checkpoint: {last or 'none'}")
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            gnorm = parallel_fsdp.clip_grad_norm(params, cfg.clip)
             watch.check(step + 1, gnorm, lambda: newest_checkpoint(out))
             opt.step()
             sched.step()
@@ -459,7 +459,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
                 raise UserError(stop.message(out / f"{CKPT_PREFIX}{step:07d}", step))
         # save: the last checkpoint, then the adapter (and merged model); a signal now stops at once
         save_checkpoint(out, step, net, opt, sched, mixture, cfg, d)
-        with stop.at_once(out / f"{CKPT_PREFIX}{step:07d}"):
+        with stop.at_once(out / f"{CKPT_PREFIX}{step:07d}"), parallel_fsdp.whole(net):
             finish(cfg, net, out, d, step)
     return step
 

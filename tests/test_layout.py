@@ -28,7 +28,7 @@ LAYERS = {
     "tokenizer": 4, "data": 4, "data_resumable": 4, "data_synth": 4,
     "eval_tasks": 4, "eval_ruler": 4, "eval_ruler_qa": 4, "eval_protocols": 4,
     "generate": 4, "gguf_export": 4,
-    "parallel": 5, "memory_plan": 5, "train_config": 5, "train_guards": 5, "train_state": 5,
+    "parallel": 5, "parallel_fsdp": 5, "memory_plan": 5, "train_config": 5, "train_guards": 5, "train_state": 5,
     "eval_report": 5,  # tables and plots of eval.py's results
     "eval_harness": 5,  # lm-eval over a model eval.py loads; knows only generate and checkpoint
     "eval": 6, "train": 6,  # `python train.py` with no --model hands its process to a driver (never imports it)
@@ -42,7 +42,8 @@ SAME_LAYER = {("lora", "checkpoint"), ("checkpoint", "gguf_read"), ("lora_peft",
               ("data_synth", "generate"), ("generate", "tokenizer"), ("eval_tasks", "data"), ("eval_tasks", "tokenizer"),
               ("eval_ruler", "eval_tasks"), ("eval_ruler", "tokenizer"), ("eval_ruler", "data"), ("eval_ruler", "eval_ruler_qa"),
               ("memory_plan", "train_config"),
-              ("memory_plan", "parallel"), ("train_config", "parallel"), ("train_guards", "parallel"), ("outputs", "errors"),
+              ("memory_plan", "parallel"), ("train_config", "parallel"), ("parallel_fsdp", "parallel"),
+              ("train_guards", "parallel"), ("outputs", "errors"),
               ("train_state", "parallel"), ("train_state", "train_config"), ("train_state", "train_guards"),
               ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
               ("eval_protocols", "eval_tasks"), ("eval_protocols", "data"), ("eval_protocols", "tokenizer"),

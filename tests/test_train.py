@@ -414,24 +414,31 @@ def test_cp_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus
     to the uninterrupted --cp 2 run (dropout on: the per-rank RNG states are restored too)."""
     common = [*TINY, "--ctx", "64", "--data", str(corpus), "--steps", "6", "--lr", "1e-2", "--save-every", "1",
               "--lora-dropout", "0.1", "--keep", "3", "--cp", "2"]
-    ref = run([*common, "--out", str(tmp_path / "ref")], torchrun=2)
+    torchrun_sigkill_and_resume(tmp_path, common, steps=6)
+
+
+def torchrun_sigkill_and_resume(tmp_path, common: list[str], steps: int, nproc: int = 2):
+    """Run `common` under torchrun to the end (OUT ref); run it again, kill -9 torchrun and every rank once a
+    random step in [2, steps - 2] is logged, --resume it (OUT killed): the adapter and every loss must be
+    bit-identical to the uninterrupted run's."""
+    ref = run([*common, "--out", str(tmp_path / "ref")], torchrun=nproc)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *common, "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *common, "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    target = random.Random(0).randint(2, 4)
-    deadline = time.time() + 120
+    target = random.Random(0).randint(2, steps - 2)
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         m = out / "metrics.jsonl"
         if m.exists() and len(m.read_text().splitlines()) >= target:
             break
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank
     proc.wait()
-    assert len(losses(out)) < 6
-    r = run([*common, "--out", str(out), "--resume"], torchrun=2)
+    assert len(losses(out)) < steps
+    r = run([*common, "--out", str(out), "--resume"], torchrun=nproc)
     assert r.returncode == 0, r.stderr
     a, b = adapter_tensors(tmp_path / "ref"), adapter_tensors(out)
     for k in a:
