@@ -19,7 +19,7 @@ MAX_LINES = 600
 # other only where listed in SAME_LAYER (one direction each).
 LAYERS = {
     "errors": 0, "outputs": 0,
-    "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
+    "rope": 1, "tiles": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
     "model": 2,
     "checkpoint": 3, "lora": 3,
     "tokenizer": 4, "data": 4, "data_resumable": 4, "data_synth": 4,
@@ -39,7 +39,7 @@ SAME_LAYER = {("lora", "checkpoint"), ("data", "tokenizer"), ("data_synth", "dat
               ("eval_ruler", "eval_tasks"), ("eval_ruler", "tokenizer"), ("eval_ruler", "data"), ("eval_ruler", "eval_ruler_qa"),
               ("memory_plan", "train_config"),
               ("memory_plan", "parallel"), ("train_config", "parallel"), ("train_guards", "parallel"), ("outputs", "errors"),
-              ("train_state", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
+              ("train_state", "parallel"), ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"), ("tiles", "rope"),
               ("eval_protocols", "eval_tasks"), ("eval_protocols", "data"), ("eval_protocols", "tokenizer"),
               ("data_synth", "data_resumable"), ("data_resumable", "data")}
 
