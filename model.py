@@ -167,6 +167,10 @@ def _original_len(cfg: dict, scaling: dict | None) -> int:
     return int(cfg.get("max_position_embeddings", 4096))
 
 
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}  # Llama 3.1's rope_scaling (Meta's config.json)
+LLAMA3_70B = dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                  rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=[128001, 128009])
 PRESETS: dict[str, dict] = {
     # Tests: small enough to run anywhere; head_dim 16 with dim 64 and 4 heads, GQA 2.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=256,
@@ -179,14 +183,9 @@ PRESETS: dict[str, dict] = {
                        rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=[128001, 128009]),
     "llama-3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                          rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=[128001, 128008, 128009],
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "llama-3-70b": dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                        rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=[128001, 128009]),
-    "llama-3.1-70b": dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                          rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=[128001, 128008, 128009],
-                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                         rope_scaling=LLAMA31_ROPE),
+    "llama-3-70b": LLAMA3_70B,
+    "llama-3.1-70b": {**LLAMA3_70B, "eos_id": [128001, 128008, 128009], "rope_scaling": LLAMA31_ROPE},
 }
 
 
