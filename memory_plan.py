@@ -72,8 +72,8 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     gathered = {
         "FSDP all-gathered blocks (this + prefetch)": 2 * (weights - (root - own_trainable) * dtype_bytes) / L
                                                       + 2 * block_trained,
-        "FSDP root unit unsharded (embeddings, norm, head)": (root - own_trainable) * dtype_bytes + own_trainable * 4,
-        "FSDP reduce-scatter buffer (float32 gradients)": max(block_trained, own_trainable * 4),
+        "FSDP root unit whole (embed, norm, head)": (root - own_trainable) * dtype_bytes + own_trainable * 4,
+        "FSDP reduce-scatter buffer (float32 grads)": max(block_trained, own_trainable * 4),
     } if cfg.fsdp else {}
     held = {
         "weights": weights / dp,
