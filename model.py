@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -39,6 +38,7 @@ import rope
 from errors import UserError
 from loss import chunked_cross_entropy
 from shift_attn import AttnFn, causal_attention
+from tiles import Rotary, rows_per_tile, token_slice, token_tiled
 
 # ----------------------------------------------------------------------------- config
 
@@ -166,6 +166,10 @@ def _original_len(hf_config: dict, scaling: dict | None) -> int:
     return int(hf_config.get("max_position_embeddings", 4096))
 
 
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}  # Llama 3.1's rope_scaling (Meta's config.json)
+LLAMA3_70B = dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                  rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=[128001, 128009])
 PRESETS: dict[str, dict] = {
     # Tests: small enough to run anywhere; head_dim 16 with dim 64 and 4 heads, GQA 2.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=256,
@@ -178,8 +182,9 @@ PRESETS: dict[str, dict] = {
                        rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=[128001, 128009]),
     "llama-3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                          rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=[128001, 128008, 128009],
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                         rope_scaling=LLAMA31_ROPE),
+    "llama-3-70b": LLAMA3_70B,
+    "llama-3.1-70b": {**LLAMA3_70B, "eos_id": [128001, 128008, 128009], "rope_scaling": LLAMA31_ROPE},
 }
 
 
@@ -188,7 +193,9 @@ class MemoryOptions:
     """What training keeps for backward; none of these changes a result (tests compare gradients).
 
     checkpointing:  recompute each block in backward instead of keeping its activations.
-    mlp_chunk:      > 0: run each MLP over this many tokens at a time under gradient (token_chunked).
+    mlp_chunk:      > 0: run each block's per-token work over this many tokens at a time under gradient,
+                    recomputed in backward (tiles.TokenTiles): the input norm, q/k/v projections and RoPE on
+                    one side of attention, the post-attention norm, the MLP and its residual on the other.
     save_attention: with checkpointing, keep SDPA's outputs so the recompute skips the attention
                     forward (attention_saving_contexts).
     """
@@ -223,17 +230,6 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # mask (T, S)
 
 
-def token_chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """fn(x) for a position-wise fn (the MLP), over chunks of `chunk` tokens of x (B, T, C), each chunk
-    recomputed in backward, so only one chunk's intermediates exist at a time.
-
-    Note: why. With per-block checkpointing the largest live tensors at long context are the recomputed
-    block's MLP activations and gradients, ~6 F values per token; chunking over tokens (the tiled MLP of
-    Bekman et al. 2025, Arctic Long Sequence Training) caps them at 6 F x chunk for one extra MLP forward.
-    """
-    return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in x.split(chunk, dim=1)], dim=1)
-
-
 _ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"))
@@ -264,26 +260,55 @@ class RMSNormFunction(torch.autograd.Function):
 
     Note: what it keeps. Autograd through the same float32 formula keeps float32 x (and, for the gain,
     round(n)): in bf16 three times x's own bytes. This keeps x in its own dtype and r (..., 1), and
-    recomputes n in backward: one elementwise pass over x.
+    recomputes n in backward: one elementwise pass over x. Inputs longer than one tile (rows_per_tile) are
+    normalised tile by tile, so the float32 temporaries (four (N, C) float32 tensors in backward: 16 GiB at
+    Llama-3-8B's C and 512K tokens) are one tile's; the result is the same.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        x2, w = x.reshape(-1, x.shape[-1]), weight.to(x.dtype)  # (N, C)
+        rows = rows_per_tile(x.shape[-1])
+        if x2.shape[0] <= rows:
+            y, r = RMSNormFunction.normed(x2, w, eps)
+        else:  # tiles of rows: float32 temporaries of one tile, not of the whole input
+            y, r = torch.empty_like(x2), x2.new_empty(x2.shape[0], 1, dtype=torch.float32)
+            for s in range(0, x2.shape[0], rows):
+                y[s:s + rows], r[s:s + rows] = RMSNormFunction.normed(x2[s:s + rows], w, eps)
+        r = r.view(*x.shape[:-1], 1)  # (..., 1)
         ctx.save_for_backward(x, weight, r)
-        return weight.to(x.dtype) * (xf * r).to(x.dtype)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, r = ctx.saved_tensors
+        C, rows, want_w = x.shape[-1], rows_per_tile(x.shape[-1]), ctx.needs_input_grad[1]
+        x2, dy2, r2 = x.reshape(-1, C), dy.reshape(-1, C), r.reshape(-1, 1)  # (N, C), (N, C), (N, 1)
+        if x2.shape[0] <= rows:
+            dx, dw = RMSNormFunction.grads(x2, weight, r2, dy2, want_w)
+        else:
+            dx, dw = torch.empty_like(x2), None
+            for s in range(0, x2.shape[0], rows):
+                dx[s:s + rows], part = RMSNormFunction.grads(x2[s:s + rows], weight, r2[s:s + rows], dy2[s:s + rows], want_w)
+                if want_w:  # each tile's sum in x's dtype, as one pass would form it, accumulated in float32
+                    dw = part.float() if dw is None else dw + part.float()
+        return dx.view(x.shape), None if dw is None else dw.to(weight.dtype), None
+
+    @staticmethod
+    def normed(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w round(x r), r) for rows x (n, C), r = 1 / sqrt(mean(x^2) + eps) (n, 1) in float32."""
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (n, 1)
+        return w * (xf * r).to(x.dtype), r
+
+    @staticmethod
+    def grads(x, weight, r, dy, want_w: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(dx, dg in x's dtype or None) for rows x, dy (n, C) and their r (n, 1) (the class docstring)."""
         n = x.float() * r
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = (dy * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (C,)
+        dw = (dy * n.to(x.dtype)).sum(0) if want_w else None  # (C,)
         gn = (dy * weight.to(x.dtype)).float()
         dx = r * (gn - n * (gn * n).mean(-1, keepdim=True))
-        return dx.to(x.dtype), dw, None
+        return dx.to(x.dtype), dw
 
 
 class RMSNorm(nn.Module):
@@ -329,11 +354,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(mc.n_heads * mc.head_dim, mc.dim, bias=False)
 
     def forward(self, x, cos, sin, attn_fn: AttnFn, cache: KVCache | None = None, start: int = 0):
+        return self.attend(*self.qkv(x, cos, sin), attn_fn, cache, start)
+
+    def qkv(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of x (B, T, C), RoPE applied to q and k."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin), v
+
+    def attend(self, q, k, v, attn_fn: AttnFn, cache: KVCache | None = None, start: int = 0):
+        """o_proj of attention over q, k, v (qkv's layout): (B, T, C)."""
+        B, T = q.shape[0], q.shape[2]
         if cache is None:
             out = attn_fn(q, k, v)
         else:
@@ -363,10 +396,32 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, attn_fn: AttnFn, cache: KVCache | None = None, start: int = 0,
                 mlp_chunk: int = 0):
+        """h = x + Attn(norm(x)), then h + MLP(norm(h)); with mlp_chunk (under gradient, no cache) the
+        per-token work on each side of attention (norm, q/k/v and RoPE; o_proj, the residuals, norm and
+        MLP) runs over tiles of mlp_chunk tokens (tiles.TokenTiles): only attention sees all T, and h is never
+        formed whole."""
+        if mlp_chunk and torch.is_grad_enabled() and cache is None and x.shape[1] > mlp_chunk:
+            attn = self.self_attn
+            q, k, v = token_tiled(self.tile_qkv(cos, sin), (x,), mlp_chunk, (self.input_layernorm, attn.q_proj,
+                                                                              attn.k_proj, attn.v_proj))
+            out = attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, D)
+            out = out.transpose(1, 2).reshape(*x.shape[:2], -1)  # (B, T, H*D)
+            return token_tiled(lambda ot, xt, s: (self.feed_forward(xt + attn.o_proj(ot)),), (out, x), mlp_chunk,
+                               (attn.o_proj, self.post_attention_layernorm, self.mlp))[0]
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_fn, cache, start)
-        if mlp_chunk and torch.is_grad_enabled() and h.shape[1] > mlp_chunk:
-            return h + token_chunked(self.mlp, self.post_attention_layernorm(h), mlp_chunk)
+        return self.feed_forward(h)
+
+    def feed_forward(self, h):
+        """h + MLP(norm(h))."""
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def tile_qkv(self, cos, sin):
+        """The tile function of the attention side: tokens [s, s + t) of x -> q, k, v (B, t, heads, D)."""
+        def qkv(xt, s):
+            e = s + xt.shape[1]
+            q, k, v = self.self_attn.qkv(self.input_layernorm(xt), token_slice(cos, s, e), token_slice(sin, s, e))
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, t, H or Hkv, D)
+        return qkv
 
 
 class Backbone(nn.Module):

@@ -81,7 +81,9 @@ class TrainConfig:
     checkpointing: bool = _f(True, "keep all activations instead of recomputing each block", flag="--no-checkpointing")
     offload: bool = _f(False, "offload checkpointed activations to CPU (CUDA)")
     loss_chunk: int = _f(1024, "tokens per float32 logits chunk in the loss")
-    mlp_chunk: int = _f(0, "compute each MLP over this many tokens at a time, recomputed in backward (0: off)")
+    mlp_chunk: int = _f(0, "compute each block's per-token work (norms, q/k/v/o projections with RoPE, the MLP) "
+                           "over this many tokens at a time, recomputed in backward; only attention sees the "
+                           "whole sequence (0: off)")
     save_attention: bool = _f(False, "keep attention outputs through checkpointing: no attention recompute, "
                                      "+T x H x D per layer")
     out: str = _f("runs/train", "output directory: checkpoints, metrics.jsonl, adapter, merged model")

@@ -21,7 +21,7 @@ MAX_LINES = 560
 # other only where listed in SAME_LAYER (one direction each).
 LAYERS = {
     "errors": 0, "outputs": 0,
-    "rope": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
+    "rope": 1, "tiles": 1, "shift_attn": 1, "quant4": 1, "loss": 1, "doc_attn": 1, "pose": 1, "devices": 1,
     "model": 2,
     "gguf_read": 3,  # GGUF files: config, tensors, vocabulary; below checkpoint and tokenizer, which call it
     "checkpoint": 3, "lora": 3, "lora_peft": 3,
@@ -45,7 +45,7 @@ SAME_LAYER = {("lora", "checkpoint"), ("checkpoint", "gguf_read"), ("lora_peft",
               ("memory_plan", "parallel"), ("train_config", "parallel"), ("parallel_fsdp", "parallel"),
               ("train_guards", "parallel"), ("outputs", "errors"),
               ("train_state", "parallel"), ("train_state", "train_config"), ("train_state", "train_guards"),
-              ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"),
+              ("gguf_export", "tokenizer"), ("doc_attn", "shift_attn"), ("tiles", "rope"),
               ("eval_protocols", "eval_tasks"), ("eval_protocols", "data"), ("eval_protocols", "tokenizer"),
               ("data_synth", "data_resumable"), ("data_resumable", "data")}
 
@@ -66,6 +66,7 @@ STANDALONE = {
     "errors": "the one user-error type and its command-line runner; everything imports it",
     "outputs": "atomic writes and output-path checks shared by every command",
     "devices": "device and dtype choice of every entry point",
+    "tiles": "token tiles of a block (ALST's tiling), recomputed in backward: math beside rope and model",
     "checkpoint": "safetensors files and load_model: the loader every side uses",
     "tokenizer": "tokenizer backends and chat templates: the text side's base",
     "generate": "prefill and sampling, used by evaluation, data synthesis and the demos alike",

@@ -304,3 +304,15 @@ def test_lower_right_causal_bias_equals_the_boolean_mask(start, T, gqa):
         warnings.simplefilter("ignore")
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
     torch.testing.assert_close(cached_attention(q, k, v, start), want, rtol=0, atol=1e-6)
+
+
+def test_llama3_70b_presets_have_metas_parameter_count_and_rope():
+    """Llama-3-70B with the sizes of Meta's config.json (dim 8192, 80 layers, 64/8 heads, ffn 28672, vocab
+    128256, untied): 70,553,706,496 parameters counted on the meta device (the "70B"); 3.1 adds the llama3
+    RoPE scaling and end tokens that 3.1-8B has."""
+    with torch.device("meta"):
+        net = Transformer(ModelConfig.from_name("llama-3-70b"))
+    assert sum(p.numel() for p in net.parameters()) == 70_553_706_496
+    a, b = ModelConfig.from_name("llama-3.1-70b"), ModelConfig.from_name("llama-3.1-8b")
+    assert a.rope_scaling == b.rope_scaling and a.eos_id == b.eos_id and a.max_seq_len == 8192
+    assert ModelConfig.from_name("llama-3-70b").rope_scaling is None
