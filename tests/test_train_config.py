@@ -23,7 +23,7 @@ OLD_DEFAULTS = dict(
     steps=None, epochs=None, grad_accum=1, seed=0, compile=False, checkpointing=True, offload=False, loss_chunk=1024,
     mlp_chunk=0, save_attention=False, out="runs/train", save_every=0, keep=2, resume=False, resume_from=None, merge=False,
     gguf=None, tokenizer=None, chat_template=None, truncate=False, nproc=None, log_every=1)
-ADDED = dict(cp=1, doc_mask=False, pose=None, nccl_timeout=60.0)  # settings added since, after the old ones; a checkpoint without them reads their default
+ADDED = dict(cp=1, fsdp=False, doc_mask=False, pose=None, nccl_timeout=60.0)  # settings added since, after the old ones; a checkpoint without them reads their default
 OLD_IDENTITY = ("model", "ctx", "quant", "lora_r", "lora_alpha", "lora_targets", "train", "rope", "rope_theta",
                 "attn", "group_ratio", "full_attn_tail", "data", "seed", "grad_accum", "dtype", "world_size", "rslora")
 
