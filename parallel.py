@@ -253,9 +253,9 @@ def context_parallel_attention(attn_fn, group):
     N > Hkv (Bekman et al. 2025, ALST; DeepSpeed's UlyssesSPAttentionHF): k, v are first repeated to
     (B, N, T/N, D) (`replicate_kv`), so rank r receives (B, 1, T, D), the one kv head r // (N/Hkv) its
     query heads use (`rank_heads`); the backward sums the N/Hkv copies' gradients. Cost per rank and
-    layer: the repeated k and v before the exchange, 2 (T/N) N D = 2 T D values (transient), and head-layout
-    k, v of 2 T D values instead of 2 T Hkv D / N, kept for backward (N/Hkv times as many); the exchange
-    moves N/Hkv times the k, v values of N = Hkv.
+    layer: k and v hold 2 (T/N) N D = 2 T D values, not 2 T Hkv D / N, N/Hkv times as many, three times:
+    the repeated copies before the exchange (transient), the head-layout k, v kept for backward (counted
+    by memory_plan.all_to_all_bytes), and what the exchange moves.
     Exact for any attention that treats heads alike (causal SDPA); one whose rule depends on the model-wide
     head index (S²-Attn's shifted half) must be built for rank r's heads (shift_attn.make_attention's
     border). check_context_parallel gives the head counts N allows.

@@ -20,7 +20,8 @@ from model import MemoryOptions, ModelConfig, Transformer
               "--cp may be 1, 2, 4$"),
     (8, 4, 2, "--cp 8 does not divide the model's 4 query heads .* --cp may be 1, 2, 4$"),
     (2, 9, 3, "--cp 2 does not divide the model's 3 kv heads .*; --cp may be 1, 3, 9$"),
-    (3, 32, 8, "does not divide the model's 8 kv heads .32 query heads, 8 kv heads.; --cp may be 1, 2, 4, 8, 16, 32$"),
+    (3, 32, 8, "does not divide the model's 8 kv heads .32 query heads, 8 kv heads.; "
+               "--cp may be 1, 2, 4, 8, 16, 32$"),
     (12, 32, 8, "--cp 12 is above the model's 8 kv heads but not a multiple of them .*; --cp may be 1, 2, 4, 8, 16, 32$"),
 ])
 def test_context_parallel_head_counts_are_checked(cp, heads, kv, needle):
@@ -176,7 +177,8 @@ def _model_cases(rank: int, n: int, group) -> tuple[list[float], list[float]]:
             net.zero_grad()
             mesh = parallel.Mesh(1, n, 0, rank)
             x, pos = parallel.shard_sequence(tokens, mesh), parallel.shard_sequence(torch.arange(T), mesh)
-            nll = net(x, pos, attn_fn=parallel.context_parallel_attention(_inner(H, Hkv, ratio, rank, n), group), labels=x)
+            cp_fn = parallel.context_parallel_attention(_inner(H, Hkv, ratio, rank, n), group)
+            nll = net(x, pos, attn_fn=cp_fn, labels=x)
             nll.backward()
             total = nll.detach().clone()
             dist.all_reduce(total, group=group)
