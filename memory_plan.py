@@ -169,10 +169,13 @@ def all_to_all_bytes(cfg: TrainConfig, mcfg, dtype_bytes: int) -> int:
     """Bytes per device that one block's Ulysses exchange adds at --cp N > 1 (0 at N = 1): the send and
     receive buffers of one exchange, at most 2 (T/N) H D values (q's). The head-layout q, k, v, output and
     their gradients replace their sequence-layout twins (the all-to-all saves nothing for backward), so
-    the block's (H + 2 Hkv) D term already counts them."""
+    the block's (H + 2 Hkv) D term already counts them, except for N > Hkv: each kv head is then copied to
+    N/Hkv ranks (parallel.replicate_kv), so head-layout k and v hold 2 T D values, not the 2 (T/N) Hkv D
+    counted, 2 (T/N) (N - Hkv) D more (the repeated sequence-layout copies before the exchange as many)."""
     if cfg.cp == 1:
         return 0
-    return cfg.ctx // cfg.cp * 2 * mcfg.n_heads * mcfg.head_dim * dtype_bytes
+    copies = 2 * (cfg.ctx // cfg.cp) * max(cfg.cp - mcfg.n_kv_heads, 0) * mcfg.head_dim
+    return (cfg.ctx // cfg.cp * 2 * mcfg.n_heads * mcfg.head_dim + copies) * dtype_bytes
 
 
 def model_config(spec: str) -> ModelConfig:

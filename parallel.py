@@ -13,9 +13,11 @@ with their true positions. Everything but attention is position-wise and runs on
 (`context_parallel_attention`) exchanges sequence shards for head shards with one all-to-all,
     (B, H, T/N, D) on each rank  ->  (B, H/N, T, D) on each rank,
 runs the ordinary attention on whole sequences, and turns the output back with a second all-to-all.
-Per layer and rank the forward exchanges q, k, v and the output, (2 H + 2 Hkv) T D / N values, of which
-(N - 1)/N leave the rank; the backward moves as much again (and a checkpointed block's recompute repeats
-the forward's three input exchanges).
+N may exceed the kv heads (Arctic Long Sequence Training, Bekman et al. 2025, Snowflake): each kv head is
+then sent to the N/Hkv ranks whose query heads use it (`replicate_kv`, `rank_heads`).
+Per layer and rank the forward exchanges q, k, v and the output, (2 H + 2 max(Hkv, N)) T D / N values, of
+which (N - 1)/N leave the rank; the backward moves as much again (and a checkpointed block's recompute
+repeats the forward's three input exchanges).
 
 Notation: B batch, T tokens of the whole sequence, N context-parallel ranks, H query heads, Hkv kv heads,
 D head dim.
@@ -155,12 +157,41 @@ class Mesh:
 
 
 def check_context_parallel(cp: int, n_heads: int, n_kv_heads: int) -> None:
-    """The model shapes --cp allows: cp divides the kv heads and the query heads (one-line UserError naming
-    the values that do). train_config.resolve checks the world size and ctx."""
-    if n_kv_heads % cp or n_heads % cp:
-        ok = [n for n in range(1, n_kv_heads + 1) if n_kv_heads % n == 0 and n_heads % n == 0]
-        raise UserError(f"--cp {cp} does not divide the model's {n_kv_heads} kv heads ({n_heads} query heads); "
-                        f"--cp may be {', '.join(map(str, ok))}")
+    """The model shapes --cp N allows: N divides the query heads H, and either divides the kv heads (each
+    rank takes Hkv/N of them) or is a multiple of them (each kv head replicated to N/Hkv ranks, see
+    context_parallel_attention). One-line UserError naming the values that work; train_config.resolve
+    checks the world size and ctx."""
+    ok = [n for n in range(1, n_heads + 1) if n_heads % n == 0 and (n_kv_heads % n == 0 or n % n_kv_heads == 0)]
+    if cp in ok:
+        return
+    if cp < n_kv_heads:
+        why = f"does not divide the model's {n_kv_heads} kv heads"
+    elif cp % n_kv_heads:
+        why = f"is above the model's {n_kv_heads} kv heads but not a multiple of them"
+    else:
+        why = f"does not divide the model's {n_heads} query heads"
+    raise UserError(f"--cp {cp} {why} ({n_heads} query heads, {n_kv_heads} kv heads); "
+                    f"--cp may be {', '.join(map(str, ok))}")
+
+
+def rank_heads(cp_rank: int, cp: int, n_heads: int, n_kv_heads: int) -> tuple[range, range]:
+    """(query heads, kv heads) of the model that cp rank r holds after the exchange:
+        query heads [r H/N, (r+1) H/N);
+        kv heads    [r Hkv/N, (r+1) Hkv/N)           for N <= Hkv,
+                    the one kv head r // (N/Hkv)      for N > Hkv (a copy; N/Hkv ranks hold it).
+    These are exactly the kv heads the rank's query heads use (query head h uses kv head h // (H/Hkv)).
+    Assumes check_context_parallel's shapes."""
+    q = range(cp_rank * (n_heads // cp), (cp_rank + 1) * (n_heads // cp))
+    if cp > n_kv_heads:
+        return q, range(cp_rank // (cp // n_kv_heads), cp_rank // (cp // n_kv_heads) + 1)
+    return q, range(cp_rank * (n_kv_heads // cp), (cp_rank + 1) * (n_kv_heads // cp))
+
+
+def replicate_kv(x: torch.Tensor, cp: int) -> torch.Tensor:
+    """k or v (B, Hkv, T/N, D) as the all-to-all must split it: for N > Hkv each kv head repeated N/Hkv
+    times in place, (B, N, T/N, D), so piece r of the head dim is kv head r // (N/Hkv) (rank_heads); for
+    N <= Hkv x itself. repeat_interleave's backward sums the copies' gradients: exact."""
+    return x.repeat_interleave(cp // x.shape[1], dim=1) if cp > x.shape[1] else x  # (B, max(Hkv, N), T/N, D)
 
 
 def init_mesh(d: Dist, cp: int) -> Mesh:
@@ -219,11 +250,19 @@ def context_parallel_attention(attn_fn, group):
         k, v (B, Hkv, T/N, D) ---------> (B, Hkv/N, T, D)  their kv heads (query head h uses h // (H/Hkv))
         out = attn_fn(q, k, v)          (B, H/N, T, D)    the whole sequence: causal masks, S²-Attn windows
         out --all-to-all--> (B, H, T/N, D)
+    N > Hkv (Bekman et al. 2025, ALST; DeepSpeed's UlyssesSPAttentionHF): k, v are first repeated to
+    (B, N, T/N, D) (`replicate_kv`), so rank r receives (B, 1, T, D), the one kv head r // (N/Hkv) its
+    query heads use (`rank_heads`); the backward sums the N/Hkv copies' gradients. Cost per rank and
+    layer: k and v hold 2 (T/N) N D = 2 T D values, not 2 T Hkv D / N, N/Hkv times as many, three times:
+    the repeated copies before the exchange (transient), the head-layout k, v kept for backward (counted
+    by memory_plan.all_to_all_bytes), and what the exchange moves.
     Exact for any attention that treats heads alike (causal SDPA); one whose rule depends on the model-wide
     head index (S²-Attn's shifted half) must be built for rank r's heads (shift_attn.make_attention's
-    border). H and Hkv must divide by N (check_context_parallel).
+    border). check_context_parallel gives the head counts N allows.
     """
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (all_to_all(x, 1, 2, group) for x in (q, k, v))  # (B, H/N, T, D), (B, Hkv/N, T, D) x 2
+        n = dist.get_world_size(group)
+        k, v = replicate_kv(k, n), replicate_kv(v, n)  # (B, max(Hkv, N), T/N, D)
+        q, k, v = (all_to_all(x, 1, 2, group) for x in (q, k, v))  # (B, H/N, T, D), (B, max(Hkv/N, 1), T, D) x 2
         return all_to_all(attn_fn(q, k, v), 2, 1, group)  # (B, H/N, T, D) -> (B, H, T/N, D)
     return attention

@@ -60,7 +60,7 @@ from train_config import TrainConfig
 from train_state import changed_settings, check_same_run, fallback_hint, newest_checkpoint, read_tensors
 from devices import choose_dtype
 from errors import UserError, json_field, run_cli
-from model import PRESETS, MemoryOptions
+from model import PRESETS, MemoryOptions, ModelConfig
 from outputs import append_line, atomic_path, atomic_write_text
 from parallel import Dist, log0
 from tokenizer import CHAT_TEMPLATES, load_tokenizer, save_tokenizer
@@ -89,11 +89,11 @@ def attention_fn(cfg: TrainConfig):
     return shift_attn.make_attention(group_ratio=cfg.group_ratio) if cfg.attn == "s2" else None
 
 
-def cp_attentions(cfg: TrainConfig, mesh: parallel.Mesh, n_heads: int):
+def cp_attentions(cfg: TrainConfig, mesh: parallel.Mesh, mc: ModelConfig):
     """With --cp: (training attention, full attention), each the Ulysses exchange around whole-sequence
-    attention on this rank's H/cp heads; S²-Attn is told where those heads sit (its shifted half is the
-    model's heads >= H // 2)."""
-    border = n_heads // 2 - mesh.cp_rank * (n_heads // mesh.cp)
+    attention on this rank's heads (parallel.rank_heads; cp above the kv heads too); S²-Attn is told where
+    they sit (its shifted half is the model's heads >= H // 2)."""
+    border = mc.n_heads // 2 - parallel.rank_heads(mesh.cp_rank, mesh.cp, mc.n_heads, mc.n_kv_heads)[0].start
     sparse = shift_attn.make_attention(group_ratio=cfg.group_ratio, border=border) if cfg.attn == "s2" \
         else shift_attn.causal_attention
     return tuple(parallel.context_parallel_attention(f, mesh.cp_group) for f in (sparse, shift_attn.causal_attention))
@@ -408,7 +408,7 @@ def fit(cfg: TrainConfig, d: Dist) -> int:
     mixture = build_data(cfg, d, tokenizer)
     attn_fn, full_fn = attention_fn(cfg), None
     if mesh.cp > 1:
-        attn_fn, full_fn = cp_attentions(cfg, mesh, net.config.n_heads)
+        attn_fn, full_fn = cp_attentions(cfg, mesh, net.config)
         log0(d, f"mesh: dp {mesh.dp} x cp {mesh.cp}; {cfg.ctx // mesh.cp} tokens of each sequence per rank")
     if cfg.pose is not None:
         log0(d, f"PoSE: each {cfg.ctx}-token window takes positions in 2 chunks, the second skipped by a random "

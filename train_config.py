@@ -100,7 +100,8 @@ class TrainConfig:
     nproc: int | None = _f(None, "world size assumed by --dry-run")
     log_every: int = _f(1, "refresh the progress line every N steps (metrics.jsonl gets every step)")
     cp: int = _f(1, "context parallelism: ranks that share one sequence (DeepSpeed-Ulysses); world = dp x cp, "
-                    "ctx and the kv heads divisible by cp", identity=True)
+                    "ctx and the query heads divisible by cp, cp a divisor or a multiple of the kv heads",
+                 identity=True)
     fsdp: bool = _f(False, "shard the base (NF4 or bf16), the trained tensors, their gradients and "
                            "optimizer state over the data-parallel ranks (FSDP2); composes with --cp")
     doc_mask: bool = _f(False, "attend within documents only: packed text carries positions that restart at 0 at "
