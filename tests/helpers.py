@@ -7,8 +7,12 @@ import importlib.util
 import json
 import math
 import os
+import random
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -270,3 +274,57 @@ def max_diff(a, b):
 
 
 # ----------------------------------------------------------------------------- invariants
+
+
+# ----------------------------------------------------------------------------- train.py runs (test_train, test_parallel_fsdp)
+TINY = ["--model", "tiny", "--tokenizer", "bytes"]
+
+
+def run(args, env=None, timeout=600, torchrun=0):
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun \
+        else [sys.executable]
+    e = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    return subprocess.run(base + [str(ROOT / "train.py"), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=e)
+
+
+def adapter_tensors(out):
+    from safetensors.torch import load_file
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+CP_COMMON = [*TINY, "--ctx", "64", "--steps", "3", "--lr", "1e-2", "--schedule", "constant", "--lora-targets",
+             "all-linear"]
+
+
+def torchrun_sigkill_and_resume(tmp_path, common: list[str], steps: int, nproc: int = 2):
+    """Run `common` under torchrun to the end (OUT ref); run it again, kill -9 torchrun and every rank once a
+    random step in [2, steps - 2] is logged, --resume it (OUT killed): the adapter and every loss must be
+    bit-identical to the uninterrupted run's."""
+    ref = run([*common, "--out", str(tmp_path / "ref")], torchrun=nproc)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *common, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    target = random.Random(0).randint(2, steps - 2)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= target:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank
+    proc.wait()
+    assert len(losses(out)) < steps
+    r = run([*common, "--out", str(out), "--resume"], torchrun=nproc)
+    assert r.returncode == 0, r.stderr
+    a, b = adapter_tensors(tmp_path / "ref"), adapter_tensors(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "ref") == losses(out)

@@ -19,8 +19,7 @@ import train_config
 import train_state
 from checkpoint import load_model
 from errors import UserError
-from test_train import (CP_COMMON, TINY, adapter_tensors, corpus, losses, run,  # noqa: F401 (corpus: fixture)
-                        torchrun_sigkill_and_resume)
+from helpers import CP_COMMON, TINY, adapter_tensors, losses, run, torchrun_sigkill_and_resume
 
 
 # ----------------------------------------------------------------------------- Linear4bit storage

@@ -15,39 +15,9 @@ import pytest
 import torch
 
 import tokenizer
-from helpers import free_port
+from helpers import CP_COMMON, TINY, adapter_tensors, free_port, losses, run, torchrun_sigkill_and_resume
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "tiny", "--tokenizer", "bytes"]
-
-
-def run(args, env=None, timeout=600, torchrun=0):
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun \
-        else [sys.executable]
-    e = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
-    return subprocess.run(base + [str(ROOT / "train.py"), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=e)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    """A few KB of real text: this project's own sources, copied so the test never reads a moving target."""
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for name in ("model.py", "rope.py"):
-        (d / f"{name}.txt").write_text((ROOT / name).read_text())
-    return d
-
-
-def adapter_tensors(out):
-    from safetensors.torch import load_file
-    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
-
-
-def losses(out):
-    return [json.loads(l)["loss"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 # ----------------------------------------------------------------------------- user errors
 
 
@@ -384,10 +354,6 @@ def test_float16_is_refused_in_one_line(tmp_path, corpus, capsys):
     assert not (tmp_path / "out").exists()
 
 
-CP_COMMON = [*TINY, "--ctx", "64", "--steps", "3", "--lr", "1e-2", "--schedule", "constant", "--lora-targets",
-             "all-linear"]
-
-
 def assert_same_run(one: Path, other: Path, steps: int = 3) -> None:
     """Every logged loss and adapter tensor of two runs within 1e-5 (float32; only the order of the
     reductions differs: shard losses and gradients summed over ranks). Runs compared this way use lr 1e-3
@@ -456,35 +422,6 @@ def test_cp_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus
     common = [*TINY, "--ctx", "64", "--data", str(corpus), "--steps", "6", "--lr", "1e-2", "--save-every", "1",
               "--lora-dropout", "0.1", "--keep", "3", "--cp", "2"]
     torchrun_sigkill_and_resume(tmp_path, common, steps=6)
-
-
-def torchrun_sigkill_and_resume(tmp_path, common: list[str], steps: int, nproc: int = 2):
-    """Run `common` under torchrun to the end (OUT ref); run it again, kill -9 torchrun and every rank once a
-    random step in [2, steps - 2] is logged, --resume it (OUT killed): the adapter and every loss must be
-    bit-identical to the uninterrupted run's."""
-    ref = run([*common, "--out", str(tmp_path / "ref")], torchrun=nproc)
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *common, "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    target = random.Random(0).randint(2, steps - 2)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        m = out / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= target:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank
-    proc.wait()
-    assert len(losses(out)) < steps
-    r = run([*common, "--out", str(out), "--resume"], torchrun=nproc)
-    assert r.returncode == 0, r.stderr
-    a, b = adapter_tensors(tmp_path / "ref"), adapter_tensors(out)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert losses(tmp_path / "ref") == losses(out)
 
 
 def test_bf16_trained_norms_move_and_follow_the_float32_run(tmp_path, corpus):
