@@ -46,8 +46,8 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     - the backward of one block (block_backward_bytes).
     With --cp N every activation term counts T/N tokens (a device holds a sequence shard; attention's
     head shard (H/N heads, T tokens) has as many values as the shard's H heads).
-    With --fsdp (FSDP2 over the dp = world / cp ranks; the cp ranks of a dp group hold the same shards)
-    the weights, trained parameters, gradients and moments are divided by dp, and the all-gathered
+    With --fsdp (FSDP2 over all W = world ranks, cp ranks included: parallel_fsdp's mesh note)
+    the weights, trained parameters, gradients and moments are divided by W, and the all-gathered
     units are added: two blocks' full weights (the one computing and the prefetch of the next, their
     trained float32 masters included), the root unit (embeddings, final norm, head) unsharded through the
     step, and a reduce-scatter buffer of the largest unit's float32 gradients in place of DDP's buckets.
@@ -67,7 +67,7 @@ def memory_plan(cfg: TrainConfig, mcfg, dtype_bytes: int, trainable: int, device
     trained = trainable * 4  # float32 masters (lora.py's module note)
     checkpoint_bytes = T * C * dtype_bytes
     weights = L * (block_linear * weight_bits / 8 + 2 * C * dtype_bytes) + (root - own_trainable) * dtype_bytes
-    dp = cfg.world_size // cfg.cp if cfg.fsdp else 1
+    dp = cfg.world_size if cfg.fsdp else 1  # the ranks FSDP shards over
     block_trained = (trainable - own_trainable) * 4 / L  # one block's share of the adapters (LoRA: every block alike)
     gathered = {
         "FSDP all-gathered blocks (this + prefetch)": 2 * (weights - (root - own_trainable) * dtype_bytes) / L

@@ -1,12 +1,12 @@
 """Fully sharded data parallelism (--fsdp): the 4-bit base, the trained tensors, their gradients and
-optimizer state cut over the data-parallel ranks, applied to a built model from outside.
+optimizer state cut over every rank of the run, applied to a built model from outside.
 
 ZeRO stage 3 (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
 Models", Sec. 5) as PyTorch FSDP (Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded
 Data Parallel", Sec. 3) in its per-parameter form FSDP2 (`torch.distributed.fsdp.fully_shard`); with a
-QLoRA base as in Answer.AI's FSDP+QLoRA (2024). With dp ranks, rank r keeps chunk r of dim 0 of every
-Parameter (torch.chunk's split, the last chunks padded or empty):
-    per-rank weights + trained state = (base + trained + 2 Adam moments) / dp   (+ buffers, whole)
+QLoRA base as in Answer.AI's FSDP+QLoRA (2024). Over W = world ranks, rank r keeps chunk r of dim 0 of
+every Parameter (torch.chunk's split, the last chunks padded or empty):
+    per-rank weights + trained state = (base + trained + 2 Adam moments) / W   (+ buffers, whole)
 Each unit (one transformer block, then the root: embeddings, final norm, head) all-gathers its Parameters
 before its forward and again before its backward, frees them after, and reduce-scatters its gradients:
     dL/dtheta_r = (1 / world) sum_{ranks} dL_rank/dtheta   restricted to chunk r
@@ -16,18 +16,17 @@ Note: 4-bit bytes. quant4.Linear4bit keeps its packed NF4 codes and block scales
     with MixedPrecisionPolicy(param_dtype=None) FSDP2 casts no stored Parameter (integer ones never) and
     all-gathers a unit whose dtypes differ as one uint8 buffer of their bytes (torch 2.13,
     _fsdp_collectives.foreach_all_gather), so the base travels at 4.127 bits a weight. A flat code vector
-    of n bytes is cut into ceil(n / dp)-byte chunks; the tail chunks are zero-padded to that size for the
+    of n bytes is cut into ceil(n / W)-byte chunks; the tail chunks are zero-padded to that size for the
     collective and the padding is dropped after the gather, so the gathered codes equal the stored ones
     bit for bit. Gradients (LoRA's float32 masters) are reduced in float32 (reduce_dtype).
 
-Note: the mesh with --cp. The cp ranks of one dp group hold the same sequence's pieces, hence the same
-    shards; their gradients are partial sums that must be added. The FSDP mesh is therefore 2-D,
-    (cp, dp) in FSDP2's HSDP order (replicate, shard): Parameters are sharded over "dp" only and
-    replicated over "cp", and FSDP2's own post-backward reduce-scatters over dp and then all-reduces over
-    cp, dividing by world, the same mean DDP takes. The 1-D sub-mesh mesh["dp"] would shard the same
-    way but leave the cp sum to a hand-written all-reduce outside FSDP2 (and outside its no-sync
-    switch); HSDP keeps it inside. Rank = dp_rank * cp + cp_rank (parallel.init_mesh's layout), so the
-    (cp, dp) mesh is that (dp, cp) grid transposed.
+Note: the mesh with --cp. Every rank, cp ranks included, holds the same model, so the shards are cut
+    over the whole world (a 1-D mesh of all W ranks, as ZeRO-3 under Ulysses sequence parallelism in
+    Arctic Long Sequence Training, Bekman et al. 2025): with cp = W (one sequence over a node) the base is
+    still divided by W, which sharding over dp = W / cp alone would not do. The cp ranks' gradients are
+    partial sums of one sequence's and the dp ranks' of different sequences'; the reduce-scatter over all
+    W ranks adds both and divides by W, the same mean DDP takes over the world, inside FSDP2's own
+    post-backward and its no-sync switch.
 
 Note: files. A checkpoint gathers the trained tensors and their Adam moments whole on every rank (`whole`)
     and rank 0 writes the files an unsharded run writes: the trained state is small (LoRA r=8 on
@@ -53,26 +52,22 @@ import parallel
 from parallel import Dist
 
 
-def device_mesh(mesh: parallel.Mesh, d: Dist) -> DeviceMesh:
-    """The FSDP mesh: 1-D "dp" for cp 1, else the (cp, dp) transpose of the run's dp x cp grid (module
-    note), in HSDP's (replicate, shard) order."""
-    if mesh.cp == 1:
-        return init_device_mesh(d.device.type, (mesh.dp,), mesh_dim_names=("dp",))
-    grid = torch.arange(mesh.dp * mesh.cp).view(mesh.dp, mesh.cp)  # (dp, cp): rank = dp_rank * cp + cp_rank
-    return DeviceMesh(d.device.type, grid.T.contiguous(), mesh_dim_names=("cp", "dp"))
+def device_mesh(d: Dist) -> DeviceMesh:
+    """The FSDP mesh: 1-D over every rank of the run, dp and cp alike (module note)."""
+    return init_device_mesh(d.device.type, (d.world,), mesh_dim_names=("fsdp",))
 
 
 def shard_model(net: nn.Module, mesh: parallel.Mesh, d: Dist) -> nn.Module:
     """fully_shard each transformer block (one unit each), then the root; in place, returns `net`.
     Build the optimizer afterwards: sharding replaces every Parameter with a DTensor of this rank's chunk."""
-    if mesh.dp < 2:  # train_config.resolve refuses such a run in one line
-        raise ValueError(f"shard_model: dp = {mesh.dp} ranks; FSDP needs at least 2 to shard over")
-    dm, before = device_mesh(mesh, d), local_bytes(net)["parameters"]
+    if d.world < 2:  # train_config.resolve refuses such a run in one line
+        raise ValueError(f"shard_model: {d.world} rank; FSDP needs at least 2 to shard over")
+    dm, before = device_mesh(d), local_bytes(net)["parameters"]
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for layer in net.model.layers:
         fully_shard(layer, mesh=dm, mp_policy=policy)
     fully_shard(net, mesh=dm, mp_policy=policy)
-    where = f"dp {mesh.dp}" + (f", replicated over cp {mesh.cp}" if mesh.cp > 1 else "")
+    where = f"{d.world} ranks (dp {mesh.dp} x cp {mesh.cp})"
     parallel.log0(d, f"fsdp: {len(net.model.layers)} blocks and the root sharded over {where}; parameters per rank "
                      f"{local_bytes(net)['parameters'] / 2**20:.2f} MiB of {before / 2**20:.2f} MiB")
     return net

@@ -366,9 +366,7 @@ class Linear4bit(nn.Module):
         weight_absmax_codes  uint8 (nb,)                  [double_quant=True]
         weight_absmax_scale  fp32 (ceil(nb/d),)           [double_quant=True]
         weight_absmax_offset fp32 () buffer               [double_quant=True]
-        bias                 weight_dtype (O,)            [bias=True]
-    Note: Parameters, not buffers, because FSDP2 (parallel_fsdp.py) shards Parameters along dim 0 and keeps
-    buffers whole: each rank holds 1/dp of the codes and gathers them as bytes. The state_dict is unchanged.
+        bias                 weight_dtype (O,)            [bias=True]   (FSDP2 shards Parameters, not buffers)
     """
 
     def __init__(

@@ -103,7 +103,7 @@ class TrainConfig:
                     "ctx and the query heads divisible by cp, cp a divisor or a multiple of the kv heads",
                  identity=True)
     fsdp: bool = _f(False, "shard the base (NF4 or bf16), the trained tensors, their gradients and "
-                           "optimizer state over the data-parallel ranks (FSDP2); composes with --cp")
+                           "optimizer state over the ranks of the run (FSDP2); composes with --cp")
     doc_mask: bool = _f(False, "attend within documents only: packed text carries positions that restart at 0 at "
                                "each document start, and attention stops at document borders (no (T, T) mask); "
                                "with --attn s2 the S² windows are cut inside each document, counted from its "
@@ -333,9 +333,8 @@ def resolve(given: dict, recipe: str | None = None, world_size: int = 1, dry_run
     if values["world_size"] % values["cp"]:
         raise UserError(f"--cp {values['cp']} does not divide the world size {values['world_size']}"
                         + (" (--nproc)" if dry_run else " (torchrun's processes)"))
-    if values["fsdp"] and values["world_size"] // values["cp"] < 2:
-        raise UserError(f"--fsdp shards over the data-parallel ranks, world / --cp = "
-                        f"{values['world_size'] // values['cp']} here; run at least {2 * values['cp']} processes"
+    if values["fsdp"] and values["world_size"] < 2:
+        raise UserError("--fsdp shards over the processes of a run, 1 here; run at least 2 processes"
                         + (" (--nproc)" if dry_run else " (torchrun --nproc_per_node)") + " or drop --fsdp")
     if values["ctx"] % values["cp"]:
         raise UserError(f"--ctx {values['ctx']} is not divisible by --cp {values['cp']}; "

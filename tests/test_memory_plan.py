@@ -116,15 +116,15 @@ def test_cp_past_the_kv_heads_counts_one_kv_head_copy_per_rank():
     assert memory_plan.kv_heads_held(mc, 32) == 32
 
 
-def test_fsdp_divides_the_held_state_by_dp_and_adds_the_gathered_units(capsys):
-    """--fsdp on 8 ranks at --cp 2 (dp 4): weights, trained params, gradients and moments are a quarter
-    of DDP's; no DDP buckets; two blocks' full weights, the root unit and a reduce-scatter buffer are
+def test_fsdp_divides_the_held_state_by_the_world_and_adds_the_gathered_units(capsys):
+    """--fsdp on 8 ranks at --cp 2 (dp 4): weights, trained params, gradients and moments are an eighth
+    of DDP's (FSDP shards over every rank, cp ranks included); no DDP buckets; two blocks' full weights, the root unit and a reduce-scatter buffer are
     added; the activations do not change. --fsdp with one process is refused, naming --fsdp, by the dry
     run as by training (check_run)."""
     given = dict(model="llama-3-70b", nproc=8, cp=2, ctx=32768, mlp_chunk=4096)
     ddp, fsdp = plan_of(**given), plan_of(**given, fsdp=True)
     for k in ("weights", "trained params", "gradients", "AdamW moments"):
-        assert fsdp[k] == pytest.approx(ddp[k] / 4)
+        assert fsdp[k] == pytest.approx(ddp[k] / 8)
     assert ddp["DDP gradient buckets (cuda, estimate)"] > 0 == fsdp["DDP gradient buckets (cuda, estimate)"]
     assert fsdp["one block's backward"] == ddp["one block's backward"]
     mc = memory_plan.model_config("llama-3-70b")

@@ -111,19 +111,19 @@ def test_sharded_model_steps_like_the_plain_one_and_whole_gathers_and_cuts_back(
     assert not torch.equal(la, lb)  # the 0.5 written inside `whole` is what the next forward uses
 
 
-def test_fsdp_needs_two_data_parallel_ranks(tmp_path, corpus, capsys):
+def test_fsdp_needs_two_ranks(tmp_path, corpus, capsys):
     args = [*TINY, "--ctx", "64", "--data", str(corpus), "--fsdp", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
         train.main(args)
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--fsdp shards over the data-parallel ranks" in err[0] and "torchrun" in err[0], err
+    assert len(err) == 1 and "--fsdp shards over the processes of a run" in err[0] and "torchrun" in err[0], err
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("world,cp,dry_run,needle", [
-    (2, 2, False, "world / --cp = 1 here; run at least 4 processes (torchrun --nproc_per_node) or drop --fsdp"),
-    (1, 1, True, "world / --cp = 1 here; run at least 2 processes (--nproc) or drop --fsdp"),
+    (2, 2, False, None),  # cp 2 x dp 1: sharded over both ranks
+    (1, 1, True, "1 here; run at least 2 processes (--nproc) or drop --fsdp"),
     (6, 2, False, None),  # dp 3: uneven chunks are padded, allowed
 ])
 def test_fsdp_world_checks(world, cp, dry_run, needle):
