@@ -19,7 +19,7 @@ Short-context retention: the table's columns at L are the base's own length, its
 line give retention at L against the base (ppl: base ppl@L / row ppl@L; passkey: row / base; 1 = kept,
 above 1 = better). `python demo_compare.py` runs PI, NTK, YaRN and YaRN + PoSE under this budget.
 The output ends with that table, the targets it is read against, and the paths of the adapter, the table
-(results.md, results.json) and a plot of NLL by position. The README holds the measured table and the
+(results.md, results.json) and a plot of NLL by position. docs/demo.md holds the measured table and the
 runs behind the choice of YaRN factor 16.
 
 Targets: the base breaks beyond L (ppl over L..10 L at least 3x its ppl@L); the extended model's ppl@10L
@@ -40,7 +40,7 @@ Recipe: batch 8 x 256 bytes, AdamW (0.9, 0.95) wd 0.1, lr 3e-3 with 100 warmup s
 3e-4, 3000 steps; each sequence holds one fact and 3 later queries (6/7 of sequences), answer digits
 weighted 10, fact digits 0 (random, unpredictable), code 1. Curriculum: fact and queries lie within 24
 bytes at first, the span growing to the whole sequence over the first 900 steps (without it the answer
-digits stayed at chance, README).
+digits stayed at chance, docs/demo.md).
 
 Notation: B batch, T tokens, L base context, N evaluation length, V vocab (264: 256 bytes + specials).
 """

@@ -31,7 +31,7 @@ Examples (SMOL=the SmolLM2-135M-Instruct GGUF; see tests/conftest.py):
     python eval.py needle --protocol llama3-80k --model $SMOL --haystack PaulGrahamEssays/ --lengths 8000
     python eval.py harness --model $SMOL --tasks longctx_mc --include-path tests/harness_tasks --out /tmp/h
     python eval.py kv --model tiny --model out/merged --adapter none --adapter none --lengths 512
-    python eval.py ruler --model $SMOL --lengths 4096 --samples quick   # RULER's 13 tasks (eval_ruler.py, README)
+    python eval.py ruler --model $SMOL --lengths 4096 --samples quick   # RULER's 13 tasks (eval_ruler.py, docs/evaluation.md)
     python eval.py passkey --format code --model demo --adapter runs/demo/train/adapter --quant nf4 \
         --rope yarn:16 --lengths 256,1280,2560 --trials 40 --seed 987654321     # the demo's passkey column
 

@@ -245,7 +245,7 @@ def ruler_haystack(paths: list[str] | None) -> tuple[list[str], bool]:
     texts = []
     for p in map(Path, paths):
         if not p.is_file():
-            raise UserError(f"--haystack {p}: no such file (RULER's PaulGrahamEssays.json; see README)")
+            raise UserError(f"--haystack {p}: no such file (RULER's PaulGrahamEssays.json; see docs/evaluation.md)")
         text = p.read_text(encoding="utf-8", errors="replace")
         if p.suffix == ".json":
             try:

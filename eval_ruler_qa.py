@@ -38,7 +38,7 @@ DATASETS = {"qa_1": ("squad", "--squad"), "qa_2": ("hotpotqa", "--hotpotqa")}
 def load_json(path: str, flag: str):
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{flag} {path}: no such file (see README, 'Reproducing a published RULER number')")
+        raise UserError(f"{flag} {path}: no such file (see docs/evaluation.md, 'Reproducing a published RULER number')")
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -83,7 +83,7 @@ def read(task: str, path: str | None) -> tuple[list[dict], list[str]]:
     """The (questions, documents) of qa_1 or qa_2 from its file; a UserError naming the flag if absent."""
     name, flag = DATASETS[task]
     if path is None:
-        raise UserError(f"{task} needs {flag} FILE (RULER's {name} dev file; see README)")
+        raise UserError(f"{task} needs {flag} FILE (RULER's {name} dev file; see docs/evaluation.md)")
     qas, docs = (read_squad if name == "squad" else read_hotpotqa)(load_json(path, flag), flag)
     if not qas:
         raise UserError(f"{flag} {path}: no answerable question in the file")

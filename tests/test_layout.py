@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 560
 
-# Lower number = lower layer (README, "How the code is layered"). Modules of one layer may import each
+# Lower number = lower layer (docs/design.md, "How the code is layered"). Modules of one layer may import each
 # other only where listed in SAME_LAYER (one direction each).
 LAYERS = {
     "errors": 0, "outputs": 0,
@@ -97,7 +97,7 @@ def project_imports(tree: ast.Module, names: set[str]) -> list[tuple[str, list[s
 
 
 def test_every_module_is_in_the_layer_table():
-    assert set(modules()) == set(LAYERS), "add the new module to LAYERS (and to the README's layer paragraph)"
+    assert set(modules()) == set(LAYERS), "add the new module to LAYERS (and a line to the README's file map)"
 
 
 def test_layers_point_one_way_and_imports_are_public_and_at_top():
