@@ -159,7 +159,7 @@ def test_two_fsdp_ranks_equal_one_process_with_double_accumulation(tmp_path, cor
     assert r1.returncode == 0, r1.stderr
     r2 = run([*common, "--fsdp", "--out", str(tmp_path / "two")], torchrun=2)
     assert r2.returncode == 0, r2.stderr
-    assert "fsdp: 2 blocks and the root sharded over dp 2;" in r2.stdout
+    assert "fsdp: 2 blocks and the root sharded over 2 ranks (dp 2 x cp 1);" in r2.stdout
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert any(k.endswith("norm.weight") for k in a)
     assert_close(a, b, 1e-5)
@@ -179,7 +179,7 @@ def test_fsdp_dp2_by_cp2_equals_one_process_with_double_accumulation(tmp_path, c
     assert r1.returncode == 0, r1.stderr
     r4 = run([*common, "--cp", "2", "--fsdp", "--out", str(tmp_path / "mesh")], torchrun=4)
     assert r4.returncode == 0, r4.stderr
-    assert "sharded over dp 2, replicated over cp 2;" in r4.stdout
+    assert "sharded over 4 ranks (dp 2 x cp 2);" in r4.stdout
     assert_close(adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "mesh"), 1e-5)
     la, lb = losses(tmp_path / "one"), losses(tmp_path / "mesh")
     assert len(lb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (la, lb)
