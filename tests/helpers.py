@@ -301,6 +301,16 @@ CP_COMMON = [*TINY, "--ctx", "64", "--steps", "3", "--lr", "1e-2", "--schedule",
              "all-linear"]
 
 
+def wait_for_step(proc, out: Path, step: int, timeout: float = 300) -> None:
+    """Return once `out`/metrics.jsonl logs `step` steps, the process ends, or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.02)
+
+
 def torchrun_sigkill_and_resume(tmp_path, common: list[str], steps: int, nproc: int = 2):
     """Run `common` under torchrun to the end (OUT ref); run it again, kill -9 torchrun and every rank once a
     random step in [2, steps - 2] is logged, --resume it (OUT killed): the adapter and every loss must be
@@ -313,12 +323,7 @@ def torchrun_sigkill_and_resume(tmp_path, common: list[str], steps: int, nproc: 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     target = random.Random(0).randint(2, steps - 2)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        m = out / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= target:
-            break
-        time.sleep(0.02)
+    wait_for_step(proc, out, target)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank
     proc.wait()
     assert len(losses(out)) < steps

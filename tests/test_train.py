@@ -8,14 +8,14 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import tokenizer
-from helpers import CP_COMMON, TINY, adapter_tensors, free_port, losses, run, torchrun_sigkill_and_resume
+from helpers import (CP_COMMON, TINY, adapter_tensors, free_port, losses, run, torchrun_sigkill_and_resume,
+                     wait_for_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- user errors
@@ -236,12 +236,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = random.Random(0).randint(2, 6)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        m = out / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= target:
-            break
-        time.sleep(0.05)
+    wait_for_step(proc, out, target)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     r = run([*common, "--out", str(out), "--resume"])
